@@ -1,0 +1,3 @@
+"""The device daemon (``edgefleet-agent``): cameras to inference to MQTT events."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""The fleet controller and the operator CLI (``edgefleet``)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Device identities, certificates, enrollment and broker configuration."""
+
+__all__: list[str] = []

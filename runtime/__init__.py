@@ -1,0 +1,91 @@
+"""Everything about running a .tflite model: backends, delegates, inspection, tasks, benchmarks."""
+
+from .backends import BACKEND_ENV, Backend, BackendName, select_backend
+from .bench import BenchResult, bench
+from .delegates import (
+    CpuDelegate,
+    DelegateSettings,
+    EdgeTpuDelegate,
+    ExternalDelegate,
+    GpuDelegate,
+    parse_delegate,
+)
+from .engine import Engine
+from .errors import (
+    BackendUnavailable,
+    CorruptModel,
+    DelegateUnavailable,
+    EdgefleetError,
+    EnvironmentProblem,
+    ImageError,
+    InferenceFailed,
+    InputError,
+    InputMismatch,
+    LabelsError,
+    ModelCompiledForEdgeTPU,
+    ModelError,
+    ModelNotFound,
+    NotATFLiteModel,
+    SettingError,
+    TensorAllocationFailed,
+    UnresolvedCustomOp,
+    UnsupportedModel,
+)
+from .images import load_image
+from .labels import Labels
+from .modelfile import ModelBytes, ModelInfo, TensorInfo, inspect_model, read_model
+from .predictor import Prediction, Predictor
+from .preprocess import Preprocessor, ResizeMode, Transform
+from .tasks import Classification, Detection, Keypoint, RawTensor, TaskName, detect_task
+
+__all__ = [
+    "BACKEND_ENV",
+    "Backend",
+    "BackendName",
+    "BackendUnavailable",
+    "BenchResult",
+    "Classification",
+    "CorruptModel",
+    "CpuDelegate",
+    "DelegateSettings",
+    "DelegateUnavailable",
+    "Detection",
+    "EdgeTpuDelegate",
+    "EdgefleetError",
+    "Engine",
+    "EnvironmentProblem",
+    "ExternalDelegate",
+    "GpuDelegate",
+    "ImageError",
+    "InferenceFailed",
+    "InputError",
+    "InputMismatch",
+    "Keypoint",
+    "Labels",
+    "LabelsError",
+    "ModelBytes",
+    "ModelCompiledForEdgeTPU",
+    "ModelError",
+    "ModelInfo",
+    "ModelNotFound",
+    "NotATFLiteModel",
+    "Prediction",
+    "Predictor",
+    "Preprocessor",
+    "RawTensor",
+    "ResizeMode",
+    "SettingError",
+    "TaskName",
+    "TensorAllocationFailed",
+    "TensorInfo",
+    "Transform",
+    "UnresolvedCustomOp",
+    "UnsupportedModel",
+    "bench",
+    "detect_task",
+    "inspect_model",
+    "load_image",
+    "parse_delegate",
+    "read_model",
+    "select_backend",
+]

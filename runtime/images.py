@@ -1,0 +1,25 @@
+"""Reading image files into HxWx3 uint8 RGB frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError
+from .preprocess import Frame
+
+
+def load_image(path: Path | str) -> Frame:
+    """Decode an image file (any format Pillow reads) as an RGB frame."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such image file", hint="check the path") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageError(
+            f"{path}: cannot read as an image ({exc})",
+            hint="pass a JPEG, PNG or BMP file",
+        ) from exc

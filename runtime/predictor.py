@@ -1,0 +1,113 @@
+"""A model ready for frames: engine + pre-processing + task, one call per frame."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .backends import Backend, BackendName
+from .delegates import DelegateSettings
+from .engine import Engine
+from .labels import Labels
+from .modelfile import ModelBytes, read_model
+from .preprocess import Frame, Preprocessor, ResizeMode, Transform
+from .tasks import Result, Task, TaskName, detect_task, make_task
+
+# The key under which each task's results appear in JSON output.
+RESULT_KEYS = {
+    TaskName.CLASSIFICATION: "classes",
+    TaskName.DETECTION: "detections",
+    TaskName.POSE: "keypoints",
+    TaskName.RAW: "tensors",
+}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The results for one frame, with where the time went."""
+
+    task: TaskName
+    results: list[Result]
+    latency_ms: float
+    preprocess_ms: float
+    postprocess_ms: float
+    transform: Transform
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``task``, ``latency_ms`` (invoke) and the task's result list."""
+        return {
+            "task": self.task.value,
+            "latency_ms": round(self.latency_ms, 3),
+            "preprocess_ms": round(self.preprocess_ms, 3),
+            "postprocess_ms": round(self.postprocess_ms, 3),
+            RESULT_KEYS[self.task]: [asdict(r) for r in self.results],
+        }
+
+
+class Predictor:
+    """Runs one model on RGB frames. One thread at a time, like the engine it owns."""
+
+    def __init__(self, engine: Engine, task: Task, *, resize: ResizeMode = ResizeMode.STRETCH):
+        self.engine = engine
+        self.task = task
+        self.preprocess = Preprocessor(engine.inputs[0], source=engine.model.source, resize=resize)
+
+    @classmethod
+    def open(
+        cls,
+        model: ModelBytes | Path | str,
+        *,
+        task: TaskName | str | None = None,
+        labels: Labels | None = None,
+        delegate: DelegateSettings | None = None,
+        threads: int | None = None,
+        backend: Backend | BackendName | str | None = None,
+        resize: ResizeMode = ResizeMode.STRETCH,
+        min_score: float | None = None,
+        top_k: int = 5,
+    ) -> Predictor:
+        """Load ``model`` and build its task (detected unless given); labels default to metadata."""
+        model_bytes = model if isinstance(model, ModelBytes) else read_model(model)
+        engine = Engine(model_bytes, delegate=delegate, threads=threads, backend=backend)
+        try:
+            info = engine.info
+            if labels is None and info.metadata_labels:
+                labels = Labels.from_lines(info.metadata_labels, f"{info.source} (metadata)")
+            name = TaskName(task) if task else detect_task(info)
+            built = make_task(name, info, labels=labels, min_score=min_score, top_k=top_k)
+            return cls(engine, built, resize=resize)
+        except BaseException:
+            engine.close()
+            raise
+
+    def predict(self, frame: Frame) -> Prediction:
+        """Pre-process ``frame`` into the input, invoke, and read the task's results."""
+        started = time.perf_counter()
+        transform = self.engine.write_input(partial(self.preprocess, frame))
+        preprocess_ms = (time.perf_counter() - started) * 1000.0
+        latency_ms = self.engine.invoke()
+        started = time.perf_counter()
+        results = self.task.results(self.engine, transform)
+        postprocess_ms = (time.perf_counter() - started) * 1000.0
+        return Prediction(
+            self.task.name, results, latency_ms, preprocess_ms, postprocess_ms, transform
+        )
+
+    def close(self) -> None:
+        """Release the engine."""
+        self.engine.close()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

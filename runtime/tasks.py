@@ -1,0 +1,243 @@
+"""What a model's outputs mean: classification, SSD detection, single-pose keypoints, raw.
+
+The task is found from the model itself (``detect_task``) and can be
+overridden. Each task turns the interpreter's output tensors into typed
+results, dequantizing scores and mapping coordinates back to the frame.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .engine import Engine
+from .errors import UnsupportedModel
+from .labels import Labels
+from .modelfile import DETECTION_POSTPROCESS_OP, ModelInfo, TensorInfo
+from .preprocess import Transform
+
+# MoveNet / PoseNet order, the COCO keypoint convention.
+KEYPOINT_NAMES = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear",
+    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
+    "left_wrist", "right_wrist", "left_hip", "right_hip",
+    "left_knee", "right_knee", "left_ankle", "right_ankle",
+)  # fmt: skip
+_POSE_SHAPE = (1, 1, len(KEYPOINT_NAMES), 3)
+
+
+class TaskName(str, Enum):
+    """The kinds of model output this runtime understands."""
+
+    CLASSIFICATION = "classification"
+    DETECTION = "detection"
+    POSE = "pose"
+    RAW = "raw"
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One class of a classifier's top-k."""
+
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object; ``box`` is ``(ymin, xmin, ymax, xmax)`` normalised to the frame."""
+
+    class_id: int
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Keypoint:
+    """One body keypoint, normalised to the frame."""
+
+    name: str
+    x: float
+    y: float
+    score: float
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """One output tensor as the model produced it (dequantized when quantized)."""
+
+    name: str
+    shape: tuple[int, ...]
+    values: list[Any]
+
+
+Result = Classification | Detection | Keypoint | RawTensor
+
+
+def detect_task(info: ModelInfo) -> TaskName:
+    """Guess the task from the model: a post-process op, the MoveNet shape, or a score vector."""
+    if DETECTION_POSTPROCESS_OP in info.op_names:
+        return TaskName.DETECTION
+    if len(info.outputs) == 1:
+        shape = info.outputs[0].shape
+        if shape == _POSE_SHAPE:
+            return TaskName.POSE
+        if len(shape) == 2 and shape[0] == 1 and shape[1] > 1:
+            return TaskName.CLASSIFICATION
+    return TaskName.RAW
+
+
+def dequantize(values: npt.NDArray[Any], spec: TensorInfo) -> npt.NDArray[np.float32]:
+    """Real values of a tensor: ``(q - zero_point) * scale`` when quantized."""
+    if not spec.quantized:
+        return values.astype(np.float32, copy=False)
+    return (values.astype(np.float32) - spec.zero_point) * np.float32(spec.scale)
+
+
+class Task(ABC):
+    """Base of the tasks: turns the engine's outputs into results."""
+
+    name: TaskName
+
+    @abstractmethod
+    def results(self, engine: Engine, transform: Transform) -> list[Result]:
+        """Read the outputs of the last invoke."""
+
+
+class ClassificationTask(Task):
+    """Top-k classes of a ``[1, N]`` score vector."""
+
+    name = TaskName.CLASSIFICATION
+
+    def __init__(self, labels: Labels | None = None, *, top_k: int = 5, min_score: float = 0.0):
+        self.labels = labels or Labels({})
+        self.top_k = top_k
+        self.min_score = min_score
+
+    def results(self, engine: Engine, transform: Transform) -> list[Result]:
+        scores = dequantize(engine.output(0), engine.outputs[0]).reshape(-1)
+        k = min(self.top_k, scores.size)
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [
+            Classification(int(i), self.labels.name(int(i)), round(float(scores[i]), 6))
+            for i in top
+            if scores[i] >= self.min_score
+        ]
+
+
+class DetectionTask(Task):
+    """Boxes of an SSD model ending in ``TFLite_Detection_PostProcess``."""
+
+    name = TaskName.DETECTION
+
+    def __init__(
+        self, labels: Labels | None = None, *, min_score: float = 0.5, max_results: int = 100
+    ):
+        # The post-process op numbers real classes from 0; COCO files start with '???'.
+        self.labels = (labels or Labels({})).without_placeholder()
+        self.min_score = min_score
+        self.max_results = max_results
+
+    def results(self, engine: Engine, transform: Transform) -> list[Result]:
+        boxes, classes, scores, count = _postprocess_outputs(engine)
+        detections: list[Result] = []
+        for i in range(min(int(count), scores.size, self.max_results)):
+            score = float(scores[i])
+            if score < self.min_score:
+                continue
+            class_id = int(classes[i])
+            ymin, xmin, ymax, xmax = transform.box(*(float(v) for v in boxes[i]))
+            detections.append(
+                Detection(
+                    class_id=class_id,
+                    label=self.labels.name(class_id),
+                    score=round(score, 6),
+                    box=(round(ymin, 6), round(xmin, 6), round(ymax, 6), round(xmax, 6)),
+                )
+            )
+        return detections
+
+
+def _postprocess_outputs(
+    engine: Engine,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], float]:
+    """Boxes, classes, scores, count: in the post-process op's own output order."""
+    op = next(o for o in engine.info.operators if o.name == DETECTION_POSTPROCESS_OP)
+    if len(op.outputs) != 4:
+        raise UnsupportedModel(
+            engine.model.source,
+            f"{DETECTION_POSTPROCESS_OP} has {len(op.outputs)} outputs, expected 4",
+            hint="use --task raw",
+        )
+    specs = {t.index: t for t in engine.outputs}
+    arrays = []
+    for index in op.outputs:
+        values = engine.tensor(index)
+        arrays.append(dequantize(values, specs[index]) if index in specs else values)
+    boxes, classes, scores, count = (a.reshape(-1) if a.ndim <= 2 else a[0] for a in arrays)
+    return boxes, classes, scores, float(count[0]) if count.size else 0.0
+
+
+class PoseTask(Task):
+    """Single-person keypoints of a MoveNet-style ``[1, 1, 17, 3]`` (y, x, score) output."""
+
+    name = TaskName.POSE
+
+    def results(self, engine: Engine, transform: Transform) -> list[Result]:
+        spec = engine.outputs[0]
+        if spec.shape != _POSE_SHAPE:
+            raise UnsupportedModel(
+                engine.model.source,
+                f"pose output has shape {list(spec.shape)}, expected {list(_POSE_SHAPE)}",
+                hint="use --task raw",
+            )
+        points = dequantize(engine.output(0), spec).reshape(len(KEYPOINT_NAMES), 3)
+        keypoints: list[Result] = []
+        for name, (y, x, score) in zip(KEYPOINT_NAMES, points, strict=True):
+            fy, fx = transform.point(float(y), float(x))
+            keypoints.append(Keypoint(name, round(fx, 6), round(fy, 6), round(float(score), 6)))
+        return keypoints
+
+
+class RawTask(Task):
+    """Every output tensor, dequantized, for models no other task understands."""
+
+    name = TaskName.RAW
+
+    def results(self, engine: Engine, transform: Transform) -> list[Result]:
+        return [
+            RawTensor(spec.name, spec.shape, dequantize(engine.output(i), spec).tolist())
+            for i, spec in enumerate(engine.outputs)
+        ]
+
+
+def make_task(
+    name: TaskName,
+    info: ModelInfo,
+    *,
+    labels: Labels | None = None,
+    min_score: float | None = None,
+    top_k: int = 5,
+) -> Task:
+    """Build the task ``name`` for a model, checking that the model can serve it."""
+    if name is TaskName.DETECTION:
+        if DETECTION_POSTPROCESS_OP not in info.op_names:
+            raise UnsupportedModel(
+                info.source,
+                f"detection needs a model ending in {DETECTION_POSTPROCESS_OP}",
+                hint="choose another --task, or re-export the SSD model with post-processing",
+            )
+        return DetectionTask(labels, min_score=0.5 if min_score is None else min_score)
+    if name is TaskName.CLASSIFICATION:
+        return ClassificationTask(labels, top_k=top_k, min_score=min_score or 0.0)
+    if name is TaskName.POSE:
+        return PoseTask()
+    return RawTask()
