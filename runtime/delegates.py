@@ -110,7 +110,8 @@ def _parse_options(text: str, pairs: list[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SettingError(
-                f"invalid delegate option {pair!r} in {text!r}", hint="write options as KEY=VALUE"
+                f"invalid delegate option {pair!r} in {text!r}",
+                hint=f"write options as KEY=VALUE: {DELEGATE_SYNTAX}",
             )
         options[key] = value
     return options
@@ -148,17 +149,27 @@ def load_delegate(settings: DelegateSettings, backend: Backend) -> LoadedDelegat
     return LoadedDelegate(settings, handle, describe(settings))
 
 
+# The external-delegate entry points (tensorflow/lite/delegates/external).
+_DELEGATE_SYMBOLS = ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate")
 _LibraryDelegate = EdgeTpuDelegate | GpuDelegate | ExternalDelegate
 
 
 def _load_library(settings: _LibraryDelegate, backend: Backend) -> Any:
     try:
-        ctypes.CDLL(settings.library)
+        library = ctypes.CDLL(settings.library)
     except OSError as exc:
         raise DelegateUnavailable(
             f"{describe(settings)}: cannot open {settings.library} ({exc})",
             hint=_missing_library_hint(settings),
         ) from exc
+    missing = [symbol for symbol in _DELEGATE_SYMBOLS if not hasattr(library, symbol)]
+    if missing:
+        # Checked here because the backends' Delegate wrappers fail messily on such a library.
+        raise DelegateUnavailable(
+            f"{describe(settings)}: {settings.library} is not a TFLite delegate "
+            f"(no {', '.join(missing)})",
+            hint="point the delegate at a library built as a TFLite external delegate",
+        )
     options = dict(settings.options) if not isinstance(settings, EdgeTpuDelegate) else {}
     if isinstance(settings, EdgeTpuDelegate) and settings.device:
         options["device"] = settings.device

@@ -1,0 +1,109 @@
+"""Shared fixtures: the real models and images in ../shared/assets, and built models.
+
+The assets live outside the repository (``$EDGEFLEET_ASSETS``, default
+``../shared/assets`` beside the checkout). Where they are absent, tests that
+need them skip with the reason; under CI (``CI`` set) that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from edgefleet.runtime import Labels, ModelBytes, load_image, read_model
+from edgefleet.runtime.preprocess import Frame
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS_ENV = "EDGEFLEET_ASSETS"
+
+
+@dataclass(frozen=True)
+class Assets:
+    """Paths of the shared real models and images."""
+
+    root: Path
+
+    def model(self, name: str) -> Path:
+        """A model file by name."""
+        return self.root / "models" / name
+
+    def image(self, name: str) -> Path:
+        """An image file by name."""
+        return self.root / "images" / name
+
+    @property
+    def ssd(self) -> Path:
+        """The COCO SSD detector with TFLite_Detection_PostProcess."""
+        return self.model("ssd_mobilenet_v1_coco_quant_postprocess.tflite")
+
+    @property
+    def coco_labels(self) -> Path:
+        """The detector's label file (first line '???')."""
+        return self.model("ssd_mobilenet_v1_coco_labels.txt")
+
+    @property
+    def mobilenet_v2(self) -> Path:
+        """The 224x224 ImageNet classifier."""
+        return self.model("mobilenet_v2_1.0_224_quant.tflite")
+
+    @property
+    def imagenet_labels(self) -> Path:
+        """ImageNet labels, line 0 'background'."""
+        return self.model("imagenet_labels.txt")
+
+    @property
+    def edgetpu(self) -> Path:
+        """mobilenet_v1_0.25 compiled for the Edge TPU."""
+        return self.model("mobilenet_v1_0.25_128_quant_edgetpu.tflite")
+
+    @property
+    def movenet(self) -> Path:
+        """MoveNet Lightning single-pose."""
+        return self.model("movenet_single_pose_lightning_ptq.tflite")
+
+    @property
+    def invoking_error(self) -> Path:
+        """A model with the unresolvable custom op 'fake-op-double'."""
+        return self.model("model_invoking_error.tflite")
+
+
+@pytest.fixture(scope="session")
+def assets() -> Assets:
+    """The shared assets, or a skip (a failure under CI) naming where they were looked for."""
+    root = Path(os.environ.get(ASSETS_ENV) or REPO.parent / "shared" / "assets")
+    if not (root / "models").is_dir():
+        reason = f"real models not found at {root}; set {ASSETS_ENV} to the shared assets folder"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI must run every test)")
+        pytest.skip(reason)
+    return Assets(root)
+
+
+@pytest.fixture(scope="session")
+def ssd_model(assets: Assets) -> ModelBytes:
+    """The SSD detector's bytes, read once."""
+    return read_model(assets.ssd)
+
+
+@pytest.fixture(scope="session")
+def coco_labels(assets: Assets) -> Labels:
+    """COCO labels as the SSD example ships them."""
+    return Labels.from_file(assets.coco_labels)
+
+
+@pytest.fixture(scope="session")
+def imagenet_labels(assets: Assets) -> Labels:
+    """ImageNet labels."""
+    return Labels.from_file(assets.imagenet_labels)
+
+
+@pytest.fixture(scope="session")
+def images(assets: Assets) -> dict[str, Frame]:
+    """Every still image, decoded once, by file name."""
+    return {
+        name: load_image(assets.image(name))
+        for name in ("grace_hopper.bmp", "cat.bmp", "parrot.jpg", "kite_and_cold.jpg")
+    }

@@ -1,0 +1,193 @@
+"""Builds small, valid .tflite files for shapes and failure cases no real model covers.
+
+Uses the flatbuffer schema bindings that LiteRT ships
+(``ai_edge_litert.schema_py_generated``), so the files are what the real
+converter would write for the same graph.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+
+import flatbuffers
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+_TYPES = {
+    "float32": schema.TensorType.FLOAT32,
+    "uint8": schema.TensorType.UINT8,
+    "int8": schema.TensorType.INT8,
+    "int32": schema.TensorType.INT32,
+}
+
+
+@dataclass(frozen=True)
+class Quant:
+    """Per-tensor quantization."""
+
+    scale: float
+    zero_point: int
+
+
+def _tensor(
+    name: str, shape: tuple[int, ...], dtype: str, buffer: int, quant: Quant | None = None
+) -> schema.TensorT:
+    t = schema.TensorT()
+    t.name = name
+    t.shape = list(shape)
+    t.type = _TYPES[dtype]
+    t.buffer = buffer
+    if quant is not None:
+        q = schema.QuantizationParametersT()
+        q.scale = [quant.scale]
+        q.zeroPoint = [quant.zero_point]
+        t.quantization = q
+    return t
+
+
+def _buffer(data: bytes = b"") -> schema.BufferT:
+    b = schema.BufferT()
+    b.data = list(data) if data else None
+    return b
+
+
+def _opcode(builtin: int, custom: str | None = None) -> schema.OperatorCodeT:
+    code = schema.OperatorCodeT()
+    code.builtinCode = builtin
+    code.deprecatedBuiltinCode = min(builtin, 127)
+    code.version = 1
+    code.customCode = custom
+    return code
+
+
+def _operator(opcode: int, inputs: list[int], outputs: list[int]) -> schema.OperatorT:
+    op = schema.OperatorT()
+    op.opcodeIndex = opcode
+    op.inputs = inputs
+    op.outputs = outputs
+    return op
+
+
+def _finish(model: schema.ModelT) -> bytes:
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _model(subgraph: schema.SubGraphT, codes: list[schema.OperatorCodeT], buffers: list) -> schema.ModelT:
+    model = schema.ModelT()
+    model.version = 3
+    model.description = "built by edgefleet tests"
+    model.operatorCodes = codes
+    model.subgraphs = [subgraph]
+    model.buffers = buffers
+    return model
+
+
+def reshape_model(
+    height: int,
+    width: int,
+    dtype: str = "uint8",
+    quant: Quant | None = None,
+    *,
+    target: tuple[int, ...] | None = None,
+) -> bytes:
+    """Input ``[1, H, W, 3]`` reshaped to ``target`` (default ``[1, H*W*3]``): output = input.
+
+    The output holds the input's values in order, so tests can check exactly
+    what pre-processing wrote. A ``target`` with another element count makes
+    tensor allocation fail.
+    """
+    target = target or (1, height * width * 3)
+    g = schema.SubGraphT()
+    g.tensors = [
+        _tensor("image", (1, height, width, 3), dtype, 1, quant),
+        _tensor("new_shape", (len(target),), "int32", 2),
+        _tensor("flat", target, dtype, 3, quant),
+    ]
+    g.inputs, g.outputs = [0], [2]
+    g.operators = [_operator(0, [0, 1], [2])]
+    g.name = "main"
+    shape_bytes = np.asarray(target, dtype="<i4").tobytes()
+    buffers = [_buffer(), _buffer(), _buffer(shape_bytes), _buffer()]
+    return _finish(_model(g, [_opcode(schema.BuiltinOperator.RESHAPE)], buffers))
+
+
+def two_output_model(size: int = 4) -> bytes:
+    """Float input ``[1, size]`` feeding two outputs: no task but ``raw`` fits it."""
+    g = schema.SubGraphT()
+    g.tensors = [
+        _tensor("x", (1, size), "float32", 1),
+        _tensor("y", (1, size), "float32", 2),
+        _tensor("relu", (1, size), "float32", 3),
+        _tensor("relu6", (1, size), "float32", 4),
+    ]
+    g.inputs, g.outputs = [0, 1], [2, 3]
+    g.operators = [_operator(0, [0, 1], [2]), _operator(1, [0, 1], [3])]
+    codes = [_opcode(schema.BuiltinOperator.ADD), _opcode(schema.BuiltinOperator.MUL)]
+    return _finish(_model(g, codes, [_buffer() for _ in range(5)]))
+
+
+def custom_op_model(op_name: str, shape: tuple[int, ...] = (1, 8, 8, 3)) -> bytes:
+    """One custom op between input and output: loads only where ``op_name`` is registered."""
+    g = schema.SubGraphT()
+    g.tensors = [_tensor("in", shape, "uint8", 1), _tensor("out", shape, "uint8", 2)]
+    g.inputs, g.outputs = [0], [1]
+    g.operators = [_operator(0, [0], [1])]
+    codes = [_opcode(schema.BuiltinOperator.CUSTOM, op_name)]
+    return _finish(_model(g, codes, [_buffer(), _buffer(), _buffer()]))
+
+
+def with_label_metadata(model_bytes: bytes, labels: list[str], filename: str = "labels.txt") -> bytes:
+    """Attach TFLite metadata naming ``filename`` as the output's axis labels, and pack it.
+
+    Writes the ModelMetadata fields the way the metadata writer does: an
+    AssociatedFile of type TENSOR_AXIS_LABELS on the first output tensor, the
+    file itself in a zip archive appended to the model.
+    """
+    model = schema.ModelT.InitFromPackedBuf(model_bytes, 0)
+    model.buffers.append(_buffer(_label_metadata(filename)))
+    entry = schema.MetadataT()
+    entry.name = "TFLITE_METADATA"
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr(filename, "\n".join(labels) + "\n")
+    return _finish(model) + archive.getvalue()
+
+
+def _label_metadata(filename: str) -> bytes:
+    # metadata_schema.fbs: AssociatedFile{name:0, description:1, type:2}, TensorMetadata{
+    # associated_files:6}, SubGraphMetadata{output_tensor_metadata:3}, ModelMetadata{
+    # name:0, subgraph_metadata:3}. TENSOR_AXIS_LABELS = 2.
+    b = flatbuffers.Builder(256)
+    name = b.CreateString(filename)
+    b.StartObject(5)
+    b.PrependUOffsetTRelativeSlot(0, name, 0)
+    b.PrependInt8Slot(2, 2, 0)
+    assoc = b.EndObject()
+    files = _vector_of(b, [assoc])
+    b.StartObject(7)
+    b.PrependUOffsetTRelativeSlot(6, files, 0)
+    tensor = b.EndObject()
+    outputs = _vector_of(b, [tensor])
+    b.StartObject(5)
+    b.PrependUOffsetTRelativeSlot(3, outputs, 0)
+    subgraph = b.EndObject()
+    subgraphs = _vector_of(b, [subgraph])
+    model_name = b.CreateString("test model")
+    b.StartObject(8)
+    b.PrependUOffsetTRelativeSlot(0, model_name, 0)
+    b.PrependUOffsetTRelativeSlot(3, subgraphs, 0)
+    b.Finish(b.EndObject(), file_identifier=b"M001")
+    return bytes(b.Output())
+
+
+def _vector_of(b: flatbuffers.Builder, offsets: list[int]) -> int:
+    b.StartVector(4, len(offsets), 4)
+    for offset in reversed(offsets):
+        b.PrependUOffsetTRelative(offset)
+    return b.EndVector()
