@@ -6,7 +6,13 @@ import importlib.util
 
 import pytest
 
-from edgefleet.runtime import BACKEND_ENV, BackendName, BackendUnavailable, SettingError, select_backend
+from edgefleet.runtime import (
+    BACKEND_ENV,
+    BackendName,
+    BackendUnavailable,
+    SettingError,
+    select_backend,
+)
 
 pytestmark = pytest.mark.backend
 

@@ -64,7 +64,10 @@ def compile_failing_delegate(directory: Path, message: str) -> Path:
         ("edgetpu:usb:1", EdgeTpuDelegate(device="usb:1")),
         ("edgetpu:pci:0", EdgeTpuDelegate(device="pci:0")),
         ("gpu", GpuDelegate()),
-        ("external:/opt/libx.so,a=1,b=two", ExternalDelegate(library="/opt/libx.so", options={"a": "1", "b": "two"})),
+        (
+            "external:/opt/libx.so,a=1,b=two",
+            ExternalDelegate(library="/opt/libx.so", options={"a": "1", "b": "two"}),
+        ),
     ],
 )
 def test_parse_delegate_accepts_the_documented_forms(text: str, expected: object) -> None:
@@ -92,7 +95,9 @@ def test_parse_delegate_rejects_bad_forms_with_the_syntax(text: str, reason: str
     ctypes.util.find_library("edgetpu") is not None, reason="an Edge TPU runtime is installed"
 )
 def test_missing_libedgetpu_is_named_with_install_hint() -> None:
-    with pytest.raises(DelegateUnavailable, match=r"edgetpu \(usb:0\): cannot open libedgetpu.so.1") as e:
+    with pytest.raises(
+        DelegateUnavailable, match=r"edgetpu \(usb:0\): cannot open libedgetpu.so.1"
+    ) as e:
         load_delegate(EdgeTpuDelegate(device="usb:0"), select_backend())
     assert "libedgetpu1-std" in e.value.hint
 

@@ -112,12 +112,8 @@ def test_truncated_model_is_corrupt(assets: Assets, fraction: float) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=0, max_size=512))
 def test_inspect_of_random_bytes_raises_only_model_errors(data: bytes) -> None:
-    # Bytes from outside may be anything: the only acceptable failure is a ModelError.
     candidate = ModelBytes.from_bytes(data[:4] + b"TFL3" + data[4:], "random.tflite")
-    try:
-        inspect_model(candidate)
-    except ModelError:
-        pass
+    assert_parses_or_names_the_problem(candidate)
 
 
 @settings(max_examples=200, deadline=None)
@@ -127,7 +123,15 @@ def test_inspect_of_damaged_real_model_raises_only_model_errors(data: st.DataObj
     for _ in range(data.draw(st.integers(1, 8))):
         position = data.draw(st.integers(8, len(model) - 1))
         model[position] = data.draw(st.integers(0, 255))
+    assert_parses_or_names_the_problem(ModelBytes.from_bytes(bytes(model), "damaged.tflite"))
+
+
+def assert_parses_or_names_the_problem(model: ModelBytes) -> None:
+    """Bytes from outside may be anything: the only acceptable failure is a ModelError."""
     try:
-        inspect_model(ModelBytes.from_bytes(bytes(model), "damaged.tflite"))
-    except ModelError:
-        pass
+        info = inspect_model(model)
+    except ModelError as exc:
+        assert exc.path == model.source
+        assert exc.hint
+    else:
+        assert info.size == model.size

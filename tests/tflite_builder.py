@@ -76,7 +76,9 @@ def _finish(model: schema.ModelT) -> bytes:
     return bytes(builder.Output())
 
 
-def _model(subgraph: schema.SubGraphT, codes: list[schema.OperatorCodeT], buffers: list) -> schema.ModelT:
+def _model(
+    subgraph: schema.SubGraphT, codes: list[schema.OperatorCodeT], buffers: list
+) -> schema.ModelT:
     model = schema.ModelT()
     model.version = 3
     model.description = "built by edgefleet tests"
@@ -140,7 +142,9 @@ def custom_op_model(op_name: str, shape: tuple[int, ...] = (1, 8, 8, 3)) -> byte
     return _finish(_model(g, codes, [_buffer(), _buffer(), _buffer()]))
 
 
-def with_label_metadata(model_bytes: bytes, labels: list[str], filename: str = "labels.txt") -> bytes:
+def with_label_metadata(
+    model_bytes: bytes, labels: list[str], filename: str = "labels.txt"
+) -> bytes:
     """Attach TFLite metadata naming ``filename`` as the output's axis labels, and pack it.
 
     Writes the ModelMetadata fields the way the metadata writer does: an

@@ -1,0 +1,202 @@
+"""The ``edgefleet model`` commands, run as a user runs them: the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Assets
+
+pytestmark = pytest.mark.backend
+
+EDGEFLEET = Path(sys.executable).with_name("edgefleet")
+
+
+def edgefleet(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(EDGEFLEET), *map(str, args)], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "edgefleet: error:" in result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr
+
+
+def test_run_json_lists_person_and_tie_on_grace_hopper(assets: Assets) -> None:
+    result = edgefleet(
+        "model", "run", assets.ssd, assets.image("grace_hopper.bmp"),
+        "--labels", assets.coco_labels, "--json",
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    (record,) = json_lines(result.stdout)
+    assert {"image", "task", "backend", "latency_ms", "detections"} <= record.keys()
+    assert record["task"] == "detection"
+    assert record["backend"].startswith(("litert ", "tflite-runtime "))
+    assert record["latency_ms"] > 0
+    best = {}
+    for d in record["detections"]:
+        assert set(d) == {"label", "class_id", "score", "box"}
+        assert len(d["box"]) == 4
+        best[d["label"]] = max(best.get(d["label"], 0), d["score"])
+    assert best["person"] >= 0.6
+    assert best["tie"] >= 0.6
+
+
+def test_run_json_prints_one_line_per_image(assets: Assets) -> None:
+    result = edgefleet(
+        "model", "run", assets.ssd, assets.image("cat.bmp"), assets.image("parrot.jpg"),
+        "--labels", assets.coco_labels, "--json",
+    )  # fmt: skip
+
+    records = json_lines(result.stdout)
+    assert [Path(r["image"]).name for r in records] == ["cat.bmp", "parrot.jpg"]
+    assert records[0]["detections"][0]["label"] == "cat"
+    assert records[1]["detections"][0]["label"] == "bird"
+
+
+def test_run_classifier_gives_macaw_with_index_label_score(assets: Assets) -> None:
+    result = edgefleet(
+        "model", "run", assets.mobilenet_v2, assets.image("parrot.jpg"),
+        "--labels", assets.imagenet_labels, "--json",
+    )  # fmt: skip
+
+    (record,) = json_lines(result.stdout)
+    assert record["task"] == "classification"
+    assert record["classes"][0] == {
+        "index": 89,
+        "label": "macaw",
+        "score": pytest.approx(0.996, abs=0.01),
+    }
+
+
+def test_run_movenet_gives_17_named_keypoints(assets: Assets) -> None:
+    result = edgefleet("model", "run", assets.movenet, assets.image("grace_hopper.bmp"), "--json")
+
+    (record,) = json_lines(result.stdout)
+    assert record["task"] == "pose"
+    assert len(record["keypoints"]) == 17
+    assert set(record["keypoints"][0]) == {"name", "x", "y", "score"}
+
+
+def test_run_text_output_names_backend_and_labels(assets: Assets) -> None:
+    result = edgefleet(
+        "model", "run", assets.ssd, assets.image("cat.bmp"), "--labels", assets.coco_labels
+    )
+
+    assert result.returncode == 0
+    assert "detection" in result.stdout
+    assert "cat" in result.stdout
+    assert "cpu" in result.stdout
+
+
+def test_inspect_flags_the_edgetpu_model(assets: Assets) -> None:
+    text = edgefleet("model", "inspect", assets.edgetpu)
+    as_json = edgefleet("model", "inspect", assets.edgetpu, "--json")
+
+    assert "compiled for the Coral Edge TPU" in text.stdout
+    assert json.loads(as_json.stdout)["edgetpu_compiled"] is True
+
+
+def test_run_edgetpu_model_without_tpu_fails_cleanly(assets: Assets) -> None:
+    result = edgefleet("model", "run", assets.edgetpu, assets.image("parrot.jpg"))
+
+    assert_clean_failure(result, "Edge TPU", "libedgetpu1-std", "--delegate edgetpu")
+
+
+def test_run_model_with_unknown_custom_op_fails_cleanly(assets: Assets) -> None:
+    result = edgefleet("model", "run", assets.invoking_error, assets.image("cat.bmp"))
+
+    assert_clean_failure(result, "fake-op-double")
+
+
+def test_run_truncated_model_fails_cleanly(assets: Assets, tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(assets.ssd.read_bytes()[:100_000])
+
+    assert_clean_failure(
+        edgefleet("model", "run", truncated, assets.image("cat.bmp")),
+        "corrupt or truncated",
+        "download the file again",
+    )
+
+
+def test_run_text_file_fails_cleanly(assets: Assets, tmp_path: Path) -> None:
+    text = tmp_path / "model.tflite"
+    text.write_text("not a model\n" * 10)
+
+    assert_clean_failure(
+        edgefleet("model", "run", text, assets.image("cat.bmp")), "not a TensorFlow Lite model"
+    )
+
+
+def test_run_missing_model_fails_cleanly(assets: Assets, tmp_path: Path) -> None:
+    assert_clean_failure(
+        edgefleet("model", "run", tmp_path / "nope.tflite", assets.image("cat.bmp")), "no such file"
+    )
+
+
+def test_run_missing_edgetpu_library_fails_cleanly(assets: Assets) -> None:
+    result = edgefleet(
+        "model", "run", assets.mobilenet_v2, assets.image("cat.bmp"), "--delegate", "edgetpu:usb"
+    )
+
+    assert_clean_failure(result, "libedgetpu.so.1", "install the Edge TPU runtime")
+
+
+def test_bad_image_is_reported_and_the_other_images_still_run(assets: Assets) -> None:
+    result = edgefleet(
+        "model",
+        "run",
+        assets.mobilenet_v2,
+        assets.imagenet_labels,
+        assets.image("parrot.jpg"),
+        "--json",
+    )
+
+    assert_clean_failure(result, "cannot read as an image")
+    (record,) = json_lines(result.stdout)
+    assert record["classes"][0]["label"] == "macaw"
+
+
+def test_bench_json_reports_what_benchmark_model_does(assets: Assets) -> None:
+    result = edgefleet(
+        "model", "bench", assets.model("mobilenet_v1_0.25_128_quant.tflite"),
+        "--runs", 20, "--warmup", 2, "--threads", 2, "--json",
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["runs"] == 20
+    assert report["threads"] == 2
+    assert report["delegate"] == "cpu"
+    assert report["backend"].startswith(("litert ", "tflite-runtime "))
+    assert report["load_ms"] > 0
+    assert report["first_inference_ms"] > 0
+    assert (
+        report["min_ms"]
+        <= report["p50_ms"]
+        <= report["p90_ms"]
+        <= report["p99_ms"]
+        <= report["max_ms"]
+    )
+    assert report["inferences_per_s"] > 0
+    assert report["peak_rss_mb"] > 10
+
+
+def test_bench_rejects_zero_runs_as_a_usage_error(assets: Assets) -> None:
+    result = edgefleet("model", "bench", assets.ssd, "--runs", 0)
+
+    assert result.returncode == 2
+    assert "must be at least 1" in result.stderr
