@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.runtime import Labels, ModelBytes, load_image, read_model
+from edgefleet.runtime import Labels, ModelBytes, load_image, read_model, select_backend
 from edgefleet.runtime.preprocess import Frame
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,3 +107,8 @@ def images(assets: Assets) -> dict[str, Frame]:
         name: load_image(assets.image(name))
         for name in ("grace_hopper.bmp", "cat.bmp", "parrot.jpg", "kite_and_cold.jpg")
     }
+
+
+def pytest_report_header() -> str:
+    """Say which interpreter backend this run exercises."""
+    return f"edgefleet backend: {select_backend().label}"

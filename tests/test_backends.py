@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -61,3 +62,11 @@ def test_forcing_a_missing_backend_says_how_to_install_it() -> None:
     with pytest.raises(BackendUnavailable, match="tflite-runtime is not importable") as caught:
         select_backend("tflite-runtime")
     assert "numpy<2" in caught.value.hint
+
+
+def test_the_run_uses_the_backend_the_environment_names() -> None:
+    # CI runs this suite once per backend; this makes sure each run is the one it claims.
+    forced = os.environ.get(BACKEND_ENV, "auto")
+    if forced == "auto":
+        pytest.skip(f"{BACKEND_ENV} not set: the automatic choice is tested above")
+    assert select_backend().name.value == forced
