@@ -126,7 +126,7 @@ class LoadedDelegate:
     description: str
 
 
-def describe(settings: DelegateSettings) -> str:
+def _describe(settings: DelegateSettings) -> str:
     """A short human name, e.g. ``edgetpu (usb:0)``."""
     if isinstance(settings, EdgeTpuDelegate):
         return f"edgetpu ({settings.device or 'any device'})"
@@ -145,8 +145,8 @@ def load_delegate(settings: DelegateSettings, backend: Backend) -> LoadedDelegat
         if not settings.allow_cpu_fallback:
             raise
         log.warning("delegate unavailable, falling back to the CPU: %s", exc)
-        return LoadedDelegate(settings, None, f"cpu (fallback: {describe(settings)} unavailable)")
-    return LoadedDelegate(settings, handle, describe(settings))
+        return LoadedDelegate(settings, None, f"cpu (fallback: {_describe(settings)} unavailable)")
+    return LoadedDelegate(settings, handle, _describe(settings))
 
 
 # The external-delegate entry points (tensorflow/lite/delegates/external).
@@ -159,14 +159,14 @@ def _load_library(settings: _LibraryDelegate, backend: Backend) -> Any:
         library = ctypes.CDLL(settings.library)
     except OSError as exc:
         raise DelegateUnavailable(
-            f"{describe(settings)}: cannot open {settings.library} ({exc})",
+            f"{_describe(settings)}: cannot open {settings.library} ({exc})",
             hint=_missing_library_hint(settings),
         ) from exc
     missing = [symbol for symbol in _DELEGATE_SYMBOLS if not hasattr(library, symbol)]
     if missing:
         # Checked here because the backends' Delegate wrappers fail messily on such a library.
         raise DelegateUnavailable(
-            f"{describe(settings)}: {settings.library} is not a TFLite delegate "
+            f"{_describe(settings)}: {settings.library} is not a TFLite delegate "
             f"(no {', '.join(missing)})",
             hint="point the delegate at a library built as a TFLite external delegate",
         )
@@ -177,7 +177,7 @@ def _load_library(settings: _LibraryDelegate, backend: Backend) -> Any:
         return backend.load_delegate(settings.library, options)
     except (ValueError, RuntimeError, OSError) as exc:
         raise DelegateUnavailable(
-            f"{describe(settings)}: {settings.library} loaded but the delegate failed to "
+            f"{_describe(settings)}: {settings.library} loaded but the delegate failed to "
             f"initialise under {backend.label} ({exc})",
             hint="check that the device is attached and that the library was built for "
             f"this TFLite version ({backend.label}); --backend selects another runtime",

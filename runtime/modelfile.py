@@ -135,7 +135,7 @@ class ModelInfo:
             "inputs": [_tensor_dict(t) for t in self.inputs],
             "outputs": [_tensor_dict(t) for t in self.outputs],
             "operators": list(self.op_names),
-            "metadata_labels": len(self.metadata_labels) if self.metadata_labels else None,
+            "metadata_label_count": len(self.metadata_labels) if self.metadata_labels else 0,
         }
 
 

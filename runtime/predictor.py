@@ -12,6 +12,7 @@ from typing import Any
 from .backends import Backend, BackendName
 from .delegates import DelegateSettings
 from .engine import Engine
+from .errors import SettingError
 from .labels import Labels
 from .modelfile import ModelBytes, read_model
 from .preprocess import Frame, Preprocessor, ResizeMode, Transform
@@ -48,6 +49,14 @@ class Prediction:
         }
 
 
+def _task_name(value: TaskName | str) -> TaskName:
+    try:
+        return TaskName(value)
+    except ValueError:
+        choices = ", ".join(t.value for t in TaskName)
+        raise SettingError(f"unknown task {value!r}", hint=f"use one of: {choices}") from None
+
+
 class Predictor:
     """Runs one model on RGB frames. One thread at a time, like the engine it owns."""
 
@@ -77,7 +86,7 @@ class Predictor:
             info = engine.info
             if labels is None and info.metadata_labels:
                 labels = Labels.from_lines(info.metadata_labels, f"{info.source} (metadata)")
-            name = TaskName(task) if task else detect_task(info)
+            name = _task_name(task) if task else detect_task(info)
             built = make_task(name, info, labels=labels, min_score=min_score, top_k=top_k)
             return cls(engine, built, resize=resize)
         except BaseException:

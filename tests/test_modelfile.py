@@ -71,6 +71,7 @@ def test_to_dict_is_what_inspect_json_prints(assets: Assets) -> None:
         "zero_point": 128,
     }
     assert data["outputs"][0]["shape"] == [1, 1001]
+    assert data["metadata_label_count"] == 1001
 
 
 def test_missing_path_is_model_not_found(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from edgefleet.runtime import (
     Predictor,
     RawTensor,
     ResizeMode,
+    SettingError,
     TaskName,
     UnsupportedModel,
     detect_task,
@@ -221,3 +222,9 @@ def test_placeholder_is_dropped_only_when_present() -> None:
 
     assert (coco.name(0), coco.name(1)) == ("person", "bicycle")
     assert imagenet.name(0) == "background"
+
+
+def test_unknown_task_name_lists_the_choices(assets: Assets) -> None:
+    with pytest.raises(SettingError, match="unknown task 'segmentation'") as caught:
+        Predictor.open(assets.mobilenet_v2, task="segmentation")
+    assert "classification" in caught.value.hint
