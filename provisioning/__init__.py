@@ -1,3 +1,17 @@
 """Device identities, certificates, enrollment and broker configuration."""
 
-__all__: list[str] = []
+from .mosquitto import (
+    BrokerListener,
+    MosquittoSettings,
+    TlsFiles,
+    render_acl,
+    render_mosquitto_conf,
+)
+
+__all__: list[str] = [
+    "BrokerListener",
+    "MosquittoSettings",
+    "TlsFiles",
+    "render_acl",
+    "render_mosquitto_conf",
+]

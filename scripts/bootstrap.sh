@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything edgefleet needs on a Debian / Raspberry Pi OS machine, idempotently.
 #   scripts/bootstrap.sh [run|test]
-# run:  Debian packages for Python virtualenvs, .venv with edgefleet installed.
-# test: also a C compiler (one test builds a stub delegate library), the dev tools,
+# run:  Debian packages for Python virtualenvs and mosquitto, .venv with edgefleet installed.
+# test: also a C compiler (one test builds a stub delegate library), openssl (test
+#       certificates), the dev tools,
 #       and .venv-tflite (tflite-runtime with numpy<2) to test the second backend.
 # Debian packages are installed when running as root; otherwise the script says which
 # ones are missing and stops.
@@ -16,8 +17,11 @@ need_packages() {
   local missing=()
   command -v python3 >/dev/null || missing+=(python3)
   python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+  # The MQTT broker: the demo runs one, the tests start their own on free ports.
+  command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
   if [ "$mode" = test ]; then
     command -v cc >/dev/null || missing+=(gcc libc6-dev)
+    command -v openssl >/dev/null || missing+=(openssl)
   fi
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then

@@ -8,10 +8,12 @@ need them skip with the reason; under CI (``CI`` set) that is a failure.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from broker import Mosquitto, require_mosquitto
 
 from edgefleet.runtime import Labels, ModelBytes, load_image, read_model, select_backend
 from edgefleet.runtime.preprocess import Frame
@@ -107,6 +109,19 @@ def images(assets: Assets) -> dict[str, Frame]:
         name: load_image(assets.image(name))
         for name in ("grace_hopper.bmp", "cat.bmp", "parrot.jpg", "kite_and_cold.jpg")
     }
+
+
+@pytest.fixture(scope="session")
+def mosquitto_binary() -> Path:
+    """The broker binary, or a skip naming the install command (a failure under CI)."""
+    return require_mosquitto()
+
+
+@pytest.fixture
+def broker(tmp_path: Path, mosquitto_binary: Path) -> Iterator[Mosquitto]:
+    """A running Mosquitto with the project's generated config on a free loopback port."""
+    with Mosquitto(tmp_path / "broker") as running:
+        yield running
 
 
 def pytest_report_header() -> str:

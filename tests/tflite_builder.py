@@ -20,6 +20,7 @@ _TYPES = {
     "uint8": schema.TensorType.UINT8,
     "int8": schema.TensorType.INT8,
     "int32": schema.TensorType.INT32,
+    "bool": schema.TensorType.BOOL,
 }
 
 
@@ -130,6 +131,66 @@ def two_output_model(size: int = 4) -> bytes:
     g.operators = [_operator(0, [0, 1], [2]), _operator(1, [0, 1], [3])]
     codes = [_opcode(schema.BuiltinOperator.ADD), _opcode(schema.BuiltinOperator.MUL)]
     return _finish(_model(g, codes, [_buffer() for _ in range(5)]))
+
+
+def hang_when_bright_model(height: int = 8, width: int = 8) -> bytes:
+    """Float image model whose ``invoke`` never returns when the frame is bright.
+
+    ``WHILE mean(x) > 0.5: x = x + 0``. With the usual ``(pixel - 127.5) / 127.5``
+    input, a frame averaging above ~191 loops forever inside the interpreter: a
+    real hung inference, for watchdog tests. Darker frames pass straight through.
+    """
+    shape = (1, height, width, 3)
+    main = schema.SubGraphT()
+    main.name = "main"
+    main.tensors = [_tensor("image", shape, "float32", 1), _tensor("out", shape, "float32", 2)]
+    main.inputs, main.outputs = [0], [1]
+    loop = _operator(0, [0], [1])
+    loop.builtinOptionsType = schema.BuiltinOptions.WhileOptions
+    loop.builtinOptions = schema.WhileOptionsT()
+    loop.builtinOptions.condSubgraphIndex = 1
+    loop.builtinOptions.bodySubgraphIndex = 2
+    main.operators = [loop]
+
+    cond = schema.SubGraphT()
+    cond.name = "bright"
+    cond.tensors = [
+        _tensor("x", shape, "float32", 3),
+        _tensor("axes", (4,), "int32", 4),
+        _tensor("mean", (), "float32", 5),
+        _tensor("half", (), "float32", 6),
+        _tensor("is_bright", (), "bool", 7),
+    ]
+    cond.inputs, cond.outputs = [0], [4]
+    mean = _operator(1, [0, 1], [2])
+    mean.builtinOptionsType = schema.BuiltinOptions.ReducerOptions
+    mean.builtinOptions = schema.ReducerOptionsT()
+    mean.builtinOptions.keepDims = False
+    cond.operators = [mean, _operator(2, [2, 3], [4])]
+
+    body = schema.SubGraphT()
+    body.name = "same"
+    body.tensors = [
+        _tensor("x", shape, "float32", 8),
+        _tensor("zero", (1,), "float32", 9),
+        _tensor("y", shape, "float32", 10),
+    ]
+    body.inputs, body.outputs = [0], [2]
+    body.operators = [_operator(3, [0, 1], [2])]
+
+    buffers = [_buffer() for _ in range(11)]
+    buffers[4] = _buffer(np.asarray([0, 1, 2, 3], dtype="<i4").tobytes())
+    buffers[6] = _buffer(np.asarray(0.5, dtype="<f4").tobytes())
+    buffers[9] = _buffer(np.asarray([0.0], dtype="<f4").tobytes())
+    codes = [
+        _opcode(schema.BuiltinOperator.WHILE),
+        _opcode(schema.BuiltinOperator.MEAN),
+        _opcode(schema.BuiltinOperator.GREATER),
+        _opcode(schema.BuiltinOperator.ADD),
+    ]
+    model = _model(main, codes, buffers)
+    model.subgraphs = [main, cond, body]
+    return _finish(model)
 
 
 def custom_op_model(op_name: str, shape: tuple[int, ...] = (1, 8, 8, 3)) -> bytes:

@@ -1,0 +1,304 @@
+"""The agent: starts the parts in order, stops them in reverse, reloads on SIGHUP.
+
+Threads: the main thread runs ``Agent.run`` (signals, reload, shutdown);
+``health`` (``Agent._health_loop``) publishes metrics and the systemd status
+line; the others belong to the parts (``mqtt``, ``publisher``,
+``capture-<stream>``, ``infer-<stream>``, ``watchdog``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from contextlib import ExitStack
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Literal
+
+from edgefleet.runtime import EdgefleetError, TaskName, select_backend
+
+from .config import AgentConfig, StreamSettings, load_config
+from .metrics import SystemMetrics
+from .mqtt import MqttLink, OutboxPublisher
+from .outbox import Outbox
+from .pipeline import StreamRunner
+from .protocol import (
+    Capabilities,
+    HealthMessage,
+    MqttHealth,
+    OutboxHealth,
+    StatusMessage,
+    SystemHealth,
+    Topics,
+)
+from .systemd import Notifier, Watchdog
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = metadata.version("edgefleet")
+_OFFLINE_ACK_TIMEOUT_S = 2.0
+_THREAD_JOIN_S = 5.0
+_SOURCE_TYPES = ["file", "stream", "v4l2", "images", "synthetic", "picamera2"]
+_DELEGATE_TYPES = ["cpu", "edgetpu", "gpu", "external"]
+
+
+class _OutboxSink:
+    """Streams write events here: durable first, then the publisher is woken."""
+
+    def __init__(self, outbox: Outbox, publisher: OutboxPublisher) -> None:
+        self._outbox = outbox
+        self._publisher = publisher
+
+    def emit(self, stream: str, topic: str, payload: bytes) -> None:
+        self._outbox.put(stream, topic, payload)
+        self._publisher.wake()
+
+
+class Agent:
+    """The device daemon."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        config_path: Path | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.topics = Topics(config.device_id, config.broker.topic_root)
+        self.notifier = notifier or Notifier()
+        self.started_at = time.monotonic()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._ready = False
+        self.streams: list[StreamRunner] = []
+        self._system = SystemMetrics()
+        self.watchdog = Watchdog(self.notifier, stale_after_s=config.systemd.watchdog_stale_s)
+        self._running = ExitStack()
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the outbox, load the models, connect, start the streams. Undone by ``stop``."""
+        with ExitStack() as steps:
+            self.outbox = Outbox(self.config.outbox)
+            steps.callback(self.outbox.close)
+            self.link = MqttLink(
+                self.config.broker,
+                will_topic=self.topics.status,
+                will_payload=self._status("offline", reason="connection lost"),
+                on_connected=self._publish_birth,
+            )
+            self.publisher = OutboxPublisher(
+                self.outbox, self.link, window=self.config.broker.max_inflight
+            )
+            self.sink = _OutboxSink(self.outbox, self.publisher)
+            self.streams = self._make_streams(self.config.streams)
+            self.link.start()
+            steps.callback(self.link.stop)
+            self.publisher.start()
+            steps.callback(self.publisher.stop)
+            steps.callback(self._publish_offline)
+            steps.callback(self._flush)
+            for stream in self.streams:
+                stream.start()
+            steps.callback(self._stop_streams)
+            self._health_thread = threading.Thread(
+                target=self._health_loop, name="health", daemon=True
+            )
+            self._health_thread.start()
+            steps.callback(self._health_thread.join, _THREAD_JOIN_S)
+            self.watchdog.start()
+            steps.callback(self.watchdog.stop)
+            if not self.streams:
+                self.notifier.ready("no stream could start; see the log")
+            self._running = steps.pop_all()
+        log.info(
+            "agent %s started: device %s, %d stream(s), broker %s:%s",
+            AGENT_VERSION,
+            self.config.device_id,
+            len(self.streams),
+            self.config.broker.host,
+            self.config.broker.port,
+            extra={"device": self.config.device_id},
+        )
+
+    def stop(self) -> None:
+        """Stop streams, send what is queued (bounded), say offline, disconnect, close."""
+        self.notifier.stopping()
+        self._stop.set()
+        self._running.close()
+        log.info("agent stopped")
+
+    def _stop_streams(self) -> None:
+        for stream in reversed(self.streams):
+            stream.stop()
+
+    def _flush(self) -> None:
+        if self.link.connected and not self.publisher.flush(self.config.shutdown_flush_s):
+            log.warning("%d event(s) stay in the outbox for the next start", self.outbox.depth)
+
+    def _make_streams(self, settings: list[StreamSettings]) -> list[StreamRunner]:
+        """Streams whose model or source cannot be set up are logged and left out."""
+        streams = []
+        for s in settings:
+            try:
+                streams.append(self._make_stream(s))
+            except EdgefleetError as exc:
+                log.error("stream %s cannot start: %s", s.name, exc, extra={"stream": s.name})
+        return streams
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; SIGHUP reloads the config. Main thread only."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+        self.start()
+        try:
+            while not self._stop.is_set():
+                if self._reload.wait(0.5):
+                    self._reload.clear()
+                    self.reload()
+        finally:
+            self.stop()
+        return 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload.set()
+        else:
+            self._stop.set()
+
+    def reload(self) -> None:
+        """Re-read the config; restart only the streams whose settings changed."""
+        if self.config_path is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except EdgefleetError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.notifier.ready(self._status_line())
+            return
+        if new.broker != self.config.broker or new.device_id != self.config.device_id:
+            log.warning("broker or device id changed: restart the service to apply them")
+        old = {s.settings.name: s for s in self.streams}
+        kept, started = [], []
+        for settings in new.streams:
+            running = old.pop(settings.name, None)
+            if running is not None and running.settings == settings:
+                kept.append(running)
+                continue
+            try:
+                replacement = self._make_stream(settings)
+            except EdgefleetError as exc:
+                log.error("stream %s: new settings refused: %s", settings.name, exc)
+                if running is not None:
+                    kept.append(running)
+                continue
+            if running is not None:
+                running.stop()
+            replacement.start()
+            started.append(replacement)
+        for removed in old.values():
+            removed.stop()
+        self.streams = kept + started
+        self.config = new.model_copy(update={"broker": self.config.broker})
+        log.info("config reloaded: %d stream(s) restarted, %d removed", len(started), len(old))
+        self._publish_birth()
+        self.notifier.ready(self._status_line())
+
+    def _make_stream(self, settings: StreamSettings) -> StreamRunner:
+        return StreamRunner(settings, topics=self.topics, sink=self.sink, on_result=self._on_result)
+
+    # -- status and health -------------------------------------------------------
+
+    def _on_result(self) -> None:  # infer threads
+        self.watchdog.progress()
+        if not self._ready:
+            self._ready = True
+            self.notifier.ready(self._status_line())
+            log.info("first result: pipeline ready")
+
+    def _status(self, state: Literal["online", "offline"], *, reason: str | None = None) -> bytes:
+        online = state == "online"
+        message = StatusMessage(
+            state=state,
+            device_id=self.config.device_id,
+            ts=time.time(),
+            reason=reason,
+            agent_version=AGENT_VERSION,
+            capabilities=self._capabilities() if online else None,
+            models=[s.model for s in self.streams] if online else [],
+            streams=[s.name for s in self.streams] if online else [],
+        )
+        return message.model_dump_json(exclude_none=True).encode()
+
+    def _capabilities(self) -> Capabilities:
+        return Capabilities(
+            backends=[select_backend().label],
+            tasks=[t.value for t in TaskName],
+            sources=_SOURCE_TYPES,
+            delegates=_DELEGATE_TYPES,
+        )
+
+    def _publish_birth(self) -> None:  # mqtt thread (on connect) or main thread (reload)
+        self.link.publish(self.topics.status, self._status("online"), qos=1, retain=True)
+
+    def _publish_offline(self) -> None:
+        if not self.link.connected:
+            return
+        acked = threading.Event()
+        self.link.publish(
+            self.topics.status,
+            self._status("offline", reason="shutdown"),
+            qos=1,
+            retain=True,
+            on_ack=acked.set,
+        )
+        if not acked.wait(_OFFLINE_ACK_TIMEOUT_S):
+            log.warning("the broker did not acknowledge the offline status in time")
+
+    def health(self) -> HealthMessage:
+        """The current health message."""
+        system = self._system.snapshot()
+        return HealthMessage(
+            device_id=self.config.device_id,
+            ts=time.time(),
+            uptime_s=round(time.monotonic() - self.started_at, 1),
+            streams={s.name: s.health() for s in self.streams},
+            outbox=OutboxHealth(depth=self.outbox.depth, dropped=self.outbox.dropped),
+            mqtt=MqttHealth(
+                connected=self.link.connected,
+                reconnects=self.link.reconnects,
+                published=self.publisher.published,
+            ),
+            system=SystemHealth(
+                cpu_percent=system.cpu_percent,
+                rss_mb=system.rss_mb,
+                cpu_temperature_c=system.cpu_temperature_c,
+                throttled=system.throttled,
+                load_1m=system.load_1m,
+            ),
+            models=[s.model for s in self.streams],
+        )
+
+    def _status_line(self) -> str:
+        parts = [f"{s.name}: {s.capture.stats.state}" for s in self.streams]
+        broker = "connected" if self.link.connected else "disconnected"
+        return f"{', '.join(parts)}; broker {broker}; outbox {self.outbox.depth}"
+
+    def _health_loop(self) -> None:  # health thread
+        interval = self.config.health.interval_s
+        while not self._stop.wait(interval):
+            self.notifier.status(self._status_line())
+            if not self.link.connected:
+                continue  # health is a snapshot: nothing to keep for later
+            message = self.health()
+            self.link.publish(
+                self.topics.health, message.model_dump_json(exclude_none=True).encode(), qos=0
+            )

@@ -1,0 +1,311 @@
+"""The agent's configuration: one YAML file, validated by pydantic, overridable by environment.
+
+Environment variables ``EDGEFLEET_<FIELD>`` override top-level fields, with
+``__`` descending into sections: ``EDGEFLEET_DEVICE_ID=shop-7``,
+``EDGEFLEET_BROKER__HOST=mqtt.local``, ``EDGEFLEET_STREAMS__0__MODEL__THREADS=4``.
+Values are parsed as YAML scalars (``true``, ``8883``). The override is a few
+lines over the parsed dict rather than pydantic-settings, because the file is
+the source of truth and errors must name the file, which the dict route keeps
+simple.
+
+Every error names the file and the field (``agent.yaml: streams[0].model.path:
+field required``); ``ConfigError.problems`` lists them all at once.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgefleet.runtime import BackendName, CpuDelegate, DelegateSettings, EdgefleetError, ResizeMode
+
+from .events import EventFilterSettings
+from .outbox import OutboxSettings
+from .protocol import TOPIC_LEVEL_PATTERN, TOPIC_ROOT
+from .sources import SourceSettings
+
+ENV_PREFIX = "EDGEFLEET_"
+_ENV_SKIP = {"EDGEFLEET_BACKEND", "EDGEFLEET_ASSETS", "EDGEFLEET_CONFIG"}
+
+
+class ConfigError(EdgefleetError):
+    """The configuration is invalid; ``problems`` holds one ``location: reason`` per error."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        lines = "\n".join(f"  {source}: {p}" for p in problems)
+        super().__init__(
+            f"{source}: {len(problems)} problem(s) in the configuration\n{lines}",
+            hint="fix the fields named above; `edgefleet-agent schema` prints every field",
+        )
+        self.source = source
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsSettings(_Section):
+    """TLS towards the broker, with a client certificate."""
+
+    cafile: Path = Field(description="CA certificate that signed the broker's certificate.")
+    certfile: Path | None = Field(None, description="This device's certificate (PEM).")
+    keyfile: Path | None = Field(None, description="This device's private key (PEM).")
+
+
+class BrokerSettings(_Section):
+    """The MQTT broker and how to stay connected to it."""
+
+    host: str = Field("localhost", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
+    protocol: Literal["mqtt5", "mqtt311"] = Field("mqtt5", description="MQTT protocol version.")
+    client_id: str | None = Field(None, description="Client id; default 'edgefleet-<device_id>'.")
+    username: str | None = Field(None, description="Username, when the broker wants one.")
+    password_file: Path | None = Field(
+        None,
+        description="File holding the password; a relative name is looked up in "
+        "$CREDENTIALS_DIRECTORY (systemd LoadCredential=) first.",
+    )
+    tls: TlsSettings | None = Field(None, description="TLS settings; plain TCP when absent.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
+    session_expiry_s: int = Field(
+        7 * 24 * 3600, ge=0, description="How long the broker keeps this session while offline."
+    )
+    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay.")
+    reconnect_max_s: float = Field(60.0, gt=0, description="Longest reconnect delay (jittered).")
+    max_inflight: int = Field(
+        200, ge=1, le=65535, description="QoS 1 messages awaiting acknowledgement at once."
+    )
+    topic_root: str = Field(TOPIC_ROOT, description="Versioned topic root.")
+
+
+class ModelSettings(_Section):
+    """The model a stream runs."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    path: Path = Field(description="The .tflite file.")
+    id: str | None = Field(None, description="Model id in events; default: the file name stem.")
+    version: str | None = Field(
+        None, description="Model version in events; default: sha256 prefix."
+    )
+    labels: Path | None = Field(None, description="Label file; default: labels in the model.")
+    task: Literal["classification", "detection", "pose", "raw"] | None = Field(
+        None, description="Override the task detected from the model."
+    )
+    delegate: DelegateSettings = Field(
+        default_factory=CpuDelegate, description="Accelerator: cpu, edgetpu, gpu or external."
+    )
+    threads: int | None = Field(None, ge=1, le=64, description="CPU threads for the interpreter.")
+    backend: BackendName = Field(BackendName.AUTO, description="Interpreter backend.")
+    resize: ResizeMode = Field(ResizeMode.STRETCH, description="stretch or letterbox frames.")
+    min_score: float | None = Field(
+        None, ge=0, le=1, description="Minimum result score (default 0.5 detection, else 0)."
+    )
+    top_k: int = Field(3, ge=1, description="Classes kept per frame for classification.")
+
+
+class StreamSettings(_Section):
+    """One camera or stream, its model and its event filter."""
+
+    name: str = Field(pattern=TOPIC_LEVEL_PATTERN, description="Stream name (a topic level).")
+    source: SourceSettings = Field(description="Where frames come from.")
+    model: ModelSettings = Field(description="What runs on them.")
+    events: EventFilterSettings = Field(
+        default_factory=EventFilterSettings, description="Which results become events."
+    )
+
+
+class HealthSettings(_Section):
+    """Periodic health messages and the optional Prometheus endpoint."""
+
+    interval_s: float = Field(30.0, ge=1, description="Seconds between health messages.")
+    prometheus_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve Prometheus metrics on this port (off if unset)."
+    )
+    prometheus_bind: str = Field("127.0.0.1", description="Address of the Prometheus endpoint.")
+
+
+class LoggingSettings(_Section):
+    """Where logs go."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    journald: bool | None = Field(
+        None, description="Structured journald logging; default: when running under systemd."
+    )
+
+
+class SystemdSettings(_Section):
+    """Service manager integration."""
+
+    watchdog_stale_s: float = Field(
+        10.0, gt=0, description="Stop petting the watchdog when no result came for this long."
+    )
+
+
+class AgentConfig(_Section):
+    """The whole agent configuration."""
+
+    device_id: str = Field(pattern=TOPIC_LEVEL_PATTERN, description="This device's id.")
+    broker: BrokerSettings = Field(default_factory=BrokerSettings, description="MQTT broker.")
+    streams: list[StreamSettings] = Field(min_length=1, description="Cameras and their models.")
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings, description="Event queue.")
+    health: HealthSettings = Field(default_factory=HealthSettings, description="Health.")
+    logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
+    systemd: SystemdSettings = Field(default_factory=SystemdSettings, description="systemd.")
+    shutdown_flush_s: float = Field(
+        5.0, ge=0, description="On stop, how long to keep sending queued events."
+    )
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_stream_names(cls, streams: list[StreamSettings]) -> list[StreamSettings]:
+        names = [s.name for s in streams]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stream names must be unique: {', '.join(duplicates)} repeated")
+        return streams
+
+    @model_validator(mode="after")
+    def _client_id(self) -> AgentConfig:
+        if self.broker.client_id is None:
+            self.broker.client_id = f"edgefleet-{self.device_id}"
+        return self
+
+
+def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read, apply the environment, validate; relative paths resolve against the file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file ({exc.strerror or exc})"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {_yaml_reason(exc)}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the top level must be a mapping of fields"])
+    problems = apply_environment(data, os.environ if environ is None else environ)
+    if problems:
+        raise ConfigError(source, problems)
+    return parse_config(data, source, base_dir=path.parent)
+
+
+def parse_config(data: dict[str, Any], source: str, *, base_dir: Path) -> AgentConfig:
+    """Validate a dict as ``AgentConfig``; relative paths resolve against ``base_dir``."""
+    try:
+        config = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+    _resolve_paths(config, base_dir)
+    return config
+
+
+def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Overlay ``EDGEFLEET_A__B=v`` variables onto ``data`` in place; returns problems found."""
+    problems = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in _ENV_SKIP:
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        try:
+            _set_path(data, keys, yaml.safe_load(environ[name]))
+        except (TypeError, ValueError, IndexError, yaml.YAMLError) as exc:
+            problems.append(f"environment {name}: cannot apply ({exc})")
+    return problems
+
+
+def _set_path(data: Any, keys: list[str], value: Any) -> None:
+    node = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            index = int(key)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise TypeError(f"'{key}' is inside a value that is not a section")
+
+
+def _union_tags(*unions: Any) -> frozenset[str]:
+    """The ``type`` values of discriminated unions: pydantic puts them in error locations."""
+    tags = set()
+    for union in unions:
+        for member in typing.get_args(typing.get_args(union)[0]):
+            tags.add(member.model_fields["type"].default)
+    return frozenset(tags)
+
+
+_TAGS = _union_tags(SourceSettings, DelegateSettings)
+
+
+def _describe(error: Any) -> str:
+    location = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            location += f"[{part}]"
+        elif part not in _TAGS:
+            location += f".{part}" if location else str(part)
+    reason = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        reason = "unknown field (check the spelling)"
+    return f"{location or '(top level)'}: {reason}"
+
+
+def _resolve_paths(config: AgentConfig, base_dir: Path) -> None:
+    def resolve(p: Path) -> Path:
+        return p if p.is_absolute() else (base_dir / p)
+
+    config.outbox.path = resolve(config.outbox.path)
+    for stream in config.streams:
+        stream.model.path = resolve(stream.model.path)
+        if stream.model.labels is not None:
+            stream.model.labels = resolve(stream.model.labels)
+        for attr in ("path", "folder"):
+            value = getattr(stream.source, attr, None)
+            if isinstance(value, Path):  # source settings are frozen: replace, don't mutate
+                stream.source = stream.source.model_copy(update={attr: resolve(value)})
+
+
+def check_files(config: AgentConfig) -> list[str]:
+    """Problems a valid config can still have on this machine: files that are not there."""
+    problems = []
+    for i, stream in enumerate(config.streams):
+        if not stream.model.path.is_file():
+            problems.append(f"streams[{i}].model.path: no such file {stream.model.path}")
+        labels = stream.model.labels
+        if labels is not None and not labels.is_file():
+            problems.append(f"streams[{i}].model.labels: no such file {labels}")
+    tls = config.broker.tls
+    if tls is not None:
+        for name in ("cafile", "certfile", "keyfile"):
+            value = getattr(tls, name)
+            if value is not None and not value.is_file():
+                problems.append(f"broker.tls.{name}: no such file {value}")
+    return problems
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the config file, for editors and docs."""
+    return AgentConfig.model_json_schema()
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem

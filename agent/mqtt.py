@@ -1,0 +1,347 @@
+"""The broker connection, and the publisher that drains the outbox through it.
+
+Threads:
+
+- ``mqtt`` (``MqttLink._run``): connects, runs paho's network loop, and
+  reconnects with full-jitter exponential backoff. paho callbacks
+  (``_on_connect``, ``_on_disconnect``, ``_on_publish``) run here.
+- ``publisher`` (``OutboxPublisher._run``): hands outbox rows to paho in
+  ``seq`` order while connected, at most ``max_inflight`` unacknowledged, and
+  deletes rows once the broker's PUBACK arrives.
+
+paho 2.x keeps unacknowledged QoS 1 messages in memory and resends them itself
+after a reconnect, so a row is handed to paho once per process; if the process
+dies, the rows are still in the outbox and are sent again at the next start
+(consumers drop the duplicates by event id). ``wait_for_publish`` is never
+used: it raises forever for a message published while disconnected;
+acknowledgements are tracked with ``on_publish``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgefleet.runtime import EdgefleetError
+
+from .config import BrokerSettings
+from .outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+_LOOP_TIMEOUT_S = 0.2
+
+
+class BrokerSettingsError(EdgefleetError):
+    """The broker settings cannot be used (unreadable TLS files or password)."""
+
+
+def _read_password(settings: BrokerSettings) -> str | None:
+    if settings.password_file is None:
+        return None
+    path = settings.password_file
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and not path.is_absolute() and (Path(credentials) / path).is_file():
+        path = Path(credentials) / path
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise BrokerSettingsError(
+            f"broker.password_file: cannot read {path} ({exc.strerror})",
+            hint="check the path, or give it to the service with LoadCredential=",
+        ) from exc
+
+
+class MqttLink:
+    """One paho client, kept connected by the ``mqtt`` thread."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        will_topic: str,
+        will_payload: bytes,
+        on_connected: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._on_connected = on_connected
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connects = 0
+        self._ever_connected = False
+        # Acknowledgement tracking: mid -> callback. Every publish records its mid, so an
+        # ack that arrives before publish() returned (it can: paho's network thread may
+        # read the PUBACK first) waits in _early for exactly that publish.
+        self._ack_lock = threading.Lock()
+        self._pending: dict[int, Callable[[], None] | None] = {}
+        self._early: set[int] = set()
+        self.client = self._make_client(will_topic, will_payload)
+
+    def _make_client(self, will_topic: str, will_payload: bytes) -> paho.Client:
+        s = self.settings
+        mqtt5 = s.protocol == "mqtt5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id or "",
+            protocol=MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if mqtt5 else False,
+        )
+        client.max_inflight_messages_set(s.max_inflight)
+        client.will_set(will_topic, will_payload, qos=1, retain=True)
+        if s.username:
+            client.username_pw_set(s.username, _read_password(s))
+        if s.tls is not None:
+            try:
+                client.tls_set(
+                    ca_certs=str(s.tls.cafile),
+                    certfile=str(s.tls.certfile) if s.tls.certfile else None,
+                    keyfile=str(s.tls.keyfile) if s.tls.keyfile else None,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise BrokerSettingsError(
+                    f"broker.tls: cannot load the certificates ({exc})",
+                    hint="check cafile, certfile and keyfile (PEM, readable by the agent)",
+                ) from exc
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        return client
+
+    @property
+    def reconnects(self) -> int:
+        """Connections made after the first one."""
+        return max(0, self._connects - 1)
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker has accepted the connection."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Block until connected or ``timeout_s`` passed."""
+        return self._connected.wait(timeout_s)
+
+    def start(self) -> None:
+        """Start the ``mqtt`` thread; it connects in the background."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Disconnect cleanly (no last will) and end the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self.client.is_connected():
+            self.client.disconnect()
+        self._connected.clear()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool = False,
+        on_ack: Callable[[], None] | None = None,
+    ) -> bool:
+        """Hand a message to paho; ``on_ack`` runs (mqtt thread) once the broker has it.
+
+        Returns False when paho refused the message outright. A message handed over
+        while the connection is down stays with paho, which sends it after reconnecting.
+        """
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning(
+                "publish to %s refused by the client: %s", topic, paho.error_string(info.rc)
+            )
+            return False
+        if qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            return False  # paho drops QoS 0 while disconnected: no ack will come
+        with self._ack_lock:
+            early = info.mid in self._early
+            if early:
+                self._early.discard(info.mid)
+            else:
+                self._pending[info.mid] = on_ack
+        if early and on_ack is not None:
+            on_ack()
+        return True
+
+    # -- the mqtt thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.settings.reconnect_min_s
+        while not self._stop.is_set():
+            if not self._connect_once():
+                self._sleep_jittered(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+                continue
+            while not self._stop.is_set():
+                rc = self.client.loop(timeout=_LOOP_TIMEOUT_S)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+                if self.connected:
+                    delay = self.settings.reconnect_min_s
+            if self._stop.is_set():
+                # Let the orderly shutdown drain what is in flight: keep looping briefly.
+                return
+            self._connected.clear()
+            self._sleep_jittered(delay)
+            delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    def _connect_once(self) -> bool:
+        s = self.settings
+        try:
+            if not self._ever_connected:
+                properties = None
+                if s.protocol == "mqtt5":
+                    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    properties.SessionExpiryInterval = s.session_expiry_s
+                self.client.connect(
+                    s.host,
+                    s.port,
+                    keepalive=s.keepalive_s,
+                    clean_start=False,
+                    properties=properties,
+                )
+                self._ever_connected = True
+            else:
+                self.client.reconnect()
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("cannot reach the broker at %s:%s (%s); retrying", s.host, s.port, exc)
+            return False
+        return True
+
+    def _sleep_jittered(self, delay_s: float) -> None:
+        # Full jitter: 500 devices coming back after a broker restart must not stampede.
+        self._stop.wait(random.uniform(0, delay_s))
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.error("the broker refused the connection: %s", reason)
+            return
+        if self._connected.is_set():
+            return
+        self._connects += 1
+        log.info(
+            "connected to %s:%s (session %s)",
+            self.settings.host,
+            self.settings.port,
+            "resumed" if flags.session_present else "new",
+        )
+        self._connected.set()
+        if self._on_connected is not None:
+            self._on_connected()
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if self._connected.is_set():
+            log.warning("disconnected from the broker: %s", reason)
+        self._connected.clear()
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
+        with self._ack_lock:
+            if mid not in self._pending:
+                self._early.add(mid)
+                return
+            callback = self._pending.pop(mid)
+        if callback is not None:
+            callback()
+
+
+class OutboxPublisher:
+    """Drains the outbox through the link: the ``publisher`` thread."""
+
+    def __init__(self, outbox: Outbox, link: MqttLink, *, window: int) -> None:
+        self.outbox = outbox
+        self.link = link
+        self.window = window
+        self.published = 0
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._acked: list[int] = []
+        self._handed_seq = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        """Tell the publisher new rows are waiting (called after ``Outbox.put``)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start the ``publisher`` thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop handing rows to paho and record the acknowledgements received so far."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self._apply_acks()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until the outbox is empty (True) or ``timeout_s`` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while self.outbox.depth > 0 and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.02)
+        return self.outbox.depth == 0
+
+    def _acked_seq(self, seq: int) -> None:  # mqtt thread
+        with self._lock:
+            self._acked.append(seq)
+            self._inflight -= 1
+        self._wake.set()
+
+    def _apply_acks(self) -> None:
+        with self._lock:
+            acked, self._acked = self._acked, []
+        if acked:
+            self.outbox.ack(acked)
+            self.published += len(acked)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            # Cleared before looking at the state, so a wake-up during the work is kept.
+            self._wake.clear()
+            self._apply_acks()
+            room = self.window - self._inflight
+            items = self.outbox.peek(room, after_seq=self._handed_seq) if room > 0 else []
+            if not items or not self.link.connected:
+                self._wake.wait(0.05)
+                continue
+            for item in items:
+                with self._lock:
+                    self._inflight += 1
+                if not self.link.publish(
+                    item.topic, item.payload, qos=1, on_ack=partial(self._acked_seq, item.seq)
+                ):
+                    with self._lock:
+                        self._inflight -= 1
+                    break
+                self._handed_seq = item.seq

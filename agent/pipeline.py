@@ -1,0 +1,273 @@
+"""One stream end to end: source -> latest frame -> model -> event filter -> outbox.
+
+Threads per stream:
+
+- ``capture-<stream>`` (``sources.capture.Capture``) reads frames into a
+  ``FrameSlot``; a live source overwrites a frame inference has not taken yet
+  (counted as skipped), so a slow model never builds a queue.
+- ``infer-<stream>`` (``StreamRunner._run``) takes the newest frame,
+  pre-processes it straight into the interpreter's input, invokes, filters
+  the results into events and writes them to the outbox. Capture of the next
+  frame overlaps with inference of this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from edgefleet.runtime import (
+    Classification,
+    Detection,
+    EdgefleetError,
+    Keypoint,
+    Labels,
+    Predictor,
+    RawTensor,
+    ResizeMode,
+    read_model,
+)
+from edgefleet.runtime.delegates import LoadedDelegate
+
+from .config import StreamSettings
+from .events import EventDraft, EventFilter
+from .metrics import LatencyWindow
+from .protocol import (
+    ClassOut,
+    DetectionOut,
+    EventMessage,
+    KeypointOut,
+    ModelRef,
+    StreamHealth,
+    TensorOut,
+    Topics,
+)
+from .sources import make_source
+from .sources.capture import Capture, FrameSlot
+
+log = logging.getLogger(__name__)
+
+_FRAME_WAIT_S = 0.5
+
+
+class EventSink(Protocol):
+    """Where a stream's serialized events go (the outbox, in the agent)."""
+
+    def emit(self, stream: str, topic: str, payload: bytes) -> None:
+        """Store one event durably."""
+
+
+@dataclass
+class _Counters:
+    processed: int = 0
+    failed: int = 0
+    events: int = 0
+    lost: int = 0
+    last_error: str | None = None
+
+
+def model_ref(settings: StreamSettings, predictor: Predictor) -> ModelRef:
+    """How events and status name the model a stream runs."""
+    engine = predictor.engine
+    delegate: LoadedDelegate = engine.delegate
+    return ModelRef(
+        id=settings.model.id or settings.model.path.stem,
+        version=settings.model.version or engine.model.sha256[:12],
+        sha256=engine.model.sha256,
+        task=predictor.task.name.value,
+        backend=engine.backend.label,
+        delegate=delegate.description,
+    )
+
+
+class StreamRunner:
+    """Owns one stream's capture, model, filter and inference thread."""
+
+    def __init__(
+        self,
+        settings: StreamSettings,
+        *,
+        topics: Topics,
+        sink: EventSink,
+        on_result: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self._topic = topics.events(settings.name)
+        self._device_id = topics.device_id
+        self._sink = sink
+        self._on_result = on_result
+        self.predictor = self._load_model()
+        self.model = model_ref(settings, self.predictor)
+        self._filter = EventFilter(settings.events)
+        self._slot = FrameSlot()
+        self._source = make_source(settings.source)
+        inputs = self.predictor.engine.inputs[0].shape
+        # Stretching: the source scales to the model's size (swscale, ISP); nothing resizes here.
+        output_size = (
+            (inputs[2], inputs[1]) if settings.model.resize is ResizeMode.STRETCH else None
+        )
+        self.capture = Capture(self.name, self._source, self._slot, output_size=output_size)
+        self.latency = LatencyWindow()
+        self.inference = LatencyWindow()
+        self._counters = _Counters()
+        self._seq = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fps_mark = (time.monotonic(), 0)
+
+    def _load_model(self) -> Predictor:
+        m = self.settings.model
+        labels = Labels.from_file(m.labels) if m.labels else None
+        return Predictor.open(
+            read_model(m.path),
+            task=m.task,
+            labels=labels,
+            delegate=m.delegate,
+            threads=m.threads,
+            backend=m.backend,
+            resize=m.resize,
+            min_score=m.min_score,
+            top_k=m.top_k,
+        )
+
+    def start(self) -> None:
+        """Start capture and inference."""
+        self._stop.clear()
+        self.capture.start()
+        self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
+        self._thread.start()
+        log.info(
+            "stream %s: %s on %s (%s)",
+            self.name,
+            self.model.id,
+            self._source.name,
+            self.predictor.engine.description,
+            extra={"stream": self.name, "model": self.model.id},
+        )
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop capture and inference, close open tracks (their end events), release the model."""
+        self._stop.set()
+        self.capture.stop(timeout_s)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("stream %s: inference did not stop (hung interpreter?)", self.name)
+                return
+        for draft in self._filter.flush(time.time()):
+            self._emit(draft, inference_ts=time.time(), inference_ms=0.0)
+        self.predictor.close()
+
+    def health(self) -> StreamHealth:
+        """Counters and latency percentiles, for the health message."""
+        stats = self.capture.stats
+        c = self._counters
+        now = time.monotonic()
+        mark_t, mark_n = self._fps_mark
+        fps = (c.processed - mark_n) / (now - mark_t) if now > mark_t else 0.0
+        self._fps_mark = (now, c.processed)
+        latency, inference = self.latency.percentiles(), self.inference.percentiles()
+        return StreamHealth(
+            state=stats.state,
+            captured=stats.captured,
+            processed=c.processed,
+            skipped=stats.skipped,
+            failed=c.failed,
+            events=c.events,
+            events_lost=c.lost,
+            fps=round(fps, 2),
+            latency_p50_ms=latency["p50_ms"],
+            latency_p99_ms=latency["p99_ms"],
+            inference_p50_ms=inference["p50_ms"],
+            inference_p99_ms=inference["p99_ms"],
+            source_failures=stats.failures,
+            last_error=c.last_error or stats.last_error,
+        )
+
+    # -- the infer-<stream> thread ---------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            frame = self._slot.get(_FRAME_WAIT_S)
+            if frame is None:
+                continue
+            try:
+                prediction = self.predictor.predict(frame.pixels)
+            except EdgefleetError as exc:
+                self._failed(exc)
+                continue
+            done = time.time()
+            self.latency.add((done - frame.capture_ts) * 1000.0)
+            self.inference.add(prediction.latency_ms)
+            for draft in self._filter.process(prediction.results, frame.capture_ts):
+                self._emit(draft, inference_ts=done, inference_ms=prediction.latency_ms)
+            self._counters.processed += 1
+            if self._on_result is not None:
+                self._on_result()
+
+    def _failed(self, exc: EdgefleetError) -> None:
+        c = self._counters
+        c.failed += 1
+        if c.last_error != exc.message:
+            log.error(
+                "stream %s: inference failed: %s", self.name, exc, extra={"stream": self.name}
+            )
+        c.last_error = exc.message
+
+    def _emit(self, draft: EventDraft, *, inference_ts: float, inference_ms: float) -> None:
+        self._seq += 1
+        message = EventMessage(
+            id=uuid.uuid4().hex,
+            device_id=self._device_id,
+            stream=self.name,
+            seq=self._seq,
+            kind=draft.kind,
+            lifecycle=draft.lifecycle,
+            track_id=draft.track_id,
+            label=draft.label,
+            score=draft.score,
+            zones=list(draft.zones),
+            model=self.model,
+            capture_ts=draft.capture_ts,
+            inference_ts=inference_ts,
+            latency_ms=round((inference_ts - draft.capture_ts) * 1000.0, 3),
+            inference_ms=round(inference_ms, 3),
+            first_seen_ts=draft.first_seen_ts,
+            last_seen_ts=draft.last_seen_ts,
+            **_results_fields(draft.results),
+        )
+        try:
+            self._sink.emit(
+                self.name, self._topic, message.model_dump_json(exclude_none=True).encode()
+            )
+        except EdgefleetError as exc:  # disk full, I/O error: count it, keep the stream running
+            self._counters.lost += 1
+            if self._counters.lost == 1 or self._counters.last_error != exc.message:
+                log.error(
+                    "stream %s: event not stored: %s", self.name, exc, extra={"stream": self.name}
+                )
+            self._counters.last_error = exc.message
+            return
+        self._counters.events += 1
+
+
+def _results_fields(results: tuple[Any, ...]) -> dict[str, Any]:
+    if not results:
+        return {}
+    first = results[0]
+    rows = [asdict(r) for r in results]
+    if isinstance(first, Detection):
+        return {"detections": [DetectionOut(**r) for r in rows]}
+    if isinstance(first, Classification):
+        return {"classes": [ClassOut(**r) for r in rows]}
+    if isinstance(first, Keypoint):
+        return {"keypoints": [KeypointOut(**r) for r in rows]}
+    if isinstance(first, RawTensor):
+        return {"tensors": [TensorOut(**r) for r in rows]}
+    raise TypeError(f"unexpected result type {type(first).__name__}")

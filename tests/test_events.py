@@ -1,0 +1,459 @@
+"""Event filtering and tracking: which results become events, driven frame by frame."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from edgefleet.agent.events import (
+    EventDraft,
+    EventFilter,
+    EventFilterSettings,
+    TrackingSettings,
+    Zone,
+)
+from edgefleet.runtime import Classification, Detection, Keypoint, RawTensor
+from edgefleet.runtime.tasks import KEYPOINT_NAMES, Result
+
+FPS = 30.0
+UNTRACKED = TrackingSettings(enabled=False)
+# A person-shaped box in the middle of the frame, for tests where its place is beside the point.
+STANDING_BOX = (0.2, 0.4, 0.8, 0.6)
+
+
+def person(
+    box: tuple[float, float, float, float] = STANDING_BOX, score: float = 0.9, label: str = "person"
+) -> Detection:
+    """A detection of ``label``; ``box`` is (ymin, xmin, ymax, xmax)."""
+    return Detection(class_id=0, label=label, score=score, box=box)
+
+
+def standing_at(x: float, y: float, label: str = "person") -> Detection:
+    """A 0.2 x 0.2 box whose bottom edge is centred on (x, y)."""
+    return person((y - 0.2, x - 0.1, y, x + 0.1), label=label)
+
+
+def span(xmin: float, xmax: float) -> tuple[float, float, float, float]:
+    """A full-height box from ``xmin`` to ``xmax``: its IoU with another span is 1-D."""
+    return (0.0, xmin, 1.0, xmax)
+
+
+def pose(score: float) -> list[Result]:
+    """Seventeen keypoints, all with ``score``."""
+    return [Keypoint(name, 0.5, 0.5, score) for name in KEYPOINT_NAMES]
+
+
+def run(
+    event_filter: EventFilter, frames: Iterable[tuple[Sequence[Result], float]]
+) -> list[EventDraft]:
+    """Every event of ``frames``, each a (results, capture time) pair, in order."""
+    return [event for results, ts in frames for event in event_filter.process(results, ts)]
+
+
+def lifecycles(events: Iterable[EventDraft]) -> list[tuple[int | None, str | None]]:
+    """(track id, lifecycle) of each event."""
+    return [(event.track_id, event.lifecycle) for event in events]
+
+
+# Filters
+
+
+def test_detections_below_min_score_are_dropped() -> None:
+    event_filter = EventFilter(EventFilterSettings(min_score=0.6, tracking=UNTRACKED))
+
+    events = event_filter.process([person(score=0.59), person(score=0.6)], 0.0)
+
+    assert [event.score for event in events] == [0.6]
+
+
+def test_only_listed_labels_become_events() -> None:
+    event_filter = EventFilter(EventFilterSettings(labels=["car"], tracking=UNTRACKED))
+
+    events = event_filter.process([person(label="person"), person(label="car")], 0.0)
+
+    assert [event.label for event in events] == ["car"]
+
+
+def test_zone_counts_where_the_box_stands_not_the_box_itself() -> None:
+    walkway = Zone(name="walkway", polygon=[(0.0, 0.5), (1.0, 0.5), (1.0, 0.8), (0.0, 0.8)])
+    event_filter = EventFilter(EventFilterSettings(zones=[walkway], tracking=UNTRACKED))
+    mostly_above_but_standing_inside = person((0.1, 0.1, 0.6, 0.3), label="person")
+    mostly_inside_but_standing_below = person((0.55, 0.6, 0.9, 0.9), label="dog")
+
+    events = event_filter.process(
+        [mostly_above_but_standing_inside, mostly_inside_but_standing_below], 0.0
+    )
+
+    assert [(event.label, event.zones) for event in events] == [("person", ("walkway",))]
+
+
+def test_event_names_every_zone_it_stands_in() -> None:
+    left = Zone(name="left", polygon=[(0.0, 0.0), (0.6, 0.0), (0.6, 1.0), (0.0, 1.0)])
+    right = Zone(name="right", polygon=[(0.4, 0.0), (1.0, 0.0), (1.0, 1.0), (0.4, 1.0)])
+    event_filter = EventFilter(EventFilterSettings(zones=[left, right], tracking=UNTRACKED))
+
+    events = event_filter.process([standing_at(0.5, 0.7)], 0.0)
+
+    assert [event.zones for event in events] == [("left", "right")]
+
+
+# A U shape: two arms (x 0.1-0.3 and 0.7-0.9) joined by a base along the bottom (y 0.7-0.9).
+U_SHAPE = Zone(
+    name="u",
+    polygon=[
+        (0.1, 0.1),
+        (0.3, 0.1),
+        (0.3, 0.7),
+        (0.7, 0.7),
+        (0.7, 0.1),
+        (0.9, 0.1),
+        (0.9, 0.9),
+        (0.1, 0.9),
+    ],
+)
+
+
+@pytest.mark.parametrize(
+    ("point", "inside"),
+    [
+        ((0.2, 0.3), True),  # left arm
+        ((0.8, 0.3), True),  # right arm
+        ((0.5, 0.8), True),  # base
+        ((0.5, 0.3), False),  # the notch between the arms
+        ((0.5, 0.1), False),  # level with the arms' tops, in the notch
+        ((0.05, 0.5), False),  # left of everything
+        ((0.5, 0.95), False),  # below the base
+    ],
+)
+def test_concave_zone_contains_its_arms_but_not_its_notch(
+    point: tuple[float, float], inside: bool
+) -> None:
+    assert U_SHAPE.contains(*point) is inside
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        (0.1, 0.5),  # left edge
+        (0.5, 0.9),  # bottom edge, horizontal
+        (0.5, 0.7),  # the notch's floor, a horizontal edge with outside above it
+        (0.3, 0.4),  # the notch's side
+        (0.3, 0.7),  # the notch's concave corner
+        (0.9, 0.9),  # a convex corner
+        (0.7, 0.1),  # a corner level with other corners, on the same horizontal line
+    ],
+)
+def test_points_on_a_zone_edge_or_corner_are_inside(point: tuple[float, float]) -> None:
+    assert U_SHAPE.contains(*point)
+
+
+def test_zones_sharing_an_edge_both_contain_it_and_at_the_frame_border() -> None:
+    top = Zone(name="top", polygon=[(0.0, 0.0), (1.0, 0.0), (1.0, 0.5), (0.0, 0.5)])
+    bottom = Zone(name="bottom", polygon=[(0.0, 0.5), (1.0, 0.5), (1.0, 1.0), (0.0, 1.0)])
+
+    on_shared_edge = [top.contains(0.3, 0.5), bottom.contains(0.3, 0.5)]
+    at_frame_bottom = bottom.contains(0.3, 1.0)
+
+    assert on_shared_edge == [True, True]
+    assert at_frame_bottom
+
+
+# Tracking
+
+
+def test_still_object_for_30s_at_30fps_is_start_two_updates_and_end() -> None:
+    event_filter = EventFilter(EventFilterSettings())  # updates every 10 s, ends after 1 s
+    frames = [([person()], i / FPS) for i in range(int(30 * FPS))]
+
+    events = run(event_filter, frames) + event_filter.process([], 30.0 + 1.0)
+
+    assert lifecycles(events) == [(1, "start"), (1, "update"), (1, "update"), (1, "end")]
+
+
+def test_update_interval_zero_gives_only_start_and_end() -> None:
+    tracking = TrackingSettings(update_interval_s=0.0)
+    event_filter = EventFilter(EventFilterSettings(tracking=tracking))
+    frames = [([person()], i / FPS) for i in range(int(30 * FPS))]
+
+    events = run(event_filter, frames) + event_filter.flush(30.0)
+
+    assert lifecycles(events) == [(1, "start"), (1, "end")]
+
+
+def test_moving_object_keeps_its_track() -> None:
+    event_filter = EventFilter(EventFilterSettings())
+    frames = [([person(span(0.01 * i, 0.01 * i + 0.3))], i / FPS) for i in range(60)]
+
+    events = run(event_filter, frames)
+
+    assert lifecycles(events) == [(1, "start")]
+
+
+def test_two_objects_of_the_same_label_get_separate_tracks() -> None:
+    event_filter = EventFilter(EventFilterSettings())
+    frames = [([person(span(0.0, 0.3)), person(span(0.6, 0.9))], i / FPS) for i in range(30)]
+
+    events = run(event_filter, frames) + event_filter.flush(1.0)
+
+    assert sorted(lifecycles(events)) == [(1, "end"), (1, "start"), (2, "end"), (2, "start")]
+
+
+def test_overlapping_object_of_another_label_opens_its_own_track() -> None:
+    event_filter = EventFilter(EventFilterSettings())
+
+    events = run(event_filter, [([person()], 0.0), ([person(label="dog")], 0.1)])
+
+    assert [(event.label, event.track_id, event.lifecycle) for event in events] == [
+        ("person", 1, "start"),
+        ("dog", 2, "start"),
+    ]
+
+
+def test_matching_takes_the_highest_overlap_first() -> None:
+    # Frame 2's first box overlaps track 1 (IoU 0.33) and track 2 (0.6); its second box overlaps
+    # only track 1 (0.78). Taking pairs in detection order would strand the second box.
+    event_filter = EventFilter(EventFilterSettings())
+    first, second = person(span(0.2, 0.6)), person(span(0.05, 0.45))
+    frames = [([person(span(0.0, 0.4)), person(span(0.3, 0.7))], 0.0), ([first, second], 0.1)]
+
+    during = run(event_filter, frames)
+    ends = event_filter.flush(0.2)
+
+    assert lifecycles(during) == [(1, "start"), (2, "start")]
+    assert {event.track_id: event.results for event in ends} == {1: (second,), 2: (first,)}
+
+
+def test_object_back_within_end_after_s_keeps_its_track() -> None:
+    event_filter = EventFilter(EventFilterSettings())  # ends after 1 s
+
+    events = run(event_filter, [([person()], 0.0), ([], 0.5), ([person()], 0.9)])
+
+    assert lifecycles(events) == [(1, "start")]
+
+
+def test_object_back_after_end_after_s_is_a_new_track() -> None:
+    event_filter = EventFilter(EventFilterSettings())  # ends after 1 s
+
+    events = run(event_filter, [([person()], 0.0), ([person()], 1.5)])
+
+    assert lifecycles(events) == [(1, "start"), (1, "end"), (2, "start")]
+
+
+def test_end_event_carries_the_last_detection_and_when_it_was_seen() -> None:
+    event_filter = EventFilter(EventFilterSettings())
+    last = person(span(0.05, 0.35), score=0.7)
+    run(event_filter, [([person(span(0.0, 0.3))], 10.0), ([last], 10.5)])
+
+    (end,) = event_filter.process([], 12.0)
+
+    assert (end.lifecycle, end.results, end.score) == ("end", (last,), 0.7)
+    assert (end.first_seen_ts, end.last_seen_ts, end.capture_ts) == (10.0, 10.5, 12.0)
+
+
+def test_object_leaving_every_zone_ends_its_track() -> None:
+    door = Zone(name="door", polygon=[(0.0, 0.0), (0.5, 0.0), (0.5, 1.0), (0.0, 1.0)])
+    event_filter = EventFilter(EventFilterSettings(zones=[door]))
+    inside, outside = standing_at(0.45, 0.9), standing_at(0.55, 0.9)
+
+    events = run(event_filter, [([inside], 0.0), ([outside], 0.5), ([outside], 1.0)])
+
+    assert [(event.lifecycle, event.zones) for event in events] == [
+        ("start", ("door",)),
+        ("end", ("door",)),
+    ]
+
+
+def test_flush_ends_every_open_track() -> None:
+    event_filter = EventFilter(EventFilterSettings())
+    event_filter.process([person(span(0.0, 0.3)), person(span(0.6, 0.9), label="car")], 0.0)
+
+    ends = event_filter.flush(0.1)
+    after = event_filter.flush(0.2)
+
+    assert [(event.track_id, event.lifecycle, event.capture_ts) for event in ends] == [
+        (1, "end", 0.1),
+        (2, "end", 0.1),
+    ]
+    assert after == []
+
+
+def test_capture_time_going_back_ends_open_tracks() -> None:
+    event_filter = EventFilter(EventFilterSettings())
+
+    events = run(event_filter, [([person()], 100.0), ([person()], 5.0)])
+
+    assert lifecycles(events) == [(1, "start"), (1, "end"), (2, "start")]
+
+
+# Untracked results
+
+
+def test_untracked_detections_are_one_event_each_without_an_interval() -> None:
+    event_filter = EventFilter(EventFilterSettings(tracking=UNTRACKED))
+    frames = [([person(span(0.0, 0.3)), person(span(0.6, 0.9))], i / FPS) for i in range(3)]
+
+    events = run(event_filter, frames)
+
+    assert [(event.lifecycle, event.track_id) for event in events] == [(None, None)] * 6
+
+
+def test_untracked_detections_are_limited_per_label_by_min_interval() -> None:
+    event_filter = EventFilter(EventFilterSettings(min_interval_s=1.0, tracking=UNTRACKED))
+    frame = [person(score=0.7), person(score=0.8), person(score=0.6, label="car")]
+
+    events = run(event_filter, [(frame, 0.0), (frame, 0.5), (frame, 1.0)])
+
+    assert [(event.capture_ts, event.label, event.score) for event in events] == [
+        (0.0, "person", 0.8),
+        (0.0, "car", 0.6),
+        (1.0, "person", 0.8),
+        (1.0, "car", 0.6),
+    ]
+
+
+def test_classification_event_is_the_best_class_passing_the_filters() -> None:
+    event_filter = EventFilter(EventFilterSettings(labels=["tabby", "tiger cat"], min_score=0.2))
+    tiger_cat, tabby = Classification(282, "tiger cat", 0.3), Classification(281, "tabby", 0.4)
+    top_k: list[Result] = [
+        tiger_cat,
+        Classification(286, "cougar", 0.5),
+        tabby,
+        Classification(285, "Egyptian cat", 0.1),
+    ]
+
+    (event,) = event_filter.process(top_k, 0.0)
+
+    assert (event.kind, event.lifecycle, event.label, event.score) == (
+        "classification",
+        None,
+        "tabby",
+        0.4,
+    )
+    assert event.results == (tabby, tiger_cat)
+
+
+def test_classifications_are_limited_per_label_by_min_interval() -> None:
+    event_filter = EventFilter(EventFilterSettings(min_interval_s=2.0))
+    cat, dog = Classification(1, "cat", 0.9), Classification(2, "dog", 0.9)
+
+    events = run(event_filter, [([cat], 0.0), ([cat], 1.0), ([dog], 1.5), ([cat], 2.0)])
+
+    assert [(event.capture_ts, event.label) for event in events] == [
+        (0.0, "cat"),
+        (1.5, "dog"),
+        (2.0, "cat"),
+    ]
+
+
+def test_pose_event_needs_the_mean_keypoint_score() -> None:
+    event_filter = EventFilter(EventFilterSettings(min_score=0.4))
+    mostly_unsure = pose(0.1)[:14] + pose(0.9)[14:]  # mean below 0.4 though three points are sure
+
+    events = run(event_filter, [(mostly_unsure, 0.0), (pose(0.5), 0.1)])
+
+    assert [(event.kind, event.capture_ts, event.label) for event in events] == [
+        ("pose", 0.1, None)
+    ]
+    assert len(events[0].results) == len(KEYPOINT_NAMES)
+
+
+def test_raw_tensors_are_one_event_per_min_interval() -> None:
+    event_filter = EventFilter(EventFilterSettings(min_interval_s=1.0))
+    raw: list[Result] = [RawTensor("logits", (1, 2), [[0.1, 0.9]])]
+
+    events = run(event_filter, [(raw, i / FPS) for i in range(int(2 * FPS))])
+
+    assert [(event.kind, event.capture_ts) for event in events] == [("raw", 0.0), ("raw", 1.0)]
+
+
+# Settings
+
+
+def zone(polygon: list[list[float]]) -> dict[str, Any]:
+    """Settings with one zone, as a config file would hold them."""
+    return {"zones": [{"name": "z", "polygon": polygon}]}
+
+
+@pytest.mark.parametrize(
+    ("fields", "location", "message"),
+    [
+        ({"min_score": 1.5}, ("min_score",), "less than or equal to 1"),
+        (zone([[0, 0], [1, 1]]), ("zones", 0, "polygon"), "at least 3 items"),
+        (zone([[0, 0], [2, 0], [0, 1]]), ("zones", 0, "polygon", 1, 0), "less than or equal"),
+        (zone([[0, 0], [1, 1], [1, 0], [0, 0.5]]), ("zones", 0, "polygon"), "touch or cross"),
+        (zone([[0, 0], [0.5, 0.5], [1, 1]]), ("zones", 0, "polygon"), "encloses no area"),
+        (zone([[0, 0], [1, 0], [1, 0], [0, 1]]), ("zones", 0, "polygon"), "corner 2 repeats"),
+        ({"labels": []}, ("labels",), "at least 1 item"),
+        ({"tracking": {"iou_threshold": 0}}, ("tracking", "iou_threshold"), "greater than 0"),
+        ({"tracking": {"end_after_s": -1}}, ("tracking", "end_after_s"), "greater than 0"),
+        ({"min_interval_s": -0.5}, ("min_interval_s",), "greater than or equal to 0"),
+        ({"min_socre": 0.5}, ("min_socre",), "Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_settings_are_errors_naming_the_field(
+    fields: dict[str, Any], location: tuple[str | int, ...], message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        EventFilterSettings.model_validate(fields)
+
+    (error,) = caught.value.errors()
+    assert error["loc"] == location
+    assert message in error["msg"]
+
+
+def test_zone_names_must_be_unique() -> None:
+    square = [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)]
+
+    with pytest.raises(ValidationError, match="zone names must be unique: door repeated"):
+        EventFilterSettings(zones=[Zone(name="door", polygon=square)] * 2)
+
+
+# Properties
+
+_detections = st.builds(
+    lambda label, x, width, score: person(span(x / 10, x / 10 + width / 10), score, label),
+    st.sampled_from(["person", "car"]),
+    st.integers(0, 8),
+    st.integers(1, 3),
+    st.sampled_from([0.3, 0.6, 0.9]),
+)
+_frames = st.lists(
+    st.tuples(st.lists(_detections, max_size=5), st.sampled_from([0.0, 0.03, 0.3, 0.9, 2.0, -5.0])),
+    max_size=40,
+)
+_tracking = st.builds(
+    TrackingSettings,
+    iou_threshold=st.sampled_from([0.1, 0.3, 0.7]),
+    end_after_s=st.sampled_from([0.1, 1.0]),
+    update_interval_s=st.sampled_from([0.0, 0.5]),
+)
+
+
+@settings(deadline=None)
+@given(frames=_frames, tracking=_tracking)
+def test_every_track_has_one_start_then_at_most_one_end(
+    frames: list[tuple[list[Detection], float]], tracking: TrackingSettings
+) -> None:
+    event_filter = EventFilter(EventFilterSettings(tracking=tracking))
+    ts = 0.0
+    events: list[EventDraft] = []
+    for detections, step_s in frames:
+        ts += step_s
+        events += event_filter.process(detections, ts)
+    events += event_filter.flush(ts)
+
+    by_track: dict[int, list[str]] = {}
+    for event in events:
+        assert event.track_id is not None
+        assert event.lifecycle is not None
+        by_track.setdefault(event.track_id, []).append(event.lifecycle)
+    for history in by_track.values():
+        assert history[0] == "start"
+        assert history.count("start") == 1
+        assert history[-1] == "end"
+        assert history.count("end") == 1
