@@ -254,7 +254,9 @@ class MqttLink:
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if self._connected.is_set():
+        if self._stop.is_set():
+            log.info("disconnected from the broker")
+        elif self._connected.is_set():
             log.warning("disconnected from the broker: %s", reason)
         self._connected.clear()
 

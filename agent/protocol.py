@@ -188,12 +188,12 @@ class StreamHealth(BaseModel):
     events: int = Field(description="Events stored in the outbox.")
     events_lost: int = Field(description="Events that could not be stored (disk full, I/O error).")
     fps: float = Field(description="Processed frames per second over the last interval.")
-    latency_p50_ms: float | None = Field(description="Capture to result, median.")
-    latency_p99_ms: float | None = Field(description="Capture to result, 99th percentile.")
-    inference_p50_ms: float | None = Field(description="Invoke time, median.")
-    inference_p99_ms: float | None = Field(description="Invoke time, 99th percentile.")
+    latency_p50_ms: float | None = Field(None, description="Capture to result, median.")
+    latency_p99_ms: float | None = Field(None, description="Capture to result, 99th percentile.")
+    inference_p50_ms: float | None = Field(None, description="Invoke time, median.")
+    inference_p99_ms: float | None = Field(None, description="Invoke time, 99th percentile.")
     source_failures: int = Field(description="Source outages since start.")
-    last_error: str | None = Field(description="Most recent source or inference error.")
+    last_error: str | None = Field(None, description="Most recent source or inference error.")
 
 
 class OutboxHealth(BaseModel):
@@ -222,8 +222,10 @@ class SystemHealth(BaseModel):
 
     cpu_percent: float = Field(description="CPU use of the agent process, percent of one core.")
     rss_mb: float = Field(description="Resident memory of the agent, MiB.")
-    cpu_temperature_c: float | None = Field(description="CPU temperature, when exposed.")
-    throttled: dict[str, bool] | None = Field(description="vcgencmd get_throttled flags, on a Pi.")
+    cpu_temperature_c: float | None = Field(None, description="CPU temperature, when exposed.")
+    throttled: dict[str, bool] | None = Field(
+        None, description="vcgencmd get_throttled flags, on a Pi."
+    )
     load_1m: float = Field(description="1-minute load average.")
 
 

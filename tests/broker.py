@@ -381,6 +381,14 @@ class MqttProbe:
         self._wait_for(lambda: len(self._messages) >= count or None, f"{count} messages")
         return self.messages()
 
+    def wait_until(self, ready: Callable[[], _T | None], what: str, timeout_s: float) -> _T:
+        """Wait up to ``timeout_s`` until ``ready()`` returns something other than None/False."""
+        saved, self.timeout_s = self.timeout_s, timeout_s
+        try:
+            return self._wait_for(ready, what)
+        finally:
+            self.timeout_s = saved
+
     def messages(self, topic: str | None = None) -> list[Received]:
         """Messages received so far, in arrival order, optionally only those on ``topic``."""
         with self._changed:
