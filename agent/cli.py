@@ -47,16 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args.config)
 
 
+def _report(exc: ConfigError) -> int:
+    print(f"{exc.message}\n  what to do: {exc.hint}", file=sys.stderr)
+    return 2
+
+
 def _check(path: Path) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        print(exc.message, file=sys.stderr)
-        return 2
+        return _report(exc)
     problems = check_files(config)
     if problems:
-        print(str(ConfigError(str(path), problems).message), file=sys.stderr)
-        return 2
+        return _report(ConfigError(str(path), problems))
     print(f"{path}: ok ({len(config.streams)} stream(s), device {config.device_id})")
     return 0
 
@@ -65,8 +68,7 @@ def _run(path: Path) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        print(exc.message, file=sys.stderr)
-        return 2
+        return _report(exc)
     configure_logging(config.logging.level, journald=config.logging.journald)
     try:
         agent = Agent(config, config_path=path)
