@@ -52,8 +52,8 @@ class _OutboxSink:
         self._outbox = outbox
         self._publisher = publisher
 
-    def emit(self, stream: str, topic: str, payload: bytes) -> None:
-        self._outbox.put(stream, topic, payload)
+    def emit(self, stream: str, topic: str, payloads: list[bytes]) -> None:
+        self._outbox.put_many(stream, topic, payloads)
         self._publisher.wake()
 
 

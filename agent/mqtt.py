@@ -333,8 +333,12 @@ class OutboxPublisher:
             self._wake.clear()
             self._apply_acks()
             room = self.window - self._inflight
-            items = self.outbox.peek(room, after_seq=self._handed_seq) if room > 0 else []
-            if not items or not self.link.connected:
+            # Connection first: while it is down, every put wakes us and a peek would be waste.
+            if not self.link.connected or room <= 0:
+                self._wake.wait(0.05)
+                continue
+            items = self.outbox.peek(room, after_seq=self._handed_seq)
+            if not items:
                 self._wake.wait(0.05)
                 continue
             for item in items:

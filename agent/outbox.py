@@ -51,7 +51,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,24 +158,34 @@ class Outbox:
 
     def put(self, stream: str, topic: str, payload: bytes) -> int:
         """Store one event durably, dropping the oldest past the bound; returns its seq."""
+        return self.put_many(stream, topic, [payload])
+
+    def put_many(self, stream: str, topic: str, payloads: Sequence[bytes]) -> int:
+        """Store events of one stream in one transaction (one commit per frame, not per
+        event), in order, dropping the oldest past the bound; returns the last seq."""
+        if not payloads:
+            return self._last_seq
         created_ts = time.time()
+        rows = [(stream, topic, payload, created_ts) for payload in payloads]
 
         def insert(conn: sqlite3.Connection) -> tuple[int, int]:
             with _transaction(conn):
-                cursor = conn.execute(
-                    "INSERT INTO events (stream, topic, payload, created_ts) VALUES (?, ?, ?, ?)",
-                    (stream, topic, payload, created_ts),
-                )
-                seq = cursor.lastrowid
-                assert seq is not None
-                excess = self._depth + 1 - self._settings.max_events
+                seq = 0
+                for row in rows:  # executemany gives no lastrowid
+                    cursor = conn.execute(
+                        "INSERT INTO events (stream, topic, payload, created_ts) "
+                        "VALUES (?, ?, ?, ?)",
+                        row,
+                    )
+                    seq = cursor.lastrowid or seq
+                excess = self._depth + len(rows) - self._settings.max_events
                 dropped = _drop_oldest(conn, excess) if excess > 0 else 0
             return seq, dropped
 
         with self._lock:
-            seq, dropped = self._run("store an event", insert)
+            seq, dropped = self._run("store events", insert)
             self._last_seq = seq
-            self._depth += 1 - dropped
+            self._depth += len(rows) - dropped
             if dropped:
                 self._count_drops(dropped)
         return seq

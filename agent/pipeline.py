@@ -58,8 +58,8 @@ _FRAME_WAIT_S = 0.5
 class EventSink(Protocol):
     """Where a stream's serialized events go (the outbox, in the agent)."""
 
-    def emit(self, stream: str, topic: str, payload: bytes) -> None:
-        """Store one event durably."""
+    def emit(self, stream: str, topic: str, payloads: list[bytes]) -> None:
+        """Store one frame's events durably, in order."""
 
 
 @dataclass
@@ -160,8 +160,9 @@ class StreamRunner:
             if self._thread.is_alive():
                 log.error("stream %s: inference did not stop (hung interpreter?)", self.name)
                 return
-        for draft in self._filter.flush(time.time()):
-            self._emit(draft, inference_ts=time.time(), inference_ms=0.0)
+        drafts = self._filter.flush(time.time())
+        if drafts:
+            self._emit(drafts, inference_ts=time.time(), inference_ms=0.0)
         self.predictor.close()
 
     def health(self) -> StreamHealth:
@@ -205,8 +206,9 @@ class StreamRunner:
             done = time.time()
             self.latency.add((done - frame.capture_ts) * 1000.0)
             self.inference.add(prediction.latency_ms)
-            for draft in self._filter.process(prediction.results, frame.capture_ts):
-                self._emit(draft, inference_ts=done, inference_ms=prediction.latency_ms)
+            drafts = self._filter.process(prediction.results, frame.capture_ts)
+            if drafts:
+                self._emit(drafts, inference_ts=done, inference_ms=prediction.latency_ms)
             self._counters.processed += 1
             if self._on_result is not None:
                 self._on_result()
@@ -220,7 +222,21 @@ class StreamRunner:
             )
         c.last_error = exc.message
 
-    def _emit(self, draft: EventDraft, *, inference_ts: float, inference_ms: float) -> None:
+    def _emit(self, drafts: list[EventDraft], *, inference_ts: float, inference_ms: float) -> None:
+        payloads = [self._serialize(d, inference_ts, inference_ms) for d in drafts]
+        try:
+            self._sink.emit(self.name, self._topic, payloads)
+        except EdgefleetError as exc:  # disk full, I/O error: count it, keep the stream running
+            self._counters.lost += len(payloads)
+            if self._counters.last_error != exc.message:
+                log.error(
+                    "stream %s: events not stored: %s", self.name, exc, extra={"stream": self.name}
+                )
+            self._counters.last_error = exc.message
+            return
+        self._counters.events += len(payloads)
+
+    def _serialize(self, draft: EventDraft, inference_ts: float, inference_ms: float) -> bytes:
         self._seq += 1
         message = EventMessage(
             id=uuid.uuid4().hex,
@@ -242,19 +258,7 @@ class StreamRunner:
             last_seen_ts=draft.last_seen_ts,
             **_results_fields(draft.results),
         )
-        try:
-            self._sink.emit(
-                self.name, self._topic, message.model_dump_json(exclude_none=True).encode()
-            )
-        except EdgefleetError as exc:  # disk full, I/O error: count it, keep the stream running
-            self._counters.lost += 1
-            if self._counters.lost == 1 or self._counters.last_error != exc.message:
-                log.error(
-                    "stream %s: event not stored: %s", self.name, exc, extra={"stream": self.name}
-                )
-            self._counters.last_error = exc.message
-            return
-        self._counters.events += 1
+        return message.model_dump_json(exclude_none=True).encode()
 
 
 def _results_fields(results: tuple[Any, ...]) -> dict[str, Any]:

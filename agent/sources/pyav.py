@@ -43,7 +43,25 @@ _STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "rtmps")
 _MICROSECONDS = 1_000_000
 
 
-class FileSourceSettings(BaseSourceSettings):
+# swscale's methods for scaling to the model's input, cheapest first. The default costs
+# half of bicubic's CPU (0.4 against 1.5 ms for 640x480 -> 300x300 here), CPU the
+# interpreter needs on a small board; see docs/benchmarks.md.
+Scaling = Literal["point", "fast_bilinear", "bilinear", "area", "bicubic"]
+
+
+class _DecodedSourceSettings(BaseSourceSettings):
+    """What every FFmpeg-decoded source shares."""
+
+    decode_threads: int = Field(
+        1, ge=0, description="FFmpeg decoder threads; 0 lets FFmpeg choose (one per core)."
+    )
+    scaling: Scaling = Field(
+        "fast_bilinear",
+        description="swscale method when frames are scaled to the model's input size.",
+    )
+
+
+class FileSourceSettings(_DecodedSourceSettings):
     """A video file (anything FFmpeg reads: mp4, mkv, avi, ts, ...)."""
 
     type: Literal["file"] = Field("file", description="Source kind.")
@@ -54,12 +72,9 @@ class FileSourceSettings(BaseSourceSettings):
         description="Deliver frames at the video's own rate (from its timestamps), like a camera; "
         "false delivers them as fast as they are consumed, none skipped.",
     )
-    decode_threads: int = Field(
-        1, ge=0, description="FFmpeg decoder threads; 0 lets FFmpeg choose (one per core)."
-    )
 
 
-class StreamSourceSettings(BaseSourceSettings):
+class StreamSourceSettings(_DecodedSourceSettings):
     """A network stream: an IP camera over RTSP, or HTTP(S)/RTMP video."""
 
     type: Literal["stream"] = Field("stream", description="Source kind.")
@@ -78,9 +93,6 @@ class StreamSourceSettings(BaseSourceSettings):
         gt=0,
         description="Treat the stream as lost when no data arrived for this many seconds.",
     )
-    decode_threads: int = Field(
-        1, ge=0, description="FFmpeg decoder threads; 0 lets FFmpeg choose (one per core)."
-    )
     options: dict[str, str] = Field(
         default_factory=dict,
         description="Extra FFmpeg input options, e.g. {'fflags': 'nobuffer'}; they override "
@@ -96,7 +108,7 @@ class StreamSourceSettings(BaseSourceSettings):
         return url
 
 
-class V4l2SourceSettings(BaseSourceSettings):
+class V4l2SourceSettings(_DecodedSourceSettings):
     """A V4L2 camera (USB webcams, capture cards) through FFmpeg's v4l2 input."""
 
     type: Literal["v4l2"] = Field("v4l2", description="Source kind.")
@@ -115,9 +127,6 @@ class V4l2SourceSettings(BaseSourceSettings):
     )
     read_timeout_s: float = Field(
         5.0, gt=0, description="Treat the camera as lost when no frame came for this many seconds."
-    )
-    decode_threads: int = Field(
-        1, ge=0, description="FFmpeg decoder threads (mjpeg/h264 cameras); 0 lets FFmpeg choose."
     )
 
     @field_validator("width", "height")
@@ -150,9 +159,10 @@ def _reason(exc: Exception) -> str:
 class _AvSource(Source):
     """The demux/decode/convert loop shared by files, streams and cameras."""
 
-    def __init__(self, name: str, *, live: bool, decode_threads: int) -> None:
+    def __init__(self, name: str, *, live: bool, settings: _DecodedSourceSettings) -> None:
         super().__init__(name, live=live)
-        self._decode_threads = decode_threads
+        self._decode_threads = settings.decode_threads
+        self._interpolation = settings.scaling.upper()
         self._container: InputContainer | None = None
         self._packets: Iterator[av.Packet[VideoStream]] | None = None
         self._pending: deque[av.VideoFrame] = deque()
@@ -212,7 +222,9 @@ class _AvSource(Source):
 
     def _deliver(self, frame: av.VideoFrame) -> CapturedFrame:
         width, height = self._output_size or (frame.width, frame.height)
-        rgb = frame.reformat(width=width, height=height, format="rgb24")
+        rgb = frame.reformat(
+            width=width, height=height, format="rgb24", interpolation=self._interpolation
+        )
         pixels = cast(Frame, rgb.to_ndarray())  # rgb24 is always HxWx3 uint8
         captured = CapturedFrame(pixels=pixels, capture_ts=time.time(), index=self._index)
         self._index += 1
@@ -236,9 +248,7 @@ class FileSource(_AvSource):
     """A video file, paced at its own frame rate or read as fast as it is consumed."""
 
     def __init__(self, settings: FileSourceSettings) -> None:
-        super().__init__(
-            f"file:{settings.path}", live=settings.realtime, decode_threads=settings.decode_threads
-        )
+        super().__init__(f"file:{settings.path}", live=settings.realtime, settings=settings)
         self.settings = settings
         self._pacer = Pacer(self._pause)
         self._hint = f"check that {settings.path} exists, is readable and is a video file"
@@ -301,9 +311,7 @@ class StreamSource(_AvSource):
     """A network stream; its end, like any error, counts as a lost stream."""
 
     def __init__(self, settings: StreamSourceSettings) -> None:
-        super().__init__(
-            mask_credentials(settings.url), live=True, decode_threads=settings.decode_threads
-        )
+        super().__init__(mask_credentials(settings.url), live=True, settings=settings)
         self.settings = settings
         self._hint = (
             "check that the camera or server is up and reachable from this device and that the "
@@ -345,9 +353,7 @@ class V4l2Source(_AvSource):
     """A V4L2 camera; frames converted (and scaled) to RGB by swscale."""
 
     def __init__(self, settings: V4l2SourceSettings) -> None:
-        super().__init__(
-            f"v4l2:{settings.device}", live=True, decode_threads=settings.decode_threads
-        )
+        super().__init__(f"v4l2:{settings.device}", live=True, settings=settings)
         self.settings = settings
         self._hint = (
             f"check that the camera is plugged in, that {settings.device} exists and is not "

@@ -1,0 +1,160 @@
+"""The agent against a raw `Interpreter.invoke()` loop, in one run; its latency and memory.
+
+1. Throughput: `edgefleet-agent run` (a real process, real Mosquitto) on the kite
+   video decoded as fast as it goes (file source, realtime: false), SSD model,
+   2 threads. Inferences/s come from its health messages (steady state, start-up
+   excluded). Baseline: bare `invoke()` on the same model and threads, measured
+   before and after the agent in this run. Target: agent >= 0.95x raw.
+2. Capture-to-subscriber latency: the video at camera speed (30 fps); a QoS 1
+   subscriber on the same machine computes arrival - capture_ts per event.
+3. Peak RSS of the agent process (VmHWM), target <= 120 MB.
+
+    python benchmarks/bench_agent.py [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefleet.runtime import select_backend
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from broker import Mosquitto  # noqa: E402  (the tests' broker runner, generated config)
+
+ASSETS = Path(os.environ.get("EDGEFLEET_ASSETS", REPO.parent / "shared" / "assets"))
+MODEL = ASSETS / "models" / "ssd_mobilenet_v1_coco_quant_postprocess.tflite"
+LABELS = ASSETS / "models" / "ssd_mobilenet_v1_coco_labels.txt"
+VIDEO = ASSETS / "images" / "kite_pan_640x480_30fps.mp4"
+THREADS = 2
+
+
+def raw_invoke_rate(runs: int = 300) -> float:
+    """Inferences/s of bare invoke() calls."""
+    interpreter = select_backend().module.Interpreter(model_path=str(MODEL), num_threads=THREADS)
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    frame = np.random.default_rng(0).integers(0, 255, detail["shape"], dtype=np.uint8)
+    interpreter.set_tensor(detail["index"], frame)
+    for _ in range(20):
+        interpreter.invoke()
+    started = time.perf_counter()
+    for _ in range(runs):
+        interpreter.invoke()
+    return runs / (time.perf_counter() - started)
+
+
+class Subscriber:
+    """A QoS 1 subscriber recording arrival times of events and the health messages."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.latencies_ms: list[float] = []
+        self.healths: list[dict] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe("edgefleet/v1/bench/#", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        now = time.time()
+        payload = json.loads(message.payload)
+        if "/events/" in message.topic:
+            self.latencies_ms.append((now - payload["capture_ts"]) * 1000.0)
+        elif message.topic.endswith("/health"):
+            self.healths.append(payload)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def run_agent(workdir: Path, broker: Mosquitto, *, realtime: bool, seconds: float) -> tuple[Subscriber, float]:
+    """Run the agent for ``seconds``; returns the subscriber and the agent's peak RSS in MiB."""
+    import subprocess
+
+    config = {
+        "device_id": "bench",
+        "broker": {"host": broker.host, "port": broker.port},
+        "streams": [
+            {
+                "name": "kite",
+                "source": {"type": "file", "path": str(VIDEO), "loop": True, "realtime": realtime},
+                "model": {"path": str(MODEL), "labels": str(LABELS), "threads": THREADS},
+                "events": {"labels": ["person", "kite"]},
+            }
+        ],
+        "outbox": {"path": str(workdir / f"outbox-{realtime}.sqlite3")},
+        "health": {"interval_s": 2},
+        "logging": {"level": "WARNING"},
+    }
+    path = workdir / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subscriber = Subscriber(broker)
+    agent = subprocess.Popen(
+        [str(Path(sys.executable).with_name("edgefleet-agent")), "run", "--config", str(path)],
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(seconds)
+    with open(f"/proc/{agent.pid}/status") as status:
+        peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    agent.terminate()
+    agent.wait(30)
+    time.sleep(0.5)
+    subscriber.close()
+    return subscriber, peak_kib / 1024
+
+
+def steady_rate(healths: list[dict]) -> float:
+    """Processed frames/s between the second and the last health message."""
+    first, last = healths[1], healths[-1]
+    frames = last["streams"]["kite"]["processed"] - first["streams"]["kite"]["processed"]
+    return frames / (last["ts"] - first["ts"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    backend = select_backend()
+    print(f"machine   {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
+    print(f"python    {platform.python_version()}, backend {backend.label}, {THREADS} threads")
+    with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp) / "broker") as broker:
+        raw_before = raw_invoke_rate()
+        fast, rss_fast = run_agent(Path(tmp), broker, realtime=False, seconds=args.seconds)
+        raw_after = raw_invoke_rate()
+        live, rss_live = run_agent(Path(tmp), broker, realtime=True, seconds=args.seconds)
+
+    raw = statistics.mean([raw_before, raw_after])
+    agent_rate = steady_rate(fast.healths)
+    ratio = agent_rate / raw
+    latencies = np.asarray(live.latencies_ms)
+    p50, p99 = np.percentile(latencies, [50, 99])
+    peak = max(rss_fast, rss_live)
+    print(f"raw invoke        {raw:7.1f} inferences/s (before {raw_before:.1f}, after {raw_after:.1f})")
+    print(f"agent, file fast  {agent_rate:7.1f} inferences/s  ratio {ratio:.3f} (target >= 0.95)")
+    print(
+        f"latency capture -> subscriber, 30 fps: p50 {p50:.1f} ms  p99 {p99:.1f} ms "
+        f"({latencies.size} events)"
+    )
+    print(f"agent peak RSS    {peak:.1f} MiB (fast run {rss_fast:.1f}, live run {rss_live:.1f}; target <= 120)")
+    ok = ratio >= 0.95 and peak <= 120
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
