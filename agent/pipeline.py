@@ -5,15 +5,23 @@ Threads per stream:
 - ``capture-<stream>`` (``sources.capture.Capture``) reads frames into a
   ``FrameSlot``; a live source overwrites a frame inference has not taken yet
   (counted as skipped), so a slow model never builds a queue.
-- ``infer-<stream>`` (``StreamRunner._run``) takes the newest frame,
-  pre-processes it straight into the interpreter's input, invokes, filters
-  the results into events and writes them to the outbox. Capture of the next
-  frame overlaps with inference of this one.
+- ``infer-<stream>`` (``StreamRunner._infer``) takes the newest frame,
+  pre-processes it straight into the interpreter's input, invokes, and hands
+  the results on. Nothing else runs here: the interpreter is the bottleneck.
+- ``events-<stream>`` (``StreamRunner._events``) filters and tracks the
+  results, serializes the events and writes each frame's events to the outbox
+  in one transaction.
+
+Capture of frame n+1, inference of frame n and the events of frame n-1 overlap.
+The hand-over to the events thread is a bounded queue that blocks when full, so
+no result is ever dropped there; it is far faster than inference and stays
+nearly empty.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -53,6 +61,17 @@ from .sources.capture import Capture, FrameSlot
 log = logging.getLogger(__name__)
 
 _FRAME_WAIT_S = 0.5
+_RESULTS_QUEUE = 64
+
+
+@dataclass(frozen=True)
+class _Results:
+    """One frame's results on their way from inference to the events thread."""
+
+    results: list[Any]
+    capture_ts: float
+    inference_ts: float
+    inference_ms: float
 
 
 class EventSink(Protocol):
@@ -118,7 +137,9 @@ class StreamRunner:
         self._counters = _Counters()
         self._seq = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._results: queue.Queue[_Results | None] = queue.Queue(_RESULTS_QUEUE)
+        self._infer_thread: threading.Thread | None = None
+        self._events_thread: threading.Thread | None = None
         self._fps_mark = (time.monotonic(), 0)
 
     def _load_model(self) -> Predictor:
@@ -139,9 +160,15 @@ class StreamRunner:
     def start(self) -> None:
         """Start capture and inference."""
         self._stop.clear()
+        self._events_thread = threading.Thread(
+            target=self._events, name=f"events-{self.name}", daemon=True
+        )
+        self._events_thread.start()
         self.capture.start()
-        self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
-        self._thread.start()
+        self._infer_thread = threading.Thread(
+            target=self._infer, name=f"infer-{self.name}", daemon=True
+        )
+        self._infer_thread.start()
         log.info(
             "stream %s: %s on %s (%s)",
             self.name,
@@ -155,11 +182,14 @@ class StreamRunner:
         """Stop capture and inference, close open tracks (their end events), release the model."""
         self._stop.set()
         self.capture.stop(timeout_s)
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
+        if self._infer_thread is not None:
+            self._infer_thread.join(timeout_s)
+            if self._infer_thread.is_alive():
                 log.error("stream %s: inference did not stop (hung interpreter?)", self.name)
                 return
+        if self._events_thread is not None:
+            self._results.put(None, timeout=timeout_s)  # queued after every result
+            self._events_thread.join(timeout_s)
         drafts = self._filter.flush(time.time())
         if drafts:
             self._emit(drafts, inference_ts=time.time(), inference_ms=0.0)
@@ -193,7 +223,7 @@ class StreamRunner:
 
     # -- the infer-<stream> thread ---------------------------------------------
 
-    def _run(self) -> None:
+    def _infer(self) -> None:
         while not self._stop.is_set():
             frame = self._slot.get(_FRAME_WAIT_S)
             if frame is None:
@@ -206,12 +236,30 @@ class StreamRunner:
             done = time.time()
             self.latency.add((done - frame.capture_ts) * 1000.0)
             self.inference.add(prediction.latency_ms)
-            drafts = self._filter.process(prediction.results, frame.capture_ts)
-            if drafts:
-                self._emit(drafts, inference_ts=done, inference_ms=prediction.latency_ms)
+            handed = _Results(prediction.results, frame.capture_ts, done, prediction.latency_ms)
+            while not self._stop.is_set():
+                try:
+                    self._results.put(handed, timeout=_FRAME_WAIT_S)
+                    break
+                except queue.Full:
+                    continue
             self._counters.processed += 1
             if self._on_result is not None:
                 self._on_result()
+
+    # -- the events-<stream> thread -----------------------------------------------
+
+    def _events(self) -> None:
+        while True:
+            try:
+                item = self._results.get(timeout=_FRAME_WAIT_S)
+            except queue.Empty:
+                continue  # stop() ends this thread with a None after the last result
+            if item is None:
+                return
+            drafts = self._filter.process(item.results, item.capture_ts)
+            if drafts:
+                self._emit(drafts, inference_ts=item.inference_ts, inference_ms=item.inference_ms)
 
     def _failed(self, exc: EdgefleetError) -> None:
         c = self._counters

@@ -2,9 +2,12 @@
 
 1. Throughput: `edgefleet-agent run` (a real process, real Mosquitto) on the kite
    video decoded as fast as it goes (file source, realtime: false), SSD model,
-   2 threads. Inferences/s come from its health messages (steady state, start-up
-   excluded). Baseline: bare `invoke()` on the same model and threads, measured
-   before and after the agent in this run. Target: agent >= 0.95x raw.
+   with 1 and with 2 interpreter threads. Inferences/s come from its health
+   messages (steady state, start-up excluded). Baseline: bare `invoke()` on the
+   same model and thread count, measured before and after the agent in this run.
+   Target: agent >= 0.95x raw with the interpreter on one core fewer than the
+   machine has (the agent also decodes video and talks MQTT); the figure with
+   every core given to the interpreter is printed next to it.
 2. Capture-to-subscriber latency: the video at camera speed (30 fps); a QoS 1
    subscriber on the same machine computes arrival - capture_ts per event.
 3. Peak RSS of the agent process (VmHWM), target <= 120 MB.
@@ -39,12 +42,11 @@ ASSETS = Path(os.environ.get("EDGEFLEET_ASSETS", REPO.parent / "shared" / "asset
 MODEL = ASSETS / "models" / "ssd_mobilenet_v1_coco_quant_postprocess.tflite"
 LABELS = ASSETS / "models" / "ssd_mobilenet_v1_coco_labels.txt"
 VIDEO = ASSETS / "images" / "kite_pan_640x480_30fps.mp4"
-THREADS = 2
 
 
-def raw_invoke_rate(runs: int = 300) -> float:
+def raw_invoke_rate(threads: int, runs: int = 300) -> float:
     """Inferences/s of bare invoke() calls."""
-    interpreter = select_backend().module.Interpreter(model_path=str(MODEL), num_threads=THREADS)
+    interpreter = select_backend().module.Interpreter(model_path=str(MODEL), num_threads=threads)
     interpreter.allocate_tensors()
     detail = interpreter.get_input_details()[0]
     frame = np.random.default_rng(0).integers(0, 255, detail["shape"], dtype=np.uint8)
@@ -60,13 +62,13 @@ def raw_invoke_rate(runs: int = 300) -> float:
 class Subscriber:
     """A QoS 1 subscriber recording arrival times of events and the health messages."""
 
-    def __init__(self, broker: Mosquitto) -> None:
+    def __init__(self, broker: Mosquitto, topic: str) -> None:
         self.latencies_ms: list[float] = []
         self.healths: list[dict] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
-        self.client.subscribe("edgefleet/v1/bench/#", qos=1)
+        self.client.subscribe(topic, qos=1)
         self.client.loop_start()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
@@ -82,7 +84,9 @@ class Subscriber:
         self.client.loop_stop()
 
 
-def run_agent(workdir: Path, broker: Mosquitto, *, realtime: bool, seconds: float) -> tuple[Subscriber, float]:
+def run_agent(
+    workdir: Path, broker: Mosquitto, *, realtime: bool, threads: int, seconds: float
+) -> tuple[Subscriber, float]:
     """Run the agent for ``seconds``; returns the subscriber and the agent's peak RSS in MiB."""
     import subprocess
 
@@ -93,17 +97,21 @@ def run_agent(workdir: Path, broker: Mosquitto, *, realtime: bool, seconds: floa
             {
                 "name": "kite",
                 "source": {"type": "file", "path": str(VIDEO), "loop": True, "realtime": realtime},
-                "model": {"path": str(MODEL), "labels": str(LABELS), "threads": THREADS},
+                "model": {"path": str(MODEL), "labels": str(LABELS), "threads": threads},
                 "events": {"labels": ["person", "kite"]},
             }
         ],
-        "outbox": {"path": str(workdir / f"outbox-{realtime}.sqlite3")},
+        "outbox": {"path": str(workdir / f"outbox-{realtime}-{threads}.sqlite3")},
         "health": {"interval_s": 2},
         "logging": {"level": "WARNING"},
     }
     path = workdir / "agent.yaml"
     path.write_text(yaml.safe_dump(config))
-    subscriber = Subscriber(broker)
+    # Throughput runs listen to health only: a subscriber decoding every event would take
+    # CPU from the agent that the raw loop never has to share.
+    subscriber = Subscriber(
+        broker, "edgefleet/v1/bench/#" if realtime else "edgefleet/v1/bench/health"
+    )
     agent = subprocess.Popen(
         [str(Path(sys.executable).with_name("edgefleet-agent")), "run", "--config", str(path)],
         stderr=subprocess.DEVNULL,
@@ -130,29 +138,44 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
     backend = select_backend()
-    print(f"machine   {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
-    print(f"python    {platform.python_version()}, backend {backend.label}, {THREADS} threads")
+    cores = os.cpu_count() or 1
+    spare = max(1, cores - 1)
+    print(f"machine   {platform.machine()}, {cores} CPUs, {platform.platform()}")
+    print(f"python    {platform.python_version()}, backend {backend.label}")
+    ratios: dict[int, float] = {}
+    peaks: list[float] = []
     with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp) / "broker") as broker:
-        raw_before = raw_invoke_rate()
-        fast, rss_fast = run_agent(Path(tmp), broker, realtime=False, seconds=args.seconds)
-        raw_after = raw_invoke_rate()
-        live, rss_live = run_agent(Path(tmp), broker, realtime=True, seconds=args.seconds)
-
-    raw = statistics.mean([raw_before, raw_after])
-    agent_rate = steady_rate(fast.healths)
-    ratio = agent_rate / raw
+        for threads in sorted({spare, cores}):
+            raw_before = raw_invoke_rate(threads)
+            fast, peak = run_agent(
+                Path(tmp), broker, realtime=False, threads=threads, seconds=args.seconds
+            )
+            raw_after = raw_invoke_rate(threads)
+            raw = statistics.mean([raw_before, raw_after])
+            agent_rate = steady_rate(fast.healths)
+            ratios[threads] = agent_rate / raw
+            peaks.append(peak)
+            print(
+                f"{threads} thread(s)  raw invoke {raw:6.1f}/s (before {raw_before:.1f}, after "
+                f"{raw_after:.1f})  agent {agent_rate:6.1f}/s  ratio {ratios[threads]:.3f}  "
+                f"peak RSS {peak:.1f} MiB"
+            )
+        live, peak = run_agent(
+            Path(tmp), broker, realtime=True, threads=spare, seconds=args.seconds
+        )
+        peaks.append(peak)
     latencies = np.asarray(live.latencies_ms)
     p50, p99 = np.percentile(latencies, [50, 99])
-    peak = max(rss_fast, rss_live)
-    print(f"raw invoke        {raw:7.1f} inferences/s (before {raw_before:.1f}, after {raw_after:.1f})")
-    print(f"agent, file fast  {agent_rate:7.1f} inferences/s  ratio {ratio:.3f} (target >= 0.95)")
     print(
-        f"latency capture -> subscriber, 30 fps: p50 {p50:.1f} ms  p99 {p99:.1f} ms "
-        f"({latencies.size} events)"
+        f"latency capture -> subscriber, 30 fps, {spare} thread(s): p50 {p50:.1f} ms  "
+        f"p99 {p99:.1f} ms ({latencies.size} events)"
     )
-    print(f"agent peak RSS    {peak:.1f} MiB (fast run {rss_fast:.1f}, live run {rss_live:.1f}; target <= 120)")
-    ok = ratio >= 0.95 and peak <= 120
-    print("PASS" if ok else "FAIL")
+    print(f"agent peak RSS {max(peaks):.1f} MiB (target <= 120)")
+    ok = ratios[spare] >= 0.95 and max(peaks) <= 120
+    print(
+        f"{'PASS' if ok else 'FAIL'}: ratio with {spare} thread(s) {ratios[spare]:.3f} "
+        "(target >= 0.95)"
+    )
     return 0 if ok else 1
 
 
