@@ -15,6 +15,8 @@ from edgefleet.runtime import EdgefleetError
 from edgefleet.runtime.cli import register as register_model_commands
 from edgefleet.runtime.cli import report_error
 
+from . import broker, watch
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``edgefleet`` argument parser."""
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_model_commands(commands)
+    broker.register(commands)
+    watch.register(commands)
     return parser
 
 

@@ -1,23 +1,64 @@
 #!/usr/bin/env bash
-# The main job, end to end, until the agent exists: inspect and run the real models
-# on real images, then benchmark. Models and images come from $EDGEFLEET_ASSETS
+# The main job, end to end: set up, then (1) the model tools on real models and images,
+# (2) the device agent on the kite video with the SSD detector, publishing to a local
+# Mosquitto started from the generated config, watched with `edgefleet watch`, stopped
+# with SIGTERM as systemd does. Models, images and the video come from $EDGEFLEET_ASSETS
 # (default ../shared/assets beside the checkout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh run
-assets=${EDGEFLEET_ASSETS:-../shared/assets}
-if [ ! -d "$assets/models" ]; then
-  echo "demo.sh: no models at $assets; set EDGEFLEET_ASSETS to the shared assets folder" >&2
+assets=$(cd "${EDGEFLEET_ASSETS:-../shared/assets}" 2>/dev/null && pwd) || {
+  echo "demo.sh: no assets at ${EDGEFLEET_ASSETS:-../shared/assets}; set EDGEFLEET_ASSETS" >&2
   exit 1
-fi
+}
 m=$assets/models i=$assets/images
-ef() { echo "+ edgefleet $*" >&2; .venv/bin/edgefleet "$@"; }
+bin=$PWD/.venv/bin
+say() { printf '\n== %s\n' "$*" >&2; }
+ef() { echo "+ edgefleet $*" >&2; "$bin/edgefleet" "$@"; }
 
-ef model inspect "$m/ssd_mobilenet_v1_coco_quant_postprocess.tflite"
-ef model run "$m/ssd_mobilenet_v1_coco_quant_postprocess.tflite" \
-  "$i/grace_hopper.bmp" "$i/cat.bmp" "$i/kite_and_cold.jpg" \
+say "1. the model tools"
+ef model run "$m/ssd_mobilenet_v1_coco_quant_postprocess.tflite" "$i/grace_hopper.bmp" "$i/cat.bmp" \
   --labels "$m/ssd_mobilenet_v1_coco_labels.txt"
 ef model run "$m/mobilenet_v2_1.0_224_quant.tflite" "$i/parrot.jpg" --labels "$m/imagenet_labels.txt" --top-k 3
-ef model run "$m/movenet_single_pose_lightning_ptq.tflite" "$i/grace_hopper.bmp"
 ef model inspect "$m/mobilenet_v1_0.25_128_quant_edgetpu.tflite"
-ef model bench "$m/mobilenet_v2_1.0_224_quant.tflite" --threads 2
+ef model bench "$m/ssd_mobilenet_v1_coco_quant_postprocess.tflite" --threads 2 --runs 50
+
+say "2. the agent: kite video -> SSD -> events over MQTT"
+work=$(mktemp -d)
+port=$("$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+ef broker config --port "$port" --allow-anonymous > "$work/mosquitto.conf"
+"$mosquitto" -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
+broker_pid=$!
+agent_pid=
+cleanup() {
+  [ -z "$agent_pid" ] || kill "$agent_pid" 2>/dev/null || true
+  kill "$broker_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+cat > "$work/agent.yaml" <<YAML
+device_id: demo-pi
+broker: {host: 127.0.0.1, port: $port}
+streams:
+  - name: yard
+    source: {type: file, path: $i/kite_pan_640x480_30fps.mp4, loop: true, realtime: true}
+    model:
+      path: $m/ssd_mobilenet_v1_coco_quant_postprocess.tflite
+      labels: $m/ssd_mobilenet_v1_coco_labels.txt
+      threads: 2
+    events:
+      labels: [person, kite]
+      min_score: 0.6
+outbox: {path: $work/outbox.sqlite3}
+health: {interval_s: 3}
+YAML
+"$bin/edgefleet-agent" check-config "$work/agent.yaml"
+"$bin/edgefleet-agent" run --config "$work/agent.yaml" 2> "$work/agent.log" &
+agent_pid=$!
+ef watch --port "$port" --seconds 10
+kill -TERM "$agent_pid"
+wait "$agent_pid" && echo "agent stopped cleanly (SIGTERM, exit 0)" >&2
+agent_pid=
+say "agent log"
+grep -v '^INFO: Created TensorFlow Lite' "$work/agent.log" >&2 || true
