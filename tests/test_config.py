@@ -131,7 +131,7 @@ def test_environment_overrides_nested_fields(assets: Assets, tmp_path: Path) -> 
 
 
 def test_bad_environment_override_names_the_variable(assets: Assets, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="broker.port"):
+    with pytest.raises(ConfigError, match=r"broker\.port"):
         load_config(write(tmp_path, valid(assets)), environ={"EDGEFLEET_BROKER__PORT": "many"})
     with pytest.raises(ConfigError, match="environment EDGEFLEET_STREAMS__5__NAME"):
         load_config(write(tmp_path, valid(assets)), environ={"EDGEFLEET_STREAMS__5__NAME": "x"})
