@@ -20,6 +20,7 @@ from typing import Literal
 
 from edgefleet.runtime import EdgefleetError, TaskName, select_backend
 
+from . import prometheus
 from .config import AgentConfig, StreamSettings, load_config
 from .metrics import SystemMetrics
 from .mqtt import MqttLink, OutboxPublisher
@@ -114,6 +115,13 @@ class Agent:
             steps.callback(self._health_thread.join, _THREAD_JOIN_S)
             self.watchdog.start()
             steps.callback(self.watchdog.stop)
+            if self.config.health.prometheus_port is not None:
+                stop_serving = prometheus.serve(
+                    self.health,
+                    port=self.config.health.prometheus_port,
+                    bind=self.config.health.prometheus_bind,
+                )
+                steps.callback(stop_serving)
             if not self.streams:
                 self.notifier.ready("no stream could start; see the log")
             self._running = steps.pop_all()

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -338,4 +339,32 @@ def test_sighup_reloads_stream_settings_without_reconnecting(
         )
         assert healths(probe)[-1].mqtt.reconnects == 0
         assert not any(s.state == "offline" for s in statuses(probe))
+    probe.disconnect()
+
+
+def test_prometheus_endpoint_serves_the_health_figures(
+    assets: Assets, broker: Mosquitto, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = agent_config(assets, broker.port, tmp_path)
+    config["health"]["prometheus_port"] = port
+    probe = subscriber(broker)
+    with AgentProcess(tmp_path / "agent", config):
+        probe.wait_until(lambda: len(events(probe)) >= 3, "events", 60)
+
+        def scrape() -> str | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    return str(r.read().decode())
+            except OSError:
+                return None
+
+        metrics = wait_until(scrape, "a /metrics page", 30)
+    processed = re.search(
+        r'^edgefleet_stream_processed_total\{stream="kite"\} (\S+)$', metrics, re.M
+    )
+    assert processed is not None, metrics
+    assert float(processed.group(1)) > 0
+    assert "edgefleet_outbox_depth " in metrics
+    assert "edgefleet_mqtt_connected 1.0" in metrics
     probe.disconnect()
