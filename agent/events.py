@@ -128,6 +128,13 @@ class TrackingSettings(BaseModel):
         description="While a track lives, at most one 'update' event per this many seconds "
         "(0 = no updates, only start and end).",
     )
+    min_hits: int = Field(
+        3,
+        ge=1,
+        description="A track starts (its 'start' event) once seen in this many frames; an "
+        "object that flickers in and out for fewer frames makes no event at all (1 = start "
+        "on the first sighting).",
+    )
 
 
 class EventFilterSettings(BaseModel):
@@ -204,6 +211,8 @@ class _Track:
     first_seen_ts: float
     last_seen_ts: float
     last_event_ts: float
+    hits: int = 1
+    confirmed: bool = False
 
 
 @dataclass(frozen=True)
@@ -253,7 +262,7 @@ class EventFilter:
 
     def flush(self, now_ts: float) -> list[EventDraft]:
         """End every open track (orderly shutdown, model swap); one ``end`` event each."""
-        events = [self._track_event(track, "end", now_ts) for track in self._tracks]
+        events = [self._track_event(t, "end", now_ts) for t in self._tracks if t.confirmed]
         self._tracks.clear()
         return events
 
@@ -293,12 +302,15 @@ class EventFilter:
         update_interval_s = self._settings.tracking.update_interval_s
         for track, seen in matched:
             track.detection, track.zones, track.last_seen_ts = seen.detection, seen.zones, ts
-            if update_interval_s > 0 and ts - track.last_event_ts >= update_interval_s:
+            track.hits += 1
+            if not track.confirmed:
+                events.extend(self._confirm_if_seen_enough(track, ts))
+            elif update_interval_s > 0 and ts - track.last_event_ts >= update_interval_s:
                 track.last_event_ts = ts
                 events.append(self._track_event(track, "update", ts))
         for seen in unmatched:
             track = _Track(
-                track_id=next(self._track_ids),
+                track_id=0,  # numbered when confirmed, so ids have no gaps
                 label=seen.detection.label,
                 detection=seen.detection,
                 zones=seen.zones,
@@ -307,9 +319,17 @@ class EventFilter:
                 last_event_ts=ts,
             )
             self._tracks.append(track)
-            log.debug("track %d (%s) started", track.track_id, track.label)
-            events.append(self._track_event(track, "start", ts))
+            events.extend(self._confirm_if_seen_enough(track, ts))
         return events
+
+    def _confirm_if_seen_enough(self, track: _Track, ts: float) -> list[EventDraft]:
+        if track.hits < self._settings.tracking.min_hits:
+            return []
+        track.confirmed = True
+        track.track_id = next(self._track_ids)
+        track.last_event_ts = ts
+        log.debug("track %d (%s) started", track.track_id, track.label)
+        return [self._track_event(track, "start", ts)]
 
     def _end_unseen_tracks(self, ts: float) -> list[EventDraft]:
         end_after_s = self._settings.tracking.end_after_s
@@ -317,7 +337,8 @@ class EventFilter:
         if not ended:
             return []
         self._tracks = [t for t in self._tracks if ts - t.last_seen_ts < end_after_s]
-        return [self._track_event(track, "end", ts) for track in ended]
+        # A track never confirmed was a flicker: it ends as silently as it began.
+        return [self._track_event(track, "end", ts) for track in ended if track.confirmed]
 
     def _match(
         self, passing: list[_Passing]

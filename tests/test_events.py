@@ -22,6 +22,8 @@ from edgefleet.runtime.tasks import KEYPOINT_NAMES, Result
 
 FPS = 30.0
 UNTRACKED = TrackingSettings(enabled=False)
+# Start on the first sighting, so each test sees its track at once (min_hits has its own tests).
+IMMEDIATE = TrackingSettings(min_hits=1)
 # A person-shaped box in the middle of the frame, for tests where its place is beside the point.
 STANDING_BOX = (0.2, 0.4, 0.8, 0.6)
 
@@ -167,7 +169,7 @@ def test_zones_sharing_an_edge_both_contain_it_and_at_the_frame_border() -> None
 
 
 def test_still_object_for_30s_at_30fps_is_start_two_updates_and_end() -> None:
-    event_filter = EventFilter(EventFilterSettings())  # updates every 10 s, ends after 1 s
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))  # updates 10 s, end 1 s
     frames = [([person()], i / FPS) for i in range(int(30 * FPS))]
 
     events = run(event_filter, frames) + event_filter.process([], 30.0 + 1.0)
@@ -175,8 +177,38 @@ def test_still_object_for_30s_at_30fps_is_start_two_updates_and_end() -> None:
     assert lifecycles(events) == [(1, "start"), (1, "update"), (1, "update"), (1, "end")]
 
 
+def test_track_starts_only_after_min_hits_sightings() -> None:
+    event_filter = EventFilter(EventFilterSettings())  # min_hits 3 by default
+    frames = [([person()], i / FPS) for i in range(3)]
+
+    events = run(event_filter, frames)
+
+    assert lifecycles(events) == [(1, "start")]
+    assert events[0].capture_ts == 2 / FPS
+    assert events[0].first_seen_ts == 0.0
+
+
+def test_flicker_shorter_than_min_hits_makes_no_event_at_all() -> None:
+    event_filter = EventFilter(EventFilterSettings())
+    flicker = [([person()], 0.0), ([person()], 1 / FPS), ([], 2 / FPS)]
+
+    events = run(event_filter, flicker) + event_filter.process([], 5.0) + event_filter.flush(6.0)
+
+    assert events == []
+
+
+def test_track_ids_count_only_confirmed_tracks() -> None:
+    event_filter = EventFilter(EventFilterSettings())
+    flicker = [([standing_at(0.2, 0.9)], 0.0)]
+    steady = [([standing_at(0.7, 0.9)], (i + 1) / FPS) for i in range(3)]
+
+    events = run(event_filter, flicker + steady)
+
+    assert lifecycles(events) == [(1, "start")]
+
+
 def test_update_interval_zero_gives_only_start_and_end() -> None:
-    tracking = TrackingSettings(update_interval_s=0.0)
+    tracking = TrackingSettings(update_interval_s=0.0, min_hits=1)
     event_filter = EventFilter(EventFilterSettings(tracking=tracking))
     frames = [([person()], i / FPS) for i in range(int(30 * FPS))]
 
@@ -186,7 +218,7 @@ def test_update_interval_zero_gives_only_start_and_end() -> None:
 
 
 def test_moving_object_keeps_its_track() -> None:
-    event_filter = EventFilter(EventFilterSettings())
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))
     frames = [([person(span(0.01 * i, 0.01 * i + 0.3))], i / FPS) for i in range(60)]
 
     events = run(event_filter, frames)
@@ -195,7 +227,7 @@ def test_moving_object_keeps_its_track() -> None:
 
 
 def test_two_objects_of_the_same_label_get_separate_tracks() -> None:
-    event_filter = EventFilter(EventFilterSettings())
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))
     frames = [([person(span(0.0, 0.3)), person(span(0.6, 0.9))], i / FPS) for i in range(30)]
 
     events = run(event_filter, frames) + event_filter.flush(1.0)
@@ -204,7 +236,7 @@ def test_two_objects_of_the_same_label_get_separate_tracks() -> None:
 
 
 def test_overlapping_object_of_another_label_opens_its_own_track() -> None:
-    event_filter = EventFilter(EventFilterSettings())
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))
 
     events = run(event_filter, [([person()], 0.0), ([person(label="dog")], 0.1)])
 
@@ -217,7 +249,7 @@ def test_overlapping_object_of_another_label_opens_its_own_track() -> None:
 def test_matching_takes_the_highest_overlap_first() -> None:
     # Frame 2's first box overlaps track 1 (IoU 0.33) and track 2 (0.6); its second box overlaps
     # only track 1 (0.78). Taking pairs in detection order would strand the second box.
-    event_filter = EventFilter(EventFilterSettings())
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))
     first, second = person(span(0.2, 0.6)), person(span(0.05, 0.45))
     frames = [([person(span(0.0, 0.4)), person(span(0.3, 0.7))], 0.0), ([first, second], 0.1)]
 
@@ -229,7 +261,7 @@ def test_matching_takes_the_highest_overlap_first() -> None:
 
 
 def test_object_back_within_end_after_s_keeps_its_track() -> None:
-    event_filter = EventFilter(EventFilterSettings())  # ends after 1 s
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))  # ends after 1 s
 
     events = run(event_filter, [([person()], 0.0), ([], 0.5), ([person()], 0.9)])
 
@@ -237,7 +269,7 @@ def test_object_back_within_end_after_s_keeps_its_track() -> None:
 
 
 def test_object_back_after_end_after_s_is_a_new_track() -> None:
-    event_filter = EventFilter(EventFilterSettings())  # ends after 1 s
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))  # ends after 1 s
 
     events = run(event_filter, [([person()], 0.0), ([person()], 1.5)])
 
@@ -245,7 +277,7 @@ def test_object_back_after_end_after_s_is_a_new_track() -> None:
 
 
 def test_end_event_carries_the_last_detection_and_when_it_was_seen() -> None:
-    event_filter = EventFilter(EventFilterSettings())
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))
     last = person(span(0.05, 0.35), score=0.7)
     run(event_filter, [([person(span(0.0, 0.3))], 10.0), ([last], 10.5)])
 
@@ -257,7 +289,7 @@ def test_end_event_carries_the_last_detection_and_when_it_was_seen() -> None:
 
 def test_object_leaving_every_zone_ends_its_track() -> None:
     door = Zone(name="door", polygon=[(0.0, 0.0), (0.5, 0.0), (0.5, 1.0), (0.0, 1.0)])
-    event_filter = EventFilter(EventFilterSettings(zones=[door]))
+    event_filter = EventFilter(EventFilterSettings(zones=[door], tracking=IMMEDIATE))
     inside, outside = standing_at(0.45, 0.9), standing_at(0.55, 0.9)
 
     events = run(event_filter, [([inside], 0.0), ([outside], 0.5), ([outside], 1.0)])
@@ -269,7 +301,7 @@ def test_object_leaving_every_zone_ends_its_track() -> None:
 
 
 def test_flush_ends_every_open_track() -> None:
-    event_filter = EventFilter(EventFilterSettings())
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))
     event_filter.process([person(span(0.0, 0.3)), person(span(0.6, 0.9), label="car")], 0.0)
 
     ends = event_filter.flush(0.1)
@@ -283,7 +315,7 @@ def test_flush_ends_every_open_track() -> None:
 
 
 def test_capture_time_going_back_ends_open_tracks() -> None:
-    event_filter = EventFilter(EventFilterSettings())
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))
 
     events = run(event_filter, [([person()], 100.0), ([person()], 5.0)])
 
@@ -431,6 +463,7 @@ _tracking = st.builds(
     iou_threshold=st.sampled_from([0.1, 0.3, 0.7]),
     end_after_s=st.sampled_from([0.1, 1.0]),
     update_interval_s=st.sampled_from([0.0, 0.5]),
+    min_hits=st.sampled_from([1, 3]),
 )
 
 
