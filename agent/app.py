@@ -21,7 +21,7 @@ from typing import Literal
 from edgefleet.runtime import EdgefleetError, TaskName, select_backend
 
 from . import prometheus
-from .config import AgentConfig, StreamSettings, load_config
+from .config import DELEGATE_TYPES, SOURCE_TYPES, AgentConfig, StreamSettings, load_config
 from .metrics import SystemMetrics
 from .mqtt import MqttLink, OutboxPublisher
 from .outbox import Outbox
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 AGENT_VERSION = metadata.version("edgefleet")
 _OFFLINE_ACK_TIMEOUT_S = 2.0
 _THREAD_JOIN_S = 5.0
-_SOURCE_TYPES = ["file", "stream", "v4l2", "images", "synthetic", "picamera2"]
-_DELEGATE_TYPES = ["cpu", "edgetpu", "gpu", "external"]
 
 
 class _OutboxSink:
@@ -250,8 +248,8 @@ class Agent:
         return Capabilities(
             backends=[select_backend().label],
             tasks=[t.value for t in TaskName],
-            sources=_SOURCE_TYPES,
-            delegates=_DELEGATE_TYPES,
+            sources=SOURCE_TYPES,
+            delegates=DELEGATE_TYPES,
         )
 
     def _publish_birth(self) -> None:  # mqtt thread (on connect) or main thread (reload)

@@ -251,7 +251,9 @@ def _union_tags(*unions: Any) -> frozenset[str]:
     return frozenset(tags)
 
 
-_TAGS = _union_tags(SourceSettings, DelegateSettings)
+SOURCE_TYPES = sorted(_union_tags(SourceSettings))
+DELEGATE_TYPES = sorted(_union_tags(DelegateSettings))
+_TAGS = frozenset(SOURCE_TYPES + DELEGATE_TYPES)
 
 
 def _describe(error: Any) -> str:

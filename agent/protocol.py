@@ -56,16 +56,18 @@ class Topics:
         return f"{self.base}/events/{stream}"
 
 
-class _Message(BaseModel):
+class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class _Message(_Frozen):
     schema_version: int = Field(SCHEMA_VERSION, description="Version of this payload's schema.")
 
 
-class ModelRef(BaseModel):
+class ModelRef(_Frozen):
     """Which model produced something, and how it runs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=())
 
     id: str = Field(description="Model identifier (from the config or the manifest).")
     version: str = Field(description="Model version.")
@@ -75,10 +77,8 @@ class ModelRef(BaseModel):
     delegate: str = Field(description="Delegate in use, e.g. 'cpu' or 'edgetpu (usb:0)'.")
 
 
-class DetectionOut(BaseModel):
+class DetectionOut(_Frozen):
     """One detected object; box is (ymin, xmin, ymax, xmax) normalised to the frame."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     class_id: int = Field(description="Class index from the model.")
     label: str = Field(description="Class label.")
@@ -86,20 +86,16 @@ class DetectionOut(BaseModel):
     box: tuple[float, float, float, float] = Field(description="ymin, xmin, ymax, xmax in 0..1.")
 
 
-class ClassOut(BaseModel):
+class ClassOut(_Frozen):
     """One class of a classifier's top-k."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     index: int = Field(description="Class index.")
     label: str = Field(description="Class label.")
     score: float = Field(description="Score, 0 to 1.")
 
 
-class KeypointOut(BaseModel):
+class KeypointOut(_Frozen):
     """One body keypoint, normalised to the frame."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="Keypoint name (COCO order).")
     x: float = Field(description="Horizontal position, 0..1.")
@@ -107,10 +103,8 @@ class KeypointOut(BaseModel):
     score: float = Field(description="Confidence, 0 to 1.")
 
 
-class TensorOut(BaseModel):
+class TensorOut(_Frozen):
     """One raw output tensor, dequantized."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="Tensor name.")
     shape: tuple[int, ...] = Field(description="Tensor shape.")
@@ -151,10 +145,8 @@ class EventMessage(_Message):
     tensors: list[TensorOut] | None = Field(None, description="Raw output tensors.")
 
 
-class Capabilities(BaseModel):
+class Capabilities(_Frozen):
     """What a device can do, announced in its birth message."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     backends: list[str] = Field(description="Interpreter backends installed, with versions.")
     tasks: list[str] = Field(description="Tasks the runtime understands.")
@@ -175,10 +167,8 @@ class StatusMessage(_Message):
     streams: list[str] = Field(default_factory=list, description="Stream names.")
 
 
-class StreamHealth(BaseModel):
+class StreamHealth(_Frozen):
     """Counters and latencies of one stream since the agent started."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     state: str = Field(description="running, degraded, ended, stopped or starting.")
     captured: int = Field(description="Frames read from the source.")
@@ -196,29 +186,23 @@ class StreamHealth(BaseModel):
     last_error: str | None = Field(None, description="Most recent source or inference error.")
 
 
-class OutboxHealth(BaseModel):
+class OutboxHealth(_Frozen):
     """The durable event queue."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     depth: int = Field(description="Events waiting for the broker's acknowledgement.")
     dropped: int = Field(description="Events dropped because the outbox was full (total).")
 
 
-class MqttHealth(BaseModel):
+class MqttHealth(_Frozen):
     """The broker connection."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     connected: bool = Field(description="Connected now.")
     reconnects: int = Field(description="Reconnections since start.")
     published: int = Field(description="Events acknowledged by the broker since start.")
 
 
-class SystemHealth(BaseModel):
+class SystemHealth(_Frozen):
     """The board."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     cpu_percent: float = Field(description="CPU use of the agent process, percent of one core.")
     rss_mb: float = Field(description="Resident memory of the agent, MiB.")
