@@ -213,7 +213,10 @@ class Agent:
         for removed in old.values():
             removed.stop()
         self.streams = kept + started
-        self.config = new.model_copy(update={"broker": self.config.broker})
+        # Topics and the broker session are built from these: they apply at the next start.
+        self.config = new.model_copy(
+            update={"broker": self.config.broker, "device_id": self.config.device_id}
+        )
         log.info("config reloaded: %d stream(s) restarted, %d removed", len(started), len(old))
         self._publish_birth()
         self.notifier.ready(self._status_line())
