@@ -130,7 +130,11 @@ class Capture:
         """Start the capture thread."""
         if self._thread is not None:
             raise RuntimeError(f"capture of stream {self.stream} was already started")
-        self._thread = threading.Thread(target=self._run, name=f"capture-{self.stream}")
+        # A daemon like every agent thread: stop() joins with a timeout, and a source stuck
+        # past it must not keep the process alive after SIGTERM.
+        self._thread = threading.Thread(
+            target=self._run, name=f"capture-{self.stream}", daemon=True
+        )
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
