@@ -188,7 +188,10 @@ class StreamRunner:
                 log.error("stream %s: inference did not stop (hung interpreter?)", self.name)
                 return
         if self._events_thread is not None:
-            self._results.put(None, timeout=timeout_s)  # queued after every result
+            try:
+                self._results.put(None, timeout=timeout_s)  # queued after every result
+            except queue.Full:
+                log.error("stream %s: the events thread is stuck; events may be lost", self.name)
             self._events_thread.join(timeout_s)
         drafts = self._filter.flush(time.time())
         if drafts:
