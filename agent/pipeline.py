@@ -25,19 +25,18 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from edgefleet.runtime import (
-    Classification,
-    Detection,
+    RESULT_KEYS,
     EdgefleetError,
-    Keypoint,
     Labels,
     Predictor,
-    RawTensor,
     ResizeMode,
+    TaskName,
     read_model,
 )
 from edgefleet.runtime.delegates import LoadedDelegate
@@ -45,16 +44,7 @@ from edgefleet.runtime.delegates import LoadedDelegate
 from .config import StreamSettings
 from .events import EventDraft, EventFilter
 from .metrics import LatencyWindow
-from .protocol import (
-    ClassOut,
-    DetectionOut,
-    EventMessage,
-    KeypointOut,
-    ModelRef,
-    StreamHealth,
-    TensorOut,
-    Topics,
-)
+from .protocol import EventMessage, ModelRef, StreamHealth, Topics
 from .sources import make_source
 from .sources.capture import Capture, FrameSlot
 
@@ -62,6 +52,8 @@ log = logging.getLogger(__name__)
 
 _FRAME_WAIT_S = 0.5
 _RESULTS_QUEUE = 64
+_FPS_WINDOW_S = 5.0
+_FPS_SAMPLES = 2048  # room for 400 fps over the window
 
 
 @dataclass(frozen=True)
@@ -140,7 +132,9 @@ class StreamRunner:
         self._results: queue.Queue[_Results | None] = queue.Queue(_RESULTS_QUEUE)
         self._infer_thread: threading.Thread | None = None
         self._events_thread: threading.Thread | None = None
-        self._fps_mark = (time.monotonic(), 0)
+        # Completion times of recent frames: fps is read from them, so reading it (health
+        # topic, Prometheus scrape) changes nothing.
+        self._done_at: deque[float] = deque(maxlen=_FPS_SAMPLES)
 
     def _load_model(self) -> Predictor:
         m = self.settings.model
@@ -203,9 +197,8 @@ class StreamRunner:
         stats = self.capture.stats
         c = self._counters
         now = time.monotonic()
-        mark_t, mark_n = self._fps_mark
-        fps = (c.processed - mark_n) / (now - mark_t) if now > mark_t else 0.0
-        self._fps_mark = (now, c.processed)
+        recent = [t for t in tuple(self._done_at) if now - t <= _FPS_WINDOW_S]
+        fps = len(recent) / _FPS_WINDOW_S
         latency, inference = self.latency.percentiles(), self.inference.percentiles()
         return StreamHealth(
             state=stats.state,
@@ -247,6 +240,7 @@ class StreamRunner:
                 except queue.Full:
                     continue
             self._counters.processed += 1
+            self._done_at.append(time.monotonic())
             if self._on_result is not None:
                 self._on_result()
 
@@ -307,22 +301,13 @@ class StreamRunner:
             inference_ms=round(inference_ms, 3),
             first_seen_ts=draft.first_seen_ts,
             last_seen_ts=draft.last_seen_ts,
-            **_results_fields(draft.results),
+            **_results_fields(draft),
         )
         return message.model_dump_json(exclude_none=True).encode()
 
 
-def _results_fields(results: tuple[Any, ...]) -> dict[str, Any]:
-    if not results:
+def _results_fields(draft: EventDraft) -> dict[str, Any]:
+    """The event's results under the same key ``edgefleet model run --json`` uses."""
+    if not draft.results:
         return {}
-    first = results[0]
-    rows = [asdict(r) for r in results]
-    if isinstance(first, Detection):
-        return {"detections": [DetectionOut(**r) for r in rows]}
-    if isinstance(first, Classification):
-        return {"classes": [ClassOut(**r) for r in rows]}
-    if isinstance(first, Keypoint):
-        return {"keypoints": [KeypointOut(**r) for r in rows]}
-    if isinstance(first, RawTensor):
-        return {"tensors": [TensorOut(**r) for r in rows]}
-    raise TypeError(f"unexpected result type {type(first).__name__}")
+    return {RESULT_KEYS[TaskName(draft.kind)]: [asdict(r) for r in draft.results]}

@@ -177,7 +177,7 @@ class StreamHealth(_Frozen):
     failed: int = Field(description="Frames whose inference failed.")
     events: int = Field(description="Events stored in the outbox.")
     events_lost: int = Field(description="Events that could not be stored (disk full, I/O error).")
-    fps: float = Field(description="Processed frames per second over the last interval.")
+    fps: float = Field(description="Processed frames per second over the last 5 seconds.")
     latency_p50_ms: float | None = Field(None, description="Capture to result, median.")
     latency_p99_ms: float | None = Field(None, description="Capture to result, 99th percentile.")
     inference_p50_ms: float | None = Field(None, description="Invoke time, median.")

@@ -34,12 +34,13 @@ from .errors import (
 from .images import load_image
 from .labels import Labels
 from .modelfile import ModelBytes, ModelInfo, TensorInfo, inspect_model, read_model
-from .predictor import Prediction, Predictor
+from .predictor import RESULT_KEYS, Prediction, Predictor
 from .preprocess import Preprocessor, ResizeMode, Transform
 from .tasks import Classification, Detection, Keypoint, RawTensor, TaskName, detect_task
 
 __all__ = [
     "BACKEND_ENV",
+    "RESULT_KEYS",
     "Backend",
     "BackendName",
     "BackendUnavailable",
