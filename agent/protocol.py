@@ -11,7 +11,6 @@ versions they do not know. Topics, under a versioned root::
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,12 +20,6 @@ SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgefleet/v1"
 # A device id or stream name becomes one topic level: no wildcards, separators or spaces.
 TOPIC_LEVEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-_TOPIC_LEVEL = re.compile(TOPIC_LEVEL_PATTERN)
-
-
-def is_topic_level(text: str) -> bool:
-    """True when ``text`` can be one level of a topic (device id, stream name)."""
-    return bool(_TOPIC_LEVEL.match(text))
 
 
 @dataclass(frozen=True)
