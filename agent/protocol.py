@@ -7,12 +7,21 @@ versions they do not know. Topics, under a versioned root::
     edgefleet/v1/<device>/status          retained: online (birth) / offline (will, shutdown)
     edgefleet/v1/<device>/events/<stream> inference events, QoS 1, unique ``id`` per event
     edgefleet/v1/<device>/health          periodic metrics
+    edgefleet/v1/<device>/cmd/<name>      commands in (MQTT 5 response topic + correlation data,
+                                          or ``reply_to`` in the payload under MQTT 3.1.1)
+    edgefleet/v1/<device>/desired         retained: what the controller wants (models, config)
+    edgefleet/v1/<device>/reported        retained: what the device runs, and update progress
+
+Manifests are signed as bytes: ``SignedManifest.payload`` is the manifest's JSON
+text, the ed25519 signature covers exactly those bytes, and the text is parsed
+into a ``Manifest`` only after the signature checked out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from enum import Enum
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,6 +56,30 @@ class Topics:
     def events(self, stream: str) -> str:
         """Inference events of one stream."""
         return f"{self.base}/events/{stream}"
+
+    def command(self, name: str) -> str:
+        """Requests for one command."""
+        return f"{self.base}/cmd/{name}"
+
+    @property
+    def commands(self) -> str:
+        """Subscription filter for every command of this device."""
+        return f"{self.base}/cmd/+"
+
+    @property
+    def desired(self) -> str:
+        """Retained desired state, written by the controller."""
+        return f"{self.base}/desired"
+
+    @property
+    def reported(self) -> str:
+        """Retained reported state, written by the device."""
+        return f"{self.base}/reported"
+
+    def command_name(self, topic: str) -> str | None:
+        """The command named by a ``cmd/<name>`` topic of this device, else None."""
+        prefix = f"{self.base}/cmd/"
+        return topic[len(prefix) :] if topic.startswith(prefix) else None
 
 
 class _Frozen(BaseModel):
@@ -219,3 +252,229 @@ class HealthMessage(_Message):
     mqtt: MqttHealth = Field(description="Broker connection.")
     system: SystemHealth = Field(description="Board metrics.")
     models: list[ModelRef] = Field(description="Models loaded.")
+
+
+# -- commands ----------------------------------------------------------------------
+
+COMMAND_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class CommandName(str, Enum):
+    """The commands a device answers, one topic each (``cmd/<name>``)."""
+
+    PING = "ping"
+    GET_STATUS = "get_status"
+    GET_CONFIG = "get_config"
+    SET_CONFIG = "set_config"
+    SNAPSHOT = "snapshot"
+    RESTART_STREAM = "restart_stream"
+    LIST_MODELS = "list_models"
+    BENCH_MODEL = "bench_model"
+    ROLLBACK_MODEL = "rollback_model"
+
+
+class ErrorCode(str, Enum):
+    """Why a command was not carried out."""
+
+    MALFORMED = "malformed"  # not JSON, or not a command request
+    UNKNOWN_COMMAND = "unknown_command"
+    INVALID_ARGS = "invalid_args"
+    EXPIRED = "expired"
+    TOO_LARGE = "too_large"
+    NOT_FOUND = "not_found"  # a stream or model that does not exist
+    REFUSED = "refused"  # valid, but the device will not do it now (e.g. nothing to roll back)
+    FAILED = "failed"  # tried, and it went wrong
+
+
+class CommandRequest(_Message):
+    """A command; which one is the topic's last level. ``args`` are checked per command."""
+
+    id: str = Field(
+        pattern=COMMAND_ID_PATTERN,
+        description="Unique id; a repeated id is answered from the recorded result, not rerun.",
+    )
+    expires_at: float = Field(description="Unix seconds after which the device refuses it.")
+    args: dict[str, Any] = Field(default_factory=dict, description="The command's arguments.")
+    reply_to: str | None = Field(
+        None,
+        max_length=256,
+        description="Reply topic for MQTT 3.1.1 clients; MQTT 5 clients set the response "
+        "topic property instead.",
+    )
+
+
+class NoArgs(_Frozen):
+    """A command without arguments."""
+
+
+class SetConfigArgs(_Frozen):
+    """``set_config``: the whole new agent configuration."""
+
+    config: dict[str, Any] = Field(description="The agent configuration, as in the YAML file.")
+
+
+class StreamArgs(_Frozen):
+    """A command about one stream."""
+
+    stream: str = Field(pattern=TOPIC_LEVEL_PATTERN, description="Stream name.")
+
+
+class SnapshotArgs(StreamArgs):
+    """``snapshot``: a JPEG of the latest frame of a stream."""
+
+    max_bytes: int = Field(
+        200_000, ge=1_000, le=2_000_000, description="Largest JPEG to send; quality drops to fit."
+    )
+
+
+class BenchModelArgs(StreamArgs):
+    """``bench_model``: time the stream's model in a separate process."""
+
+    runs: int = Field(50, ge=1, le=1000, description="Timed invocations.")
+
+
+class RollbackModelArgs(StreamArgs):
+    """``rollback_model``: go back to the previous model of a stream."""
+
+    reason: str = Field("operator request", max_length=200, description="Reported with it.")
+
+
+COMMAND_ARGS: dict[CommandName, type[_Frozen]] = {
+    CommandName.PING: NoArgs,
+    CommandName.GET_STATUS: NoArgs,
+    CommandName.GET_CONFIG: NoArgs,
+    CommandName.SET_CONFIG: SetConfigArgs,
+    CommandName.SNAPSHOT: SnapshotArgs,
+    CommandName.RESTART_STREAM: StreamArgs,
+    CommandName.LIST_MODELS: NoArgs,
+    CommandName.BENCH_MODEL: BenchModelArgs,
+    CommandName.ROLLBACK_MODEL: RollbackModelArgs,
+}
+
+
+class CommandReply(_Message):
+    """The answer to a command, on the response topic with the request's correlation data."""
+
+    id: str | None = Field(description="The request's id; null when it could not be read.")
+    command: str = Field(description="The command's name, from the topic.")
+    ok: bool = Field(description="True when the command was carried out.")
+    error: ErrorCode | None = Field(None, description="Why not, as a code; null when ok.")
+    message: str = Field(description="What happened, for a person.")
+    result: dict[str, Any] | None = Field(None, description="The command's result, when ok.")
+    ts: float = Field(description="Unix seconds when the reply was made.")
+
+
+# -- manifests ---------------------------------------------------------------------
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# A file name in the model store: no directory parts, no leading dot.
+ARTIFACT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class TensorSpec(_Frozen):
+    """What a model's input or output must look like."""
+
+    shape: tuple[int, ...] = Field(description="Tensor shape, e.g. [1, 224, 224, 3].")
+    dtype: str = Field(description="Element type: uint8, int8, float32, ...")
+
+
+class TaskSpec(_Frozen):
+    """How the device turns the model's outputs into results."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    task: Literal["classification", "detection", "pose", "raw"] | None = Field(
+        None, description="The task; detected from the outputs when null."
+    )
+    labels: list[str] | None = Field(None, description="Class labels; the model's own if null.")
+    min_score: float | None = Field(None, ge=0, le=1, description="Minimum result score.")
+    top_k: int | None = Field(None, ge=1, description="Classes kept per frame (classification).")
+
+
+class Manifest(_Message):
+    """One model release, as the controller signs it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str = Field(pattern=TOPIC_LEVEL_PATTERN, description="Model identifier.")
+    version: int = Field(ge=1, description="Release number; newer releases are higher.")
+    sha256: str = Field(pattern=SHA256_PATTERN, description="sha256 of the .tflite bytes.")
+    size: int = Field(gt=0, description="Size of the .tflite file in bytes.")
+    artifact: str = Field(pattern=ARTIFACT_PATTERN, description="File name of the model.")
+    urls: list[str] = Field(
+        min_length=1,
+        description="Where to download it: http(s)://..., or mqtt: for a chunked transfer "
+        "over the broker.",
+    )
+    inputs: list[TensorSpec] = Field(description="Expected input tensors.")
+    outputs: list[TensorSpec] | None = Field(None, description="Expected output tensors.")
+    task: TaskSpec = Field(default_factory=TaskSpec, description="Task configuration.")
+    max_latency_ms: float | None = Field(
+        None, gt=0, description="Median invoke time the device must reach, else it refuses."
+    )
+    min_agent_version: str = Field("0", description="Oldest agent that may run this model.")
+    issued_at: float = Field(description="Unix seconds when it was signed.")
+    expires_at: float = Field(description="Unix seconds after which devices refuse it.")
+    rollback: bool = Field(
+        False, description="An explicit, signed return to an older version than installed."
+    )
+
+
+class SignedManifest(_Frozen):
+    """A manifest and its ed25519 signature over the exact bytes of ``payload``."""
+
+    payload: str = Field(max_length=65_536, description="The manifest as JSON text.")
+    key_id: str = Field(max_length=64, description="Which fleet key signed it.")
+    signature: str = Field(max_length=200, description="base64 ed25519 signature of payload.")
+
+
+# -- desired and reported state -----------------------------------------------------
+
+
+class DesiredState(_Message):
+    """What the controller wants a device to run (``desired``, retained)."""
+
+    revision: int = Field(ge=0, description="Increases with every change the controller makes.")
+    models: dict[str, SignedManifest] = Field(
+        default_factory=dict, description="Per stream name: the model it should run."
+    )
+
+
+class UpdateState(str, Enum):
+    """Where a model update of one stream stands."""
+
+    VERIFYING = "verifying"
+    DOWNLOADING = "downloading"
+    VALIDATING = "validating"
+    ACTIVATING = "activating"
+    PROBATION = "probation"
+    COMMITTED = "committed"
+    REFUSED = "refused"
+    ROLLED_BACK = "rolled_back"
+
+
+class UpdateReport(_Frozen):
+    """Progress of the latest update of one stream."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    state: UpdateState = Field(description="Where the update stands.")
+    model_id: str = Field(description="Model of the manifest.")
+    version: int = Field(description="Version of the manifest.")
+    sha256: str = Field(description="sha256 of the manifest's model.")
+    reason: str | None = Field(None, description="Why it was refused or rolled back.")
+    bytes_done: int | None = Field(None, description="Downloaded so far.")
+    ts: float = Field(description="Unix seconds of the last change.")
+
+
+class ReportedState(_Message):
+    """What the device runs and how its updates go (``reported``, retained)."""
+
+    device_id: str = Field(description="Device id.")
+    ts: float = Field(description="Unix seconds.")
+    agent_version: str = Field(description="edgefleet version on the device.")
+    desired_revision: int | None = Field(None, description="Last desired revision seen.")
+    models: dict[str, ModelRef] = Field(description="Per stream: the model running now.")
+    updates: dict[str, UpdateReport] = Field(
+        default_factory=dict, description="Per stream: the latest update."
+    )
