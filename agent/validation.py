@@ -1,0 +1,408 @@
+"""Validating a downloaded model in a separate, short-lived process before it is activated.
+
+Why a separate process: a model is a program. A corrupt or hostile flatbuffer
+that slips past the verifier, a delegate that aborts, an op that loops
+forever can crash or hang the interpreter, and with it the process that
+loaded it. The daemon never loads an unvalidated model itself: it starts
+``python -m edgefleet.agent.validation``, hands it the bytes whose sha256 and
+signature it already checked (through a pipe, never a path, so nothing can
+swap the file in between), and waits at most ``timeout_s`` for one reply. The
+child loads the bytes from memory (``model_content=``, so the flatbuffer
+verifier runs), checks the inputs and outputs against the manifest, runs one
+smoke inference on a camera frame and a short benchmark against the
+manifest's latency budget, then exits.
+
+Framing. Request on the child's stdin: one JSON line (``_Request``: the
+manifest, delegate, threads, backend, run counts, the model's length and the
+frame's shape), then exactly that many model bytes, then the raw HxWx3 uint8
+frame bytes if a frame was given. Reply on the child's stdout: one JSON line,
+``{"ok": true, "report": {...}}`` or ``{"ok": false, "code": ..., "message":
+..., "hint": ...}``. No pickle: the parent trusts nothing the child sends
+beyond what the pydantic models accept. The child points file descriptor 1 at
+stderr before loading anything, so native code that prints cannot corrupt the
+reply; its logging goes to stderr.
+
+Refusals (``ValidationRefused.code``)::
+
+    load_failed        the runtime could not load the model: corrupt bytes, an Edge TPU model
+                       without a TPU, a missing delegate, an unresolvable custom op, ...
+    input_mismatch     an input's shape or dtype differs from the manifest
+    output_mismatch    an output's shape or dtype differs from the manifest (when it lists them)
+    inference_failed   the smoke inference or the benchmark raised
+    too_slow           the median invoke time is over the manifest's max_latency_ms
+    crashed            the child died from a signal, or exited without a report
+    timeout            the child ran past timeout_s and was killed
+
+Threads: ``validate_model`` runs on the agent's update thread (before
+activating a model) and on the command thread (``bench_model``). It blocks
+its caller for at most ``timeout_s`` plus a short reap, starts no thread and
+never leaves the child running. ``_child_main`` runs on the child's main thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, BinaryIO, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from edgefleet.agent.protocol import Manifest, TaskSpec, TensorSpec
+from edgefleet.runtime import (
+    BackendName,
+    DelegateSettings,
+    EdgefleetError,
+    Labels,
+    ModelBytes,
+    Prediction,
+    Predictor,
+    TensorInfo,
+)
+
+__all__ = ["RefusalCode", "ValidationRefused", "ValidationReport", "validate_model"]
+
+log = logging.getLogger(__name__)
+
+RefusalCode = Literal[
+    "load_failed",
+    "input_mismatch",
+    "output_mismatch",
+    "inference_failed",
+    "too_slow",
+    "crashed",
+    "timeout",
+]
+
+_CHILD_MODULE = "edgefleet.agent.validation"
+_SOURCE = "<update>"
+_MAX_HEADER_BYTES = 1 << 20  # a manifest is at most 64 KiB of JSON
+_REAP_TIMEOUT_S = 5.0  # after a kill, for the pipes to close
+_STDERR_TAIL_LINES = 5
+_GREY = 128  # the synthetic smoke frame when no camera frame is given
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What the validation process found: the model loads, fits, runs, and how fast."""
+
+    backend: str  # interpreter backend and version, e.g. "litert 2.3.0"
+    delegate: str  # as loaded, e.g. "cpu" or "cpu (fallback: edgetpu (usb) unavailable)"
+    inputs: list[TensorSpec]  # the model's own, as the interpreter reports them
+    outputs: list[TensorSpec]
+    task: str  # classification, detection, pose or raw
+    latency_p50_ms: float  # invoke time over the measured runs
+    latency_p90_ms: float
+    runs: int  # measured invokes
+    smoke_results: int  # results the smoke inference gave (classes, detections, ...)
+
+
+class ValidationRefused(EdgefleetError):
+    """The model failed validation; ``code`` says at which step (see the module docstring)."""
+
+    def __init__(self, code: RefusalCode, message: str, *, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.code: RefusalCode = code
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Request(_Wire):
+    """The JSON header line of a request; the model and frame bytes follow it."""
+
+    manifest: Manifest | None = Field(description="Expectations; None checks nothing.")
+    delegate: DelegateSettings = Field(description="Delegate to load the model with.")
+    threads: int | None = Field(ge=1, description="Interpreter threads; the backend's default.")
+    backend: BackendName = Field(description="Interpreter backend.")
+    warmup_runs: int = Field(ge=0, description="Unmeasured invokes after the smoke inference.")
+    bench_runs: int = Field(ge=1, description="Measured invokes.")
+    model_size: int = Field(ge=0, description="Model bytes following the header.")
+    frame_shape: tuple[int, int, int] | None = Field(
+        description="Shape of the uint8 frame following the model; None for a synthetic one."
+    )
+
+
+class _Passed(_Wire):
+    ok: Literal[True] = True
+    report: ValidationReport
+
+
+class _Refused(_Wire):
+    ok: Literal[False] = False
+    code: RefusalCode
+    message: str
+    hint: str
+
+
+_REPLY: TypeAdapter[_Passed | _Refused] = TypeAdapter(
+    Annotated[_Passed | _Refused, Field(discriminator="ok")]
+)
+
+
+# -- parent ------------------------------------------------------------------------------
+
+
+def validate_model(
+    content: bytes,
+    *,
+    manifest: Manifest | None,
+    delegate: DelegateSettings,
+    threads: int | None,
+    backend: BackendName,
+    frame: npt.NDArray[np.uint8] | None,
+    bench_runs: int = 20,
+    warmup_runs: int = 2,
+    timeout_s: float = 60.0,
+) -> ValidationReport:
+    """Load, check, smoke-test and time ``content`` in a child process; raise if it is refused."""
+    if frame is not None and (frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8):
+        raise ValueError(f"frame must be HxWx3 uint8, not {list(frame.shape)} {frame.dtype}")
+    header = _Request(
+        manifest=manifest,
+        delegate=delegate,
+        threads=threads,
+        backend=backend,
+        warmup_runs=warmup_runs,
+        bench_runs=bench_runs,
+        model_size=len(content),
+        frame_shape=None if frame is None else (frame.shape[0], frame.shape[1], 3),
+    )
+    context = {"model": f"{manifest.model_id} v{manifest.version}"} if manifest else {}
+    started = time.monotonic()
+    try:
+        returncode, stdout, stderr = _run_child(_encode(header, content, frame), timeout_s)
+        report = _decode_reply(returncode, stdout, stderr)
+    except ValidationRefused as exc:
+        log.info("model refused (%s): %s", exc.code, exc.message, extra=context)
+        raise
+    log.info(
+        "model validated in %.1f s: %s, %s, %s, invoke p50 %.2f ms",
+        time.monotonic() - started,
+        report.task,
+        report.backend,
+        report.delegate,
+        report.latency_p50_ms,
+        extra=context,
+    )
+    return report
+
+
+def _encode(header: _Request, content: bytes, frame: npt.NDArray[np.uint8] | None) -> bytes:
+    frame_bytes = b"" if frame is None else np.ascontiguousarray(frame).tobytes()
+    return header.model_dump_json().encode() + b"\n" + content + frame_bytes
+
+
+def _run_child(request: bytes, timeout_s: float) -> tuple[int, bytes, bytes]:
+    """Run the child on ``request``; returns its exit status, stdout and stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", _CHILD_MODULE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = process.communicate(input=request, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate(timeout=_REAP_TIMEOUT_S)
+        raise ValidationRefused(
+            "timeout",
+            f"validation did not finish within {timeout_s:g} s; the process was killed",
+            hint="the model may hang the interpreter, or the board is too slow or busy: "
+            "time it with `edgefleet model bench` on such a board",
+        ) from None
+    finally:
+        # Whatever went wrong on this side (an interrupt, a timeout while reaping), the
+        # child never outlives the call.
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=_REAP_TIMEOUT_S)
+    return process.returncode, stdout, stderr
+
+
+def _decode_reply(returncode: int, stdout: bytes, stderr: bytes) -> ValidationReport:
+    if returncode < 0:
+        raise _crashed(f"was killed by {_signal_name(-returncode)}", stderr)
+    if returncode > 0:
+        raise _crashed(f"exited with code {returncode}", stderr)
+    try:
+        reply = _REPLY.validate_json(stdout)
+    except ValidationError as exc:
+        raise _crashed("exited without a readable report", stderr) from exc
+    if isinstance(reply, _Refused):
+        raise ValidationRefused(reply.code, reply.message, hint=reply.hint)
+    return reply.report
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _crashed(what: str, stderr: bytes) -> ValidationRefused:
+    lines = stderr.decode("utf-8", errors="replace").strip().splitlines()
+    tail = " | ".join(lines[-_STDERR_TAIL_LINES:]) or "nothing"
+    return ValidationRefused(
+        "crashed",
+        f"the validation process {what}; its stderr ended with: {tail}",
+        hint="keep the current model: this one crashes the interpreter (or the board ran out "
+        "of memory); reproduce with `edgefleet model run` on a test board",
+    )
+
+
+# -- child -------------------------------------------------------------------------------
+
+
+def _child_main() -> int:
+    """Read one request from stdin, validate, write one reply line to the real stdout."""
+    reply_to = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    # From here on anything that writes to fd 1 (native code included) lands in stderr.
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    request, content, frame = _read_request(sys.stdin.buffer)
+    reply: _Passed | _Refused
+    try:
+        reply = _Passed(report=_validate(request, content, frame))
+    except ValidationRefused as exc:
+        reply = _Refused(code=exc.code, message=exc.message, hint=exc.hint)
+    with reply_to:
+        reply_to.write(_REPLY.dump_json(reply) + b"\n")
+    return 0
+
+
+def _read_request(stream: BinaryIO) -> tuple[_Request, bytes, npt.NDArray[np.uint8] | None]:
+    request = _Request.model_validate_json(stream.readline(_MAX_HEADER_BYTES))
+    content = _read_exactly(stream, request.model_size)
+    if request.frame_shape is None:
+        return request, content, None
+    pixels = _read_exactly(stream, int(np.prod(request.frame_shape)))
+    return request, content, np.frombuffer(pixels, np.uint8).reshape(request.frame_shape)
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise EOFError(f"request truncated: expected {size} bytes, got {len(data)}")
+    return data
+
+
+def _validate(
+    request: _Request, content: bytes, frame: npt.NDArray[np.uint8] | None
+) -> ValidationReport:
+    manifest = request.manifest
+    with _open(request, content) as predictor:
+        engine = predictor.engine
+        if manifest is not None:
+            _check_tensors("input", manifest.inputs, engine.inputs)
+            if manifest.outputs is not None:
+                _check_tensors("output", manifest.outputs, engine.outputs)
+        if frame is None:
+            shape = (predictor.preprocess.height, predictor.preprocess.width, 3)
+            frame = np.full(shape, _GREY, dtype=np.uint8)
+        smoke = _smoke(predictor, frame)
+        p50, p90 = _time_invokes(predictor, request.warmup_runs, request.bench_runs)
+        if manifest is not None and manifest.max_latency_ms is not None:
+            _check_budget(p50, manifest.max_latency_ms)
+        return ValidationReport(
+            backend=engine.backend.label,
+            delegate=engine.delegate.description,
+            inputs=[_spec(t) for t in engine.inputs],
+            outputs=[_spec(t) for t in engine.outputs],
+            task=predictor.task.name.value,
+            latency_p50_ms=p50,
+            latency_p90_ms=p90,
+            runs=request.bench_runs,
+            smoke_results=len(smoke.results),
+        )
+
+
+def _open(request: _Request, content: bytes) -> Predictor:
+    task = request.manifest.task if request.manifest else TaskSpec()
+    try:
+        return Predictor.open(
+            ModelBytes.from_bytes(content, source=_SOURCE),
+            delegate=request.delegate,
+            threads=request.threads,
+            backend=request.backend,
+            **_task_options(task),
+        )
+    except EdgefleetError as exc:
+        raise ValidationRefused("load_failed", exc.message, hint=exc.hint) from exc
+
+
+def _task_options(task: TaskSpec) -> dict[str, Any]:
+    """``Predictor.open``'s task arguments, for the fields the manifest sets (else its defaults)."""
+    options: dict[str, Any] = {"task": task.task, "min_score": task.min_score}
+    if task.labels:
+        options["labels"] = Labels.from_lines(task.labels, "manifest labels")
+    if task.top_k is not None:
+        options["top_k"] = task.top_k
+    return options
+
+
+def _check_tensors(
+    kind: Literal["input", "output"], expected: Sequence[TensorSpec], found: Sequence[TensorInfo]
+) -> None:
+    code: RefusalCode = "input_mismatch" if kind == "input" else "output_mismatch"
+    hint = f"the model's {kind}s differ from its manifest: fix the manifest or the model"
+    if len(expected) != len(found):
+        raise ValidationRefused(
+            code, f"expected {len(expected)} {kind}(s), found {len(found)}", hint=hint
+        )
+    for position, (want, have) in enumerate(zip(expected, found, strict=True)):
+        if tuple(want.shape) != have.shape or want.dtype != have.dtype:
+            raise ValidationRefused(
+                code,
+                f"{kind} {position} ('{have.name}'): expected {list(want.shape)} {want.dtype}, "
+                f"found {list(have.shape)} {have.dtype}",
+                hint=hint,
+            )
+
+
+def _smoke(predictor: Predictor, frame: npt.NDArray[np.uint8]) -> Prediction:
+    try:
+        return predictor.predict(frame)
+    except EdgefleetError as exc:
+        raise ValidationRefused("inference_failed", exc.message, hint=exc.hint) from exc
+
+
+def _time_invokes(predictor: Predictor, warmup_runs: int, runs: int) -> tuple[float, float]:
+    """Invoke on the smoke frame's input: ``warmup_runs`` unmeasured, then ``runs`` timed."""
+    try:
+        for _ in range(warmup_runs):
+            predictor.engine.invoke()
+        latencies = [predictor.engine.invoke() for _ in range(runs)]
+    except EdgefleetError as exc:
+        raise ValidationRefused("inference_failed", exc.message, hint=exc.hint) from exc
+    p50, p90 = np.percentile(latencies, (50, 90))
+    return float(p50), float(p90)
+
+
+def _check_budget(p50_ms: float, max_latency_ms: float) -> None:
+    if p50_ms > max_latency_ms:
+        raise ValidationRefused(
+            "too_slow",
+            f"median invoke time {p50_ms:.3f} ms is over the manifest's budget of "
+            f"{max_latency_ms:g} ms",
+            hint="use a faster delegate or a smaller model for this board, or raise "
+            "max_latency_ms in the manifest",
+        )
+
+
+def _spec(tensor: TensorInfo) -> TensorSpec:
+    return TensorSpec(shape=tensor.shape, dtype=tensor.dtype)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
