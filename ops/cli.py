@@ -1,7 +1,9 @@
 """``edgefleet``: the operator's command line.
 
 Errors from edgefleet print as one ``edgefleet: error: ...`` line with what to
-do, and exit 1; usage errors exit 2 (argparse). No traceback for either.
+do, and exit 1; usage errors exit 2 (argparse), and so does bad input to the
+fleet commands (``keys``, ``manifest``, ``deploy``, ``cmd``: see ``fleet``).
+No traceback for any.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from edgefleet.runtime import EdgefleetError
 from edgefleet.runtime.cli import register as register_model_commands
 from edgefleet.runtime.cli import report_error
 
-from . import broker, watch
+from . import broker, fleet, watch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_model_commands(commands)
     broker.register(commands)
     watch.register(commands)
+    fleet.register(commands)
     return parser
 
 

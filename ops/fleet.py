@@ -1,0 +1,673 @@
+"""``edgefleet keys | manifest | deploy | cmd``: sign model releases, deploy them, send commands.
+
+::
+
+    edgefleet keys generate DIR [--name fleet]
+    edgefleet manifest create MODEL --model-id ID --version N --url URL [--url URL ...] --key KEY
+    edgefleet deploy DEVICE STREAM SIGNED_MANIFEST.json --host H [--port P]
+    edgefleet cmd DEVICE NAME [--args JSON] [--timeout S] --host H [--port P]
+
+``deploy`` is a read-modify-write of the device's retained ``desired`` state: it assumes one
+operator (or controller) writes a device's desired state at a time; two concurrent deploys
+to one device can lose one of the changes.
+
+Exit codes: 0 done; 2 bad input (an option, a model, a key or manifest file); 1 anything
+else: the broker cannot be reached or refuses, a device does not answer or says no. Errors
+print as ``edgefleet: error: ...`` plus what to do, never a traceback. The tree here::
+
+    EdgefleetError
+    ├── SettingError, ModelError, KeyFileError     bad input (exit 2)
+    └── EnvironmentProblem
+        └── FleetError                             the broker or a device did not do its part
+            ├── BrokerError                        unreachable, refused, dropped, or too slow
+            ├── NoReply                            a command went unanswered in its timeout
+            └── ContractBroken                     a device's reply or the retained desired
+                                                   state does not parse
+
+Threads: each command runs in the CLI's main thread. ``_Connection`` starts paho's network
+thread (``loop_start``) and stops it on exit; its callbacks only record acknowledgements
+under one condition variable and put messages on a queue, which the main thread waits on
+with a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import queue
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import ValidationError
+
+from edgefleet.agent.protocol import (
+    COMMAND_ARGS,
+    SCHEMA_VERSION,
+    TOPIC_LEVEL_PATTERN,
+    TOPIC_ROOT,
+    CommandName,
+    CommandReply,
+    CommandRequest,
+    DesiredState,
+    Manifest,
+    SignedManifest,
+    TensorSpec,
+    Topics,
+)
+from edgefleet.provisioning import (
+    KeyFileError,
+    generate_signing_key,
+    key_id,
+    load_private_key,
+    load_public_key,
+    sign_manifest,
+)
+from edgefleet.runtime import (
+    EnvironmentProblem,
+    ModelError,
+    SettingError,
+    TaskName,
+    TensorInfo,
+    inspect_model,
+    read_model,
+)
+from edgefleet.runtime.cli import report_error
+
+DEFAULT_PORT = 1883
+ACK_TIMEOUT_S = 10.0
+RETAINED_WAIT_S = 2.0
+DEFAULT_COMMAND_TIMEOUT_S = 10.0
+DEFAULT_EXPIRES_IN_DAYS = 30.0
+SECONDS_PER_DAY = 86_400
+KEEPALIVE_S = 30
+URL_PREFIXES = ("http://", "https://", "mqtt:")
+_MAX_REPORTED_ERRORS = 3
+_BAD_INPUT = (SettingError, ModelError, KeyFileError)
+# Manifest fields that come from an option, for messages that name what to change.
+_OPTION_OF_FIELD = {
+    "model_id": "--model-id",
+    "version": "--version",
+    "artifact": "--artifact",
+    "urls": "--url",
+    "max_latency_ms": "--max-latency-ms",
+    "min_agent_version": "--min-agent-version",
+    "expires_at": "--expires-in-days",
+}
+_T = TypeVar("_T")
+Handler = Callable[[argparse.Namespace], int]
+
+
+class FleetError(EnvironmentProblem):
+    """The broker or a device did not do its part."""
+
+
+class BrokerError(FleetError):
+    """The broker cannot be reached, refused a request, dropped us, or did not answer in time."""
+
+
+class NoReply(FleetError):
+    """A command went unanswered within its timeout."""
+
+
+class ContractBroken(FleetError):
+    """What a device sent, or the broker holds for it, does not parse as the wire contract says."""
+
+
+# -- argument parsing -------------------------------------------------------------------
+
+
+def register(subcommands: Any) -> None:
+    """Add ``keys``, ``manifest``, ``deploy`` and ``cmd`` to the top-level command parser."""
+    _register_keys(subcommands)
+    _register_manifest(subcommands)
+
+    deploy = subcommands.add_parser("deploy", help="set the model a device's stream should run")
+    deploy.add_argument("device", help="device id")
+    deploy.add_argument("stream", help="stream name on that device")
+    deploy.add_argument(
+        "manifest",
+        type=Path,
+        metavar="SIGNED_MANIFEST.json",
+        help="signed manifest (from 'manifest create')",
+    )
+    _add_broker_options(deploy)
+    deploy.set_defaults(handler=_reporting_bad_input(_deploy))
+
+    cmd = subcommands.add_parser("cmd", help="send a device a command and print its reply")
+    cmd.add_argument("device", help="device id")
+    cmd.add_argument("name", choices=[c.value for c in CommandName], help="the command")
+    cmd.add_argument("--args", default="{}", help="the command's arguments as a JSON object")
+    cmd.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_COMMAND_TIMEOUT_S,
+        help="seconds to wait for the reply; the device refuses it after that too "
+        "(default: %(default)s)",
+    )
+    _add_broker_options(cmd)
+    cmd.set_defaults(handler=_reporting_bad_input(_cmd))
+
+
+def _register_keys(subcommands: Any) -> None:
+    keys = subcommands.add_parser("keys", help="manifest signing keys")
+    commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    generate = commands.add_parser("generate", help="write a new ed25519 signing key pair")
+    generate.add_argument("directory", type=Path, help="where to write NAME.key and NAME.pub")
+    generate.add_argument("--name", default="fleet", help="file name stem (default: fleet)")
+    generate.set_defaults(handler=_reporting_bad_input(_keys_generate))
+
+
+def _register_manifest(subcommands: Any) -> None:
+    manifest = subcommands.add_parser("manifest", help="signed model release manifests")
+    commands = manifest.add_subparsers(dest="manifest_command", required=True, metavar="COMMAND")
+    create = commands.add_parser("create", help="describe a model release and sign it")
+    create.add_argument("model", type=Path, help="the .tflite file")
+    create.add_argument("--model-id", required=True, metavar="ID", help="model identifier")
+    create.add_argument(
+        "--version", type=int, required=True, metavar="N", help="release number (>= 1)"
+    )
+    create.add_argument(
+        "--url",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="download URL (http(s)://, mqtt:); repeat",
+    )
+    create.add_argument(
+        "--key", type=Path, required=True, metavar="KEYFILE", help="the private signing key"
+    )
+    create.add_argument(
+        "--expires-in-days",
+        type=_positive_float,
+        metavar="DAYS",
+        default=DEFAULT_EXPIRES_IN_DAYS,
+        help="devices refuse it after this long (default: %(default)s)",
+    )
+    create.add_argument(
+        "--max-latency-ms",
+        type=_positive_float,
+        metavar="MS",
+        help="median invoke time devices must reach",
+    )
+    create.add_argument(
+        "--task", choices=[t.value for t in TaskName], help="task (default: detected on device)"
+    )
+    create.add_argument(
+        "--rollback", action="store_true", help="a signed return to an older version"
+    )
+    create.add_argument(
+        "--artifact", metavar="NAME", help="file name on the device (default: the model's)"
+    )
+    create.add_argument("--min-agent-version", metavar="V", help="oldest agent that may run it")
+    create.add_argument(
+        "--out", type=Path, metavar="FILE", help="write here (default: standard output)"
+    )
+    create.set_defaults(handler=_reporting_bad_input(_manifest_create))
+
+
+def _add_broker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", required=True, help="broker host")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"broker port (default: {DEFAULT_PORT})"
+    )
+    parser.add_argument(
+        "--topic-root", default=TOPIC_ROOT, help=f"topic root (default: {TOPIC_ROOT})"
+    )
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def _reporting_bad_input(handler: Handler) -> Handler:
+    """Exit 2 for bad input; everything else goes to the caller (exit 1)."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except _BAD_INPUT as exc:
+            report_error(exc)
+            return 2
+
+    return run
+
+
+# -- keys and manifests -------------------------------------------------------------------
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    private_path, public_path = generate_signing_key(args.directory, args.name)
+    print(f"key id       {key_id(load_public_key(public_path))}")
+    print(f"private key  {private_path}  (signs manifests: keep it secret, off the devices)")
+    print(f"public key   {public_path}  (install on every device that should trust it)")
+    return 0
+
+
+def _manifest_create(args: argparse.Namespace) -> int:
+    key = load_private_key(args.key)
+    manifest = _manifest_from(args)
+    text = sign_manifest(manifest, key).model_dump_json(indent=2) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            args.out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise SettingError(
+                f"cannot write {args.out}: {exc.strerror or exc}", hint="check --out"
+            ) from exc
+    expires = _utc(manifest.expires_at)
+    print(
+        f"signed {manifest.model_id} version {manifest.version} (sha256 {manifest.sha256[:12]}, "
+        f"{manifest.size} bytes) with key {key_id(key.public_key())}, expires {expires}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _manifest_from(args: argparse.Namespace) -> Manifest:
+    """The manifest for the model file and options; options that break it are named."""
+    for url in args.url:
+        if not url.startswith(URL_PREFIXES):
+            raise SettingError(
+                f"--url {url!r} is not a download URL",
+                hint=f"give a URL that starts with {', '.join(URL_PREFIXES)}",
+            )
+    info = inspect_model(read_model(args.model))
+    issued_at = time.time()
+    fields: dict[str, Any] = {
+        "model_id": args.model_id,
+        "version": args.version,
+        "sha256": info.sha256,
+        "size": info.size,
+        "artifact": args.artifact or args.model.name,
+        "urls": args.url,
+        "inputs": [_tensor_spec(t) for t in info.inputs],
+        "outputs": [_tensor_spec(t) for t in info.outputs],
+        "task": {"task": args.task},
+        "issued_at": issued_at,
+        "expires_at": issued_at + args.expires_in_days * SECONDS_PER_DAY,
+        "rollback": args.rollback,
+    }
+    # Unset options keep the protocol's defaults.
+    if args.max_latency_ms is not None:
+        fields["max_latency_ms"] = args.max_latency_ms
+    if args.min_agent_version is not None:
+        fields["min_agent_version"] = args.min_agent_version
+    try:
+        return Manifest.model_validate(fields)
+    except ValidationError as exc:
+        raise SettingError(
+            f"the manifest would be invalid: {_describe_errors(exc, _OPTION_OF_FIELD)}",
+            hint="fix the option named (--artifact defaults to the model's file name)",
+        ) from exc
+
+
+def _tensor_spec(tensor: TensorInfo) -> TensorSpec:
+    return TensorSpec(shape=tensor.shape, dtype=tensor.dtype)
+
+
+def _describe_errors(exc: ValidationError, names: dict[str, str] | None = None) -> str:
+    """The first few validation errors as ``field: reason``, fields renamed through ``names``."""
+    parts = []
+    for error in exc.errors(include_url=False)[:_MAX_REPORTED_ERRORS]:
+        loc = [str(part) for part in error["loc"]]
+        if names and loc and loc[0] in names:
+            loc[0] = names[loc[0]]
+        parts.append(f"{'.'.join(loc) or '(document)'}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# -- deploy -------------------------------------------------------------------------------
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    _check_topic_level("device id", args.device)
+    _check_topic_level("stream name", args.stream)
+    signed, manifest = _read_signed_manifest(args.manifest)
+    topics = Topics(args.device, args.topic_root)
+    with _Connection(args.host, args.port) as broker:
+        current = _current_desired(broker, topics.desired)
+        desired = DesiredState(
+            revision=current.revision + 1, models={**current.models, args.stream: signed}
+        )
+        broker.publish(topics.desired, desired.model_dump_json(), retain=True)
+    print(
+        f"{args.device}/{args.stream}: {manifest.model_id} version {manifest.version}; "
+        f"desired revision {desired.revision}"
+    )
+    return 0
+
+
+def _check_topic_level(what: str, value: str) -> None:
+    if not re.fullmatch(TOPIC_LEVEL_PATTERN, value):
+        raise SettingError(
+            f"{what} {value!r} cannot be a topic level",
+            hint="use up to 64 letters, digits, '_', '.' and '-', starting with a letter or digit",
+        )
+
+
+def _read_signed_manifest(path: Path) -> tuple[SignedManifest, Manifest]:
+    """The signed manifest in ``path`` and its (unverified) manifest, for checks and messages.
+
+    Not a trust decision: the device verifies the signature. This only stops an operator
+    from deploying a file that is not a manifest, or one every device would refuse as expired.
+    """
+    hint = "pass the file 'edgefleet manifest create' wrote"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingError(f"cannot read {path}: {exc}", hint=hint) from exc
+    try:
+        signed = SignedManifest.model_validate_json(text)
+        manifest = Manifest.model_validate_json(signed.payload)
+    except ValidationError as exc:
+        raise SettingError(
+            f"{path} is not a signed manifest: {_describe_errors(exc)}", hint=hint
+        ) from exc
+    if manifest.expires_at <= time.time():
+        raise SettingError(
+            f"{path} expired at {_utc(manifest.expires_at)}; devices would refuse it",
+            hint="sign a new one with 'edgefleet manifest create'",
+        )
+    return signed, manifest
+
+
+def _current_desired(broker: _Connection, topic: str) -> DesiredState:
+    """The retained desired state on ``topic``; revision 0 with no models when there is none."""
+    broker.subscribe(topic)
+    message = broker.receive(RETAINED_WAIT_S)
+    if message is None or not message.payload:
+        return DesiredState(revision=0)
+    try:
+        state = DesiredState.model_validate_json(message.payload)
+    except ValidationError as exc:
+        raise ContractBroken(
+            f"the retained message on {topic} is not a desired state: {_describe_errors(exc)}",
+            hint=f"inspect it (mosquitto_sub -t {topic} -C 1); clear it with "
+            f"mosquitto_pub -t {topic} -r -n, then deploy every stream again",
+        ) from exc
+    if state.schema_version != SCHEMA_VERSION:
+        raise ContractBroken(
+            f"the desired state on {topic} has schema version {state.schema_version}; "
+            f"this edgefleet writes {SCHEMA_VERSION}",
+            hint="deploy with the edgefleet version that wrote it",
+        )
+    return state
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    _check_topic_level("device id", args.device)
+    name = CommandName(args.name)
+    topics = Topics(args.device, args.topic_root)
+    request = CommandRequest(
+        id=uuid.uuid4().hex,
+        expires_at=time.time() + args.timeout,
+        args=_command_args(name, args.args),
+    )
+    # Under the device's own subtree: the generated ACL lets a device write only there.
+    reply_topic = f"{topics.base}/reply/{request.id}"
+    deadline = time.monotonic() + args.timeout
+    with _Connection(args.host, args.port) as broker:
+        broker.subscribe(reply_topic)
+        broker.publish(
+            topics.command(name.value),
+            request.model_dump_json(),
+            properties=_request_properties(reply_topic, request.id, args.timeout),
+        )
+        reply = _await_reply(broker, request.id, deadline)
+    if reply is None:
+        raise NoReply(
+            f"no reply from {args.device} to {name.value} within {args.timeout:g} s",
+            hint=f"check that {args.device} is online (edgefleet watch --device {args.device} "
+            "--host ...) and runs an agent that answers commands, or raise --timeout",
+        )
+    print(reply.model_dump_json(indent=2))
+    if not reply.ok:
+        error = reply.error.value if reply.error else "error"
+        print(
+            f"edgefleet: {args.device} did not carry out {name.value}: {error}: {reply.message}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _command_args(name: CommandName, text: str) -> dict[str, Any]:
+    """``--args`` as a JSON object, checked against the command's argument model."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingError(
+            f"--args is not JSON: {exc}", hint='pass an object, e.g. {"stream": "door"}'
+        ) from exc
+    if not isinstance(value, dict):
+        raise SettingError(
+            "--args must be a JSON object", hint='pass an object, e.g. {"stream": "door"}'
+        )
+    model = COMMAND_ARGS[name]
+    try:
+        model.model_validate(value)
+    except ValidationError as exc:
+        fields = ", ".join(model.model_fields) or "none"
+        raise SettingError(
+            f"--args for {name.value}: {_describe_errors(exc)}",
+            hint=f"{name.value} takes these arguments: {fields}",
+        ) from exc
+    return value
+
+
+def _request_properties(reply_topic: str, request_id: str, timeout_s: float) -> Properties:
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.ResponseTopic = reply_topic
+    properties.CorrelationData = request_id.encode()
+    # The broker drops it for a device that comes back too late to answer in time.
+    properties.MessageExpiryInterval = math.ceil(timeout_s)
+    return properties
+
+
+def _await_reply(broker: _Connection, request_id: str, deadline: float) -> CommandReply | None:
+    """The reply correlated with ``request_id``, or None once ``deadline`` (monotonic) passed."""
+    while (message := broker.receive(deadline - time.monotonic())) is not None:
+        correlation = getattr(message.properties, "CorrelationData", None)
+        if correlation is not None and correlation != request_id.encode():
+            continue  # someone else's reply on our topic: not ours to read
+        try:
+            return CommandReply.model_validate_json(message.payload)
+        except ValidationError as exc:
+            raise ContractBroken(
+                f"the reply on {message.topic} is not a command reply: {_describe_errors(exc)}",
+                hint="the device's agent breaks the wire contract; check its version",
+            ) from exc
+    return None
+
+
+# -- MQTT ---------------------------------------------------------------------------------
+
+
+class _Connection:
+    """One MQTT 5 connection for one command; each call waits, with a deadline, for its ack."""
+
+    def __init__(self, host: str, port: int, timeout_s: float = ACK_TIMEOUT_S) -> None:
+        self._host, self._port = host, port
+        self._timeout_s = timeout_s
+        self._changed = threading.Condition()
+        self._connack: ReasonCode | None = None
+        self._closed: ReasonCode | None = None
+        self._acks: dict[int, ReasonCode] = {}  # by message id: first SUBACK code, or PUBACK
+        self._messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, reconnect_on_failure=False
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        self._client = client
+
+    def __enter__(self) -> _Connection:
+        try:
+            self._client.connect(self._host, self._port, keepalive=KEEPALIVE_S)
+        except OSError as exc:
+            raise BrokerError(
+                f"cannot reach the broker at {self._host}:{self._port} ({exc})",
+                hint="check --host and --port, and that the broker runs",
+            ) from exc
+        self._client.loop_start()
+        try:
+            connack = self._wait(lambda: self._connack, "CONNACK")
+            self._check(connack, "refused the connection")
+        except BrokerError:
+            self._client.loop_stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe at QoS 1 and wait for the SUBACK."""
+        result, mid = self._client.subscribe(topic, qos=1)
+        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise self._lost(f"subscribing to {topic}")
+        self._check(self._wait(lambda: self._acks.get(mid), "SUBACK"), f"refused {topic}")
+
+    def publish(
+        self,
+        topic: str,
+        payload: str,
+        *,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
+        """Publish at QoS 1 and wait for the PUBACK."""
+        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise self._lost(f"publishing to {topic}")
+        self._check(self._wait(lambda: self._acks.get(info.mid), "PUBACK"), f"refused {topic}")
+
+    def receive(self, timeout_s: float) -> mqtt.MQTTMessage | None:
+        """The next message of the subscriptions, or None after ``timeout_s``."""
+        try:
+            return self._messages.get(timeout=max(timeout_s, 0.0))
+        except queue.Empty:
+            return None
+
+    def _wait(self, ready: Callable[[], _T | None], what: str) -> _T:
+        with self._changed:
+            self._changed.wait_for(
+                lambda: ready() is not None or self._closed is not None, self._timeout_s
+            )
+            result = ready()
+            if result is not None:
+                return result
+            if self._closed is not None:
+                raise self._lost(f"waiting for its {what}")
+        raise BrokerError(
+            f"no {what} from the broker at {self._host}:{self._port} within {self._timeout_s:g} s",
+            hint="check the broker's load and the network",
+        )
+
+    def _check(self, code: ReasonCode, what: str) -> None:
+        if code.is_failure:
+            raise BrokerError(
+                f"the broker at {self._host}:{self._port} {what}: {code}",
+                hint="check that this identity may read and write these topics (the broker ACL)",
+            )
+
+    def _lost(self, doing: str) -> BrokerError:
+        return BrokerError(
+            f"the broker at {self._host}:{self._port} closed the connection while {doing} "
+            f"({self._closed})",
+            hint="check the broker log: it drops clients it does not accept",
+        )
+
+    # paho's network thread from here on.
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._changed:
+            self._connack = reason_code
+            self._changed.notify_all()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._changed:
+            self._closed = reason_code
+            self._changed.notify_all()
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        with self._changed:
+            self._acks[mid] = reason_codes[0]
+            self._changed.notify_all()
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._changed:
+            self._acks[mid] = reason_code
+            self._changed.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        self._messages.put(message)
