@@ -2,8 +2,12 @@
 
 Threads: the main thread runs ``Agent.run`` (signals, reload, shutdown);
 ``health`` (``Agent._health_loop``) publishes metrics and the systemd status
-line; the others belong to the parts (``mqtt``, ``publisher``,
-``capture-<stream>``, ``infer-<stream>``, ``watchdog``).
+line; the others belong to the parts (``mqtt``, ``publisher``, ``commands``,
+``updates``, ``capture-<stream>``, ``infer-<stream>``, ``events-<stream>``,
+``watchdog``). The stream list is replaced whole under ``_streams_lock`` by
+whoever changes it (reload on the main thread, ``set_config`` and
+``restart_stream`` on the commands thread, an update that changes the input
+size on the updates thread); readers take the list as it is.
 """
 
 from __future__ import annotations
@@ -18,24 +22,30 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
+from edgefleet.provisioning.signing import SigningError, TrustedKeys
 from edgefleet.runtime import EdgefleetError, TaskName, select_backend
 
 from . import prometheus
+from .commands import CommandJournal, Commands
 from .config import DELEGATE_TYPES, SOURCE_TYPES, AgentConfig, StreamSettings, load_config
+from .handlers import handlers
 from .metrics import SystemMetrics
-from .mqtt import MqttLink, OutboxPublisher
+from .modelstore import ModelStore
+from .mqtt import Inbound, MqttLink, OutboxPublisher
 from .outbox import Outbox
-from .pipeline import StreamRunner
+from .pipeline import LoadedModel, StreamRunner
 from .protocol import (
     Capabilities,
     HealthMessage,
     MqttHealth,
     OutboxHealth,
+    ReportedState,
     StatusMessage,
     SystemHealth,
     Topics,
 )
 from .systemd import Notifier, Watchdog
+from .updates import Updater
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +85,7 @@ class Agent:
         self._reload = threading.Event()
         self._ready = False
         self.streams: list[StreamRunner] = []
+        self._streams_lock = threading.RLock()
         self._system = SystemMetrics()
         self.watchdog = Watchdog(self.notifier, stale_after_s=config.systemd.watchdog_stale_s)
         self._running = ExitStack()
@@ -83,24 +94,53 @@ class Agent:
 
     def start(self) -> None:
         """Open the outbox, load the models, connect, start the streams. Undone by ``stop``."""
+        updates = self.config.updates
         with ExitStack() as steps:
             self.outbox = Outbox(self.config.outbox)
             steps.callback(self.outbox.close)
+            self.store = ModelStore(updates.store_dir, keep_previous=updates.keep_previous)
+            self.journal = CommandJournal(
+                updates.store_dir / "commands.sqlite3",
+                keep_s=self.config.commands.journal_days * 86400,
+            )
+            steps.callback(self.journal.close)
             self.link = MqttLink(
                 self.config.broker,
                 will_topic=self.topics.status,
                 will_payload=self._status("offline", reason="connection lost"),
-                on_connected=self._publish_birth,
+                on_connected=self._on_connected,
+                subscriptions=[self.topics.commands, self.topics.desired],
+                on_message=self._on_message,
             )
             self.publisher = OutboxPublisher(
                 self.outbox, self.link, window=self.config.broker.max_inflight
             )
             self.sink = _OutboxSink(self.outbox, self.publisher)
-            self.streams = self._make_streams(self.config.streams)
+            self.updater = Updater(
+                updates,
+                store=self.store,
+                keys=_trusted_keys(updates.trusted_keys),
+                streams=lambda: {s.name: s for s in self.streams},
+                replace_stream=self._replace_stream,
+                on_change=self._publish_reported,
+                agent_version=AGENT_VERSION,
+            )
+            self.commands = Commands(
+                handlers(self),
+                journal=self.journal,
+                command_name=self.topics.command_name,
+                send=self._send_reply,
+                settings=self.config.commands,
+            )
+            self.streams = self._make_streams(self.config.streams, initial=True)
             self.link.start()
             steps.callback(self.link.stop)
             self.publisher.start()
             steps.callback(self.publisher.stop)
+            self.commands.start()
+            steps.callback(self.commands.stop)
+            self.updater.start()
+            steps.callback(self.updater.stop)
             steps.callback(self._publish_offline)
             steps.callback(self._flush)
             for stream in self.streams:
@@ -148,15 +188,21 @@ class Agent:
         if self.link.connected and not self.publisher.flush(self.config.shutdown_flush_s):
             log.warning("%d event(s) stay in the outbox for the next start", self.outbox.depth)
 
-    def _make_streams(self, settings: list[StreamSettings]) -> list[StreamRunner]:
+    def _make_streams(
+        self, settings: list[StreamSettings], *, initial: bool = False
+    ) -> list[StreamRunner]:
         """Streams whose model or source cannot be set up are logged and left out."""
         streams = []
         for s in settings:
             try:
-                streams.append(self._make_stream(s))
+                streams.append(self._make_stream(s, initial=initial))
             except EdgefleetError as exc:
                 log.error("stream %s cannot start: %s", s.name, exc, extra={"stream": s.name})
         return streams
+
+    def stream(self, name: str) -> StreamRunner | None:
+        """The running stream called ``name``."""
+        return next((s for s in self.streams if s.name == name), None)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; SIGHUP reloads the config. Main thread only."""
@@ -180,7 +226,7 @@ class Agent:
             self._stop.set()
 
     def reload(self) -> None:
-        """Re-read the config; restart only the streams whose settings changed."""
+        """Re-read the config file; restart only the streams whose settings changed."""
         if self.config_path is None:
             return
         self.notifier.reloading()
@@ -190,39 +236,122 @@ class Agent:
             log.error("reload refused, keeping the running config: %s", exc)
             self.notifier.ready(self._status_line())
             return
-        if new.broker != self.config.broker or new.device_id != self.config.device_id:
-            log.warning("broker or device id changed: restart the service to apply them")
-        old = {s.settings.name: s for s in self.streams}
-        kept, started = [], []
-        for settings in new.streams:
-            running = old.pop(settings.name, None)
-            if running is not None and running.settings == settings:
-                kept.append(running)
-                continue
-            try:
-                replacement = self._make_stream(settings)
-            except EdgefleetError as exc:
-                log.error("stream %s: new settings refused: %s", settings.name, exc)
-                if running is not None:
-                    kept.append(running)
-                continue
-            if running is not None:
-                running.stop()
-            replacement.start()
-            started.append(replacement)
-        for removed in old.values():
-            removed.stop()
-        self.streams = kept + started
-        # Topics and the broker session are built from these: they apply at the next start.
-        self.config = new.model_copy(
-            update={"broker": self.config.broker, "device_id": self.config.device_id}
+        applied = self.apply_config(new)
+        log.info(
+            "config reloaded: %d stream(s) restarted, %d removed",
+            len(applied["restarted"]),
+            len(applied["removed"]),
         )
-        log.info("config reloaded: %d stream(s) restarted, %d removed", len(started), len(old))
-        self._publish_birth()
         self.notifier.ready(self._status_line())
 
-    def _make_stream(self, settings: StreamSettings) -> StreamRunner:
-        return StreamRunner(settings, topics=self.topics, sink=self.sink, on_result=self._on_result)
+    def apply_config(self, new: AgentConfig) -> dict[str, list[str]]:
+        """Run ``new``: restart the streams whose settings changed, keep the rest.
+
+        A stream whose new settings cannot start keeps running with its old ones.
+        Returns the stream names restarted, refused and removed.
+        """
+        if new.broker != self.config.broker or new.device_id != self.config.device_id:
+            log.warning("broker or device id changed: restart the service to apply them")
+        with self._streams_lock:
+            old = {s.settings.name: s for s in self.streams}
+            kept, started, refused = [], [], []
+            for settings in new.streams:
+                running = old.pop(settings.name, None)
+                if running is not None and running.settings == settings:
+                    kept.append(running)
+                    continue
+                try:
+                    replacement = self._make_stream(settings)
+                except EdgefleetError as exc:
+                    log.error("stream %s: new settings refused: %s", settings.name, exc)
+                    refused.append(settings.name)
+                    if running is not None:
+                        kept.append(running)
+                    continue
+                if running is not None:
+                    running.stop()
+                replacement.start()
+                started.append(replacement)
+            for removed in old.values():
+                removed.stop()
+            self.streams = kept + started
+            # Topics and the broker session are built from these: they apply at the next start.
+            self.config = new.model_copy(
+                update={"broker": self.config.broker, "device_id": self.config.device_id}
+            )
+        self._publish_birth()
+        self._publish_reported()
+        return {
+            "restarted": [s.name for s in started],
+            "refused": refused,
+            "removed": list(old),
+        }
+
+    def restart_stream(self, name: str) -> None:
+        """Stop a stream and start it again with the same settings and its current model."""
+        with self._streams_lock:
+            running = self.stream(name)
+            if running is None:
+                raise KeyError(name)
+            running.stop()
+            replacement = self._make_stream(running.settings)
+            replacement.start()
+            self.streams = [replacement if s is running else s for s in self.streams]
+
+    def _replace_stream(self, name: str, model: LoadedModel) -> None:  # updates thread
+        with self._streams_lock:
+            running = self.stream(name)
+            if running is None:
+                model.predictor.close()
+                return
+            replacement = self._make_stream(running.settings, model=model)
+            running.stop()
+            replacement.start()
+            self.streams = [replacement if s is running else s for s in self.streams]
+
+    def _make_stream(
+        self,
+        settings: StreamSettings,
+        *,
+        model: LoadedModel | None = None,
+        initial: bool = False,
+    ) -> StreamRunner:
+        if model is None:
+            choose = self.updater.initial_model if initial else self.updater.current_model
+            model = choose(settings)
+        return StreamRunner(
+            settings, topics=self.topics, sink=self.sink, on_result=self._on_result, model=model
+        )
+
+    # -- commands and desired state ------------------------------------------------------
+
+    def _on_message(self, message: Inbound) -> None:  # mqtt thread
+        if message.topic == self.topics.desired:
+            self.updater.on_desired(message)
+        else:
+            self.commands.receive(message)
+
+    def _send_reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        self.link.publish(topic, payload, qos=1, correlation_data=correlation)
+
+    def reported(self) -> ReportedState:
+        """What this device runs and how its updates go."""
+        return ReportedState(
+            device_id=self.config.device_id,
+            ts=time.time(),
+            agent_version=AGENT_VERSION,
+            desired_revision=self.updater.desired_revision,
+            models={s.name: s.model for s in self.streams},
+            updates=dict(self.updater.reports),
+        )
+
+    def _publish_reported(self) -> None:  # any thread
+        payload = self.reported().model_dump_json(exclude_none=True).encode()
+        self.link.publish(self.topics.reported, payload, qos=1, retain=True)
+
+    def _on_connected(self) -> None:  # mqtt thread
+        self._publish_birth()
+        self._publish_reported()
 
     # -- status and health -------------------------------------------------------
 
@@ -311,3 +440,19 @@ class Agent:
             self.link.publish(
                 self.topics.health, message.model_dump_json(exclude_none=True).encode(), qos=0
             )
+
+
+def _trusted_keys(paths: list[Path]) -> TrustedKeys:
+    """The fleet keys found at ``paths``; none found means every manifest is refused."""
+    present = [p for p in paths if p.exists()]
+    try:
+        keys = TrustedKeys.from_paths(present)
+    except SigningError as exc:
+        log.error("no fleet key trusted, every model update will be refused: %s", exc)
+        return TrustedKeys([])
+    if not keys.key_ids:
+        log.warning(
+            "no fleet public key at %s: model updates will be refused",
+            ", ".join(str(p) for p in paths) or "(none configured)",
+        )
+    return keys

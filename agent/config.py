@@ -149,6 +149,61 @@ class SystemdSettings(_Section):
     )
 
 
+class UpdateSettings(_Section):
+    """Over-the-air model updates: where models live, whom to trust, how long to watch."""
+
+    store_dir: Path = Field(
+        Path("/var/lib/edgefleet/store"),
+        description="The model store: models by sha256, each stream's current pointer, "
+        "download staging; created if missing.",
+    )
+    trusted_keys: list[Path] = Field(
+        default_factory=lambda: [Path("/etc/edgefleet/fleet-keys")],
+        description="Fleet public keys (.pub files, or folders of them) that may sign "
+        "manifests; a missing path trusts nothing from it.",
+    )
+    probation_s: float = Field(
+        60.0, ge=0, description="How long a new model is watched before it is committed."
+    )
+    probation_min_frames: int = Field(
+        20, ge=1, description="Frames a new model must process before its error rate counts."
+    )
+    max_error_rate: float = Field(
+        0.05, ge=0, le=1, description="Failed frames / all frames that rolls a new model back."
+    )
+    max_latency_factor: float = Field(
+        3.0,
+        gt=1,
+        description="Rolled back when its median invoke time exceeds the old model's by this.",
+    )
+    max_probation_starts: int = Field(
+        2, ge=1, description="Agent restarts during probation (a crash loop) that roll back."
+    )
+    keep_previous: int = Field(2, ge=1, description="Older models kept per stream for rollback.")
+    download_timeout_s: float = Field(30.0, gt=0, description="Socket timeout of a download.")
+    download_attempts: int = Field(
+        5, ge=1, description="Tries of a download (each resumes) before the update waits."
+    )
+    validation_timeout_s: float = Field(
+        120.0, gt=0, description="Longest a model's validation process may run."
+    )
+    bench_runs: int = Field(20, ge=1, description="Timed runs when validating a model.")
+    retry_s: float = Field(
+        30.0, gt=0, description="Seconds before an update that could not finish is tried again."
+    )
+
+
+class CommandSettings(_Section):
+    """Commands over MQTT."""
+
+    max_payload_bytes: int = Field(
+        256 * 1024, ge=1024, description="Larger command payloads are refused unread."
+    )
+    journal_days: float = Field(
+        7.0, gt=0, description="How long executed command ids are remembered (at-most-once)."
+    )
+
+
 class AgentConfig(_Section):
     """The whole agent configuration."""
 
@@ -159,6 +214,12 @@ class AgentConfig(_Section):
     health: HealthSettings = Field(default_factory=HealthSettings, description="Health.")
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
     systemd: SystemdSettings = Field(default_factory=SystemdSettings, description="systemd.")
+    updates: UpdateSettings = Field(
+        default_factory=UpdateSettings, description="Over-the-air model updates."
+    )
+    commands: CommandSettings = Field(
+        default_factory=CommandSettings, description="Commands over MQTT."
+    )
     shutdown_flush_s: float = Field(
         5.0, ge=0, description="On stop, how long to keep sending queued events."
     )
@@ -274,6 +335,8 @@ def _resolve_paths(config: AgentConfig, base_dir: Path) -> None:
         return p if p.is_absolute() else (base_dir / p)
 
     config.outbox.path = resolve(config.outbox.path)
+    config.updates.store_dir = resolve(config.updates.store_dir)
+    config.updates.trusted_keys = [resolve(p) for p in config.updates.trusted_keys]
     for stream in config.streams:
         stream.model.path = resolve(stream.model.path)
         if stream.model.labels is not None:

@@ -4,7 +4,9 @@ Threads:
 
 - ``mqtt`` (``MqttLink._run``): connects, runs paho's network loop, and
   reconnects with full-jitter exponential backoff. paho callbacks
-  (``_on_connect``, ``_on_disconnect``, ``_on_publish``) run here.
+  (``_on_connect``, ``_on_disconnect``, ``_on_publish``, ``_on_message``) run
+  here; ``on_message`` receives an ``Inbound`` and must only hand it over
+  (commands and updates run on their own threads).
 - ``publisher`` (``OutboxPublisher._run``): hands outbox rows to paho in
   ``seq`` order while connected, at most ``max_inflight`` unacknowledged, and
   deletes rows once the broker's PUBACK arrives.
@@ -25,7 +27,8 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,17 @@ def _read_password(settings: BrokerSettings) -> str | None:
         ) from exc
 
 
+@dataclass(frozen=True)
+class Inbound:
+    """A message the device received; the MQTT 5 response properties when the sender set them."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
 class MqttLink:
     """One paho client, kept connected by the ``mqtt`` thread."""
 
@@ -75,9 +89,13 @@ class MqttLink:
         will_topic: str,
         will_payload: bytes,
         on_connected: Callable[[], None] | None = None,
+        subscriptions: Sequence[str] = (),
+        on_message: Callable[[Inbound], None] | None = None,
     ) -> None:
         self.settings = settings
         self._on_connected = on_connected
+        self._subscriptions = tuple(subscriptions)
+        self._on_inbound = on_message
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
@@ -120,6 +138,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         return client
 
     @property
@@ -159,13 +178,19 @@ class MqttLink:
         qos: int,
         retain: bool = False,
         on_ack: Callable[[], None] | None = None,
+        correlation_data: bytes | None = None,
     ) -> bool:
         """Hand a message to paho; ``on_ack`` runs (mqtt thread) once the broker has it.
 
         Returns False when paho refused the message outright. A message handed over
         while the connection is down stays with paho, which sends it after reconnecting.
+        ``correlation_data`` (MQTT 5) goes back with a command's reply.
         """
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        properties = None
+        if correlation_data is not None and self.settings.protocol == "mqtt5":
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.CorrelationData = correlation_data
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning(
                 "publish to %s refused by the client: %s", topic, paho.error_string(info.rc)
@@ -248,6 +273,8 @@ class MqttLink:
             "resumed" if flags.session_present else "new",
         )
         self._connected.set()
+        for topic in self._subscriptions:
+            self.client.subscribe(topic, qos=1)
         if self._on_connected is not None:
             self._on_connected()
 
@@ -270,6 +297,22 @@ class MqttLink:
             callback = self._pending.pop(mid)
         if callback is not None:
             callback()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if self._on_inbound is None:
+            return
+        props = getattr(message, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+        self._on_inbound(
+            Inbound(
+                topic=message.topic,
+                payload=bytes(message.payload),
+                retain=bool(message.retain),
+                response_topic=response_topic or None,
+                correlation_data=bytes(correlation) if correlation is not None else None,
+            )
+        )
 
 
 class OutboxPublisher:

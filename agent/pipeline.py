@@ -8,6 +8,8 @@ Threads per stream:
 - ``infer-<stream>`` (``StreamRunner._infer``) takes the newest frame,
   pre-processes it straight into the interpreter's input, invokes, and hands
   the results on. Nothing else runs here: the interpreter is the bottleneck.
+  Between two frames it takes a new model handed over by ``swap`` (loaded and
+  warmed by the caller beforehand), so a model update costs no frame.
 - ``events-<stream>`` (``StreamRunner._events``) filters and tracks the
   results, serializes the events and writes each frame's events to the outbox
   in one transaction.
@@ -27,24 +29,26 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from edgefleet.runtime import (
     RESULT_KEYS,
     EdgefleetError,
     Labels,
+    ModelBytes,
     Predictor,
     ResizeMode,
     TaskName,
     read_model,
 )
 from edgefleet.runtime.delegates import LoadedDelegate
+from edgefleet.runtime.preprocess import Frame
 
-from .config import StreamSettings
+from .config import ModelSettings, StreamSettings
 from .events import EventDraft, EventFilter
 from .metrics import LatencyWindow
-from .protocol import EventMessage, ModelRef, StreamHealth, Topics
+from .protocol import EventMessage, Manifest, ModelRef, StreamHealth, Topics
 from .sources import make_source
 from .sources.capture import Capture, FrameSlot
 
@@ -54,6 +58,7 @@ _FRAME_WAIT_S = 0.5
 _RESULTS_QUEUE = 64
 _FPS_WINDOW_S = 5.0
 _FPS_SAMPLES = 2048  # room for 400 fps over the window
+_SWAP_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class _Results:
     capture_ts: float
     inference_ts: float
     inference_ms: float
+    model: ModelRef
 
 
 class EventSink(Protocol):
@@ -82,13 +88,77 @@ class _Counters:
     last_error: str | None = None
 
 
-def model_ref(settings: StreamSettings, predictor: Predictor) -> ModelRef:
+@dataclass
+class ModelStats:
+    """What the current model did since it started on this stream (probation reads it)."""
+
+    processed: int = 0
+    failed: int = 0
+    inference: LatencyWindow = field(default_factory=LatencyWindow)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to run on a stream, and how events name it."""
+
+    predictor: Predictor
+    ref: ModelRef
+
+
+def load_model(
+    settings: ModelSettings,
+    content: ModelBytes | None = None,
+    manifest: Manifest | None = None,
+    *,
+    warm_frame: Frame | None = None,
+) -> LoadedModel:
+    """Open a stream's model: the config's file, or ``content`` with its manifest's task config.
+
+    ``warm_frame`` is run through it once, so the first real frame is not the slow one.
+    """
+    task, labels = settings.task, Labels.from_file(settings.labels) if settings.labels else None
+    min_score, top_k = settings.min_score, settings.top_k
+    if manifest is not None:
+        spec = manifest.task
+        task = spec.task or task
+        if spec.labels is not None:
+            labels = Labels.from_lines(spec.labels, f"manifest {manifest.model_id}")
+        min_score = spec.min_score if spec.min_score is not None else min_score
+        top_k = spec.top_k or top_k
+    predictor = Predictor.open(
+        content if content is not None else read_model(settings.path),
+        task=task,
+        labels=labels,
+        delegate=settings.delegate,
+        threads=settings.threads,
+        backend=settings.backend,
+        resize=settings.resize,
+        min_score=min_score,
+        top_k=top_k,
+    )
+    try:
+        if warm_frame is not None:
+            predictor.predict(warm_frame)
+    except EdgefleetError:
+        predictor.close()
+        raise
+    return LoadedModel(predictor, model_ref(settings, predictor, manifest))
+
+
+def model_ref(
+    settings: ModelSettings, predictor: Predictor, manifest: Manifest | None = None
+) -> ModelRef:
     """How events and status name the model a stream runs."""
     engine = predictor.engine
     delegate: LoadedDelegate = engine.delegate
+    if manifest is not None:
+        model_id, version = manifest.model_id, str(manifest.version)
+    else:
+        model_id = settings.id or settings.path.stem
+        version = settings.version or engine.model.sha256[:12]
     return ModelRef(
-        id=settings.model.id or settings.model.path.stem,
-        version=settings.model.version or engine.model.sha256[:12],
+        id=model_id,
+        version=version,
         sha256=engine.model.sha256,
         task=predictor.task.name.value,
         backend=engine.backend.label,
@@ -106,15 +176,21 @@ class StreamRunner:
         topics: Topics,
         sink: EventSink,
         on_result: Callable[[], None] | None = None,
+        model: LoadedModel | None = None,
     ) -> None:
+        """Set the stream up with ``model``, or the config's model file when None."""
         self.settings = settings
         self.name = settings.name
         self._topic = topics.events(settings.name)
         self._device_id = topics.device_id
         self._sink = sink
         self._on_result = on_result
-        self.predictor = self._load_model()
-        self.model = model_ref(settings, self.predictor)
+        loaded = model or load_model(settings.model)
+        self.predictor, self.model = loaded.predictor, loaded.ref
+        self.model_stats = ModelStats()
+        self._swap_lock = threading.Lock()
+        self._pending: LoadedModel | None = None
+        self._swapped = threading.Event()
         self._filter = EventFilter(settings.events)
         self._slot = FrameSlot()
         self._source = make_source(settings.source)
@@ -136,19 +212,47 @@ class StreamRunner:
         # topic, Prometheus scrape) changes nothing.
         self._done_at: deque[float] = deque(maxlen=_FPS_SAMPLES)
 
-    def _load_model(self) -> Predictor:
-        m = self.settings.model
-        labels = Labels.from_file(m.labels) if m.labels else None
-        return Predictor.open(
-            read_model(m.path),
-            task=m.task,
-            labels=labels,
-            delegate=m.delegate,
-            threads=m.threads,
-            backend=m.backend,
-            resize=m.resize,
-            min_score=m.min_score,
-            top_k=m.top_k,
+    @property
+    def latest_frame(self) -> Frame | None:
+        """The most recent frame the source delivered (for snapshots and validation)."""
+        frame = self.capture.last_frame
+        return frame.pixels.copy() if frame is not None else None
+
+    def swap(self, model: LoadedModel) -> bool:
+        """Run ``model`` from the next frame on; the old one is closed. Any thread but infer.
+
+        Returns False (and leaves ``model`` to the caller) when the inference thread did
+        not take it within its wait, e.g. because it is stuck in a hung interpreter.
+        """
+        with self._swap_lock:
+            self._swapped.clear()
+            self._pending = model
+        if self._infer_thread is None or not self._infer_thread.is_alive():
+            self._take_pending()
+        if self._swapped.wait(_SWAP_WAIT_S):
+            return True
+        with self._swap_lock:
+            if self._pending is model:
+                self._pending = None
+                return False
+        return True
+
+    def _take_pending(self) -> None:
+        with self._swap_lock:
+            model, self._pending = self._pending, None
+        if model is None:
+            return
+        old = self.predictor
+        self.predictor, self.model, self.model_stats = model.predictor, model.ref, ModelStats()
+        self._swapped.set()
+        old.close()
+        log.info(
+            "stream %s: now running %s version %s (%s)",
+            self.name,
+            model.ref.id,
+            model.ref.version,
+            model.ref.sha256[:12],
+            extra={"stream": self.name, "model": model.ref.id},
         )
 
     def start(self) -> None:
@@ -189,7 +293,7 @@ class StreamRunner:
             self._events_thread.join(timeout_s)
         drafts = self._filter.flush(time.time())
         if drafts:
-            self._emit(drafts, inference_ts=time.time(), inference_ms=0.0)
+            self._emit(drafts, inference_ts=time.time(), inference_ms=0.0, model=self.model)
         self.predictor.close()
 
     def health(self) -> StreamHealth:
@@ -221,18 +325,26 @@ class StreamRunner:
 
     def _infer(self) -> None:
         while not self._stop.is_set():
+            if self._pending is not None:
+                self._take_pending()
             frame = self._slot.get(_FRAME_WAIT_S)
             if frame is None:
                 continue
+            stats = self.model_stats
             try:
                 prediction = self.predictor.predict(frame.pixels)
             except EdgefleetError as exc:
+                stats.failed += 1
                 self._failed(exc)
                 continue
             done = time.time()
             self.latency.add((done - frame.capture_ts) * 1000.0)
             self.inference.add(prediction.latency_ms)
-            handed = _Results(prediction.results, frame.capture_ts, done, prediction.latency_ms)
+            stats.processed += 1
+            stats.inference.add(prediction.latency_ms)
+            handed = _Results(
+                prediction.results, frame.capture_ts, done, prediction.latency_ms, self.model
+            )
             while not self._stop.is_set():
                 try:
                     self._results.put(handed, timeout=_FRAME_WAIT_S)
@@ -256,7 +368,12 @@ class StreamRunner:
                 return
             drafts = self._filter.process(item.results, item.capture_ts)
             if drafts:
-                self._emit(drafts, inference_ts=item.inference_ts, inference_ms=item.inference_ms)
+                self._emit(
+                    drafts,
+                    inference_ts=item.inference_ts,
+                    inference_ms=item.inference_ms,
+                    model=item.model,
+                )
 
     def _failed(self, exc: EdgefleetError) -> None:
         c = self._counters
@@ -267,8 +384,15 @@ class StreamRunner:
             )
         c.last_error = exc.message
 
-    def _emit(self, drafts: list[EventDraft], *, inference_ts: float, inference_ms: float) -> None:
-        payloads = [self._serialize(d, inference_ts, inference_ms) for d in drafts]
+    def _emit(
+        self,
+        drafts: list[EventDraft],
+        *,
+        inference_ts: float,
+        inference_ms: float,
+        model: ModelRef,
+    ) -> None:
+        payloads = [self._serialize(d, inference_ts, inference_ms, model) for d in drafts]
         try:
             self._sink.emit(self.name, self._topic, payloads)
         except EdgefleetError as exc:  # disk full, I/O error: count it, keep the stream running
@@ -281,7 +405,9 @@ class StreamRunner:
             return
         self._counters.events += len(payloads)
 
-    def _serialize(self, draft: EventDraft, inference_ts: float, inference_ms: float) -> bytes:
+    def _serialize(
+        self, draft: EventDraft, inference_ts: float, inference_ms: float, model: ModelRef
+    ) -> bytes:
         self._seq += 1
         message = EventMessage(
             id=uuid.uuid4().hex,
@@ -294,7 +420,7 @@ class StreamRunner:
             label=draft.label,
             score=draft.score,
             zones=list(draft.zones),
-            model=self.model,
+            model=model,
             capture_ts=draft.capture_ts,
             inference_ts=inference_ts,
             latency_ms=round((inference_ts - draft.capture_ts) * 1000.0, 3),

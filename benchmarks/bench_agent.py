@@ -104,6 +104,7 @@ def start_agent(
             }
         ],
         "outbox": {"path": str(workdir / f"outbox-{realtime}-{threads}.sqlite3")},
+        "updates": {"store_dir": str(workdir / f"store-{realtime}-{threads}"), "trusted_keys": []},
         "health": {"interval_s": 1},
         "logging": {"level": "WARNING"},
     }

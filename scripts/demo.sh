@@ -51,6 +51,7 @@ streams:
       labels: [person, kite]
       min_score: 0.6
 outbox: {path: $work/outbox.sqlite3}
+updates: {store_dir: $work/store, trusted_keys: []}
 health: {interval_s: 3}
 YAML
 "$bin/edgefleet-agent" check-config "$work/agent.yaml"

@@ -51,6 +51,7 @@ def agent_config(
             }
         ],
         "outbox": {"path": str(workdir / "outbox.sqlite3")},
+        "updates": {"store_dir": str(workdir / "store"), "trusted_keys": []},
         "health": {"interval_s": 1},
     }
     config.update(overrides)
@@ -279,6 +280,7 @@ def test_sd_notify_ready_after_first_result_and_watchdog_stops_when_inference_ha
             }
         ],
         "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
+        "updates": {"store_dir": str(tmp_path / "store"), "trusted_keys": []},
         "systemd": {"watchdog_stale_s": 1.0},
     }
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}

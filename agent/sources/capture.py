@@ -119,6 +119,8 @@ class Capture:
         self._stats = CaptureStats()
         self._thread: threading.Thread | None = None
         self._extra = {"stream": stream}  # the structured-log context of every line
+        # The newest frame read, for snapshots and model validation (one reference swap).
+        self.last_frame: CapturedFrame | None = None
 
     @property
     def stats(self) -> CaptureStats:
@@ -176,6 +178,7 @@ class Capture:
                     return
                 self._flowing()
                 attempt = 0
+                self.last_frame = frame
                 self.slot.put(frame, wait=not self.source.live, stop=self._stop)
                 with self._lock:
                     self._stats.captured += 1

@@ -1,0 +1,320 @@
+"""Commands over MQTT: parsed at the edge, run at most once, always answered.
+
+A request arrives on ``cmd/<name>``. MQTT 5 senders set the response topic and
+correlation data; MQTT 3.1.1 senders put ``reply_to`` in the payload. Every
+request that names a place to answer gets a ``CommandReply`` with ``ok``, an
+``ErrorCode`` and a message; one that does not is logged and counted.
+
+``parse_command`` decides, without I/O, what a payload is: a typed
+``ParsedCommand`` or the error reply it deserves (too large, not JSON, not a
+request, unknown command, bad arguments). ``CommandJournal`` remembers every
+id it ran, in SQLite beside the model store, so a redelivered request (QoS 1
+after a reconnect, a controller retry) is answered from the recorded reply and
+never run twice, even across a restart. An expired request is refused.
+
+Threads: ``Commands.receive`` runs on the ``mqtt`` thread and only queues; the
+``commands`` thread (``Commands._run``) checks the journal, runs the handler
+and sends the reply. Handlers therefore run one at a time, off the network
+thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from edgefleet.runtime import EdgefleetError
+
+from .config import CommandSettings
+from .mqtt import Inbound
+from .protocol import (
+    COMMAND_ARGS,
+    SCHEMA_VERSION,
+    CommandName,
+    CommandReply,
+    CommandRequest,
+    ErrorCode,
+)
+
+log = logging.getLogger(__name__)
+
+_QUEUE_SIZE = 1024
+_WAIT_S = 0.5
+_LOG_EVERY = 100  # a flood of junk logs one line per this many rejects
+
+
+class CommandFailed(EdgefleetError):
+    """A handler could not do what was asked; ``code`` says which way it went wrong."""
+
+    def __init__(self, code: ErrorCode, message: str, *, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ParsedCommand:
+    """A request that passed every check at the edge."""
+
+    name: CommandName
+    request: CommandRequest
+    args: BaseModel
+
+
+Handler = Callable[[Any], dict[str, Any]]
+
+
+def error_reply(
+    command: str, code: ErrorCode, message: str, *, id_: str | None = None
+) -> CommandReply:
+    """A reply saying why a command was not carried out."""
+    return CommandReply(
+        id=id_, command=command, ok=False, error=code, message=message, ts=time.time()
+    )
+
+
+class _Rejected(Exception):
+    """A payload that is not a runnable command; carries the reply it gets."""
+
+    def __init__(self, reply: CommandReply) -> None:
+        super().__init__(reply.message)
+        self.reply = reply
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
+    )
+
+
+def parse_command(
+    name: str, payload: bytes, *, now: float, max_bytes: int
+) -> ParsedCommand | CommandReply:
+    """The typed command in ``payload``, or the error reply it gets. Pure."""
+    try:
+        request = _request(name, payload, max_bytes)
+        return ParsedCommand(*_arguments(name, request))
+    except _Rejected as rejected:
+        return rejected.reply
+
+
+def _request(name: str, payload: bytes, max_bytes: int) -> CommandRequest:
+    def reject(code: ErrorCode, message: str, id_: str | None = None) -> _Rejected:
+        return _Rejected(error_reply(name, code, message, id_=id_))
+
+    if len(payload) > max_bytes:
+        raise reject(ErrorCode.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise reject(ErrorCode.MALFORMED, f"payload is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise reject(ErrorCode.MALFORMED, "payload must be a JSON object")
+    id_ = data["id"] if isinstance(data.get("id"), str) else None
+    try:
+        request = CommandRequest.model_validate(data)
+    except ValidationError as exc:
+        raise reject(ErrorCode.MALFORMED, f"not a command request: {_problems(exc)}", id_) from None
+    if request.schema_version != SCHEMA_VERSION:
+        raise reject(
+            ErrorCode.MALFORMED,
+            f"schema_version {request.schema_version} is not supported (this agent speaks "
+            f"{SCHEMA_VERSION})",
+            id_,
+        )
+    return request
+
+
+def _arguments(name: str, request: CommandRequest) -> tuple[CommandName, CommandRequest, BaseModel]:
+    try:
+        command = CommandName(name)
+    except ValueError:
+        known = ", ".join(c.value for c in CommandName)
+        raise _Rejected(
+            error_reply(
+                name,
+                ErrorCode.UNKNOWN_COMMAND,
+                f"unknown command {name!r}; known: {known}",
+                id_=request.id,
+            )
+        ) from None
+    try:
+        args = COMMAND_ARGS[command].model_validate(request.args)
+    except ValidationError as exc:
+        raise _Rejected(
+            error_reply(name, ErrorCode.INVALID_ARGS, _problems(exc), id_=request.id)
+        ) from None
+    return command, request, args
+
+
+class CommandJournal:
+    """Ids of the commands run, with their replies: at most once, across restarts.
+
+    One SQLite connection, used by the ``commands`` thread only.
+    """
+
+    def __init__(self, path: Path, *, keep_s: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._keep_s = keep_s
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, command TEXT NOT NULL, "
+            "reply TEXT, created REAL NOT NULL)"
+        )
+        self._db.execute("DELETE FROM commands WHERE created < ?", (time.time() - keep_s,))
+
+    def recorded(self, id: str) -> CommandReply | None:
+        """The reply to ``id`` if it ran before; a run cut short by a restart says so."""
+        row = self._db.execute("SELECT command, reply FROM commands WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            return None
+        command, reply = row
+        if reply is None:
+            return error_reply(
+                command,
+                ErrorCode.FAILED,
+                "the agent restarted while running this command; it is not run again",
+                id_=id,
+            )
+        return CommandReply.model_validate_json(reply)
+
+    def begin(self, id: str, command: str) -> None:
+        """Record that ``id`` is running, before it runs."""
+        self._db.execute(
+            "INSERT INTO commands (id, command, reply, created) VALUES (?, ?, NULL, ?)",
+            (id, command, time.time()),
+        )
+
+    def finish(self, id: str, reply: CommandReply) -> None:
+        """Record the reply of ``id``."""
+        self._db.execute(
+            "UPDATE commands SET reply = ? WHERE id = ?", (reply.model_dump_json(), id)
+        )
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+
+class Commands:
+    """Receives command messages, runs them one at a time, answers each."""
+
+    def __init__(
+        self,
+        handlers: Mapping[CommandName, Handler],
+        *,
+        journal: CommandJournal,
+        command_name: Callable[[str], str | None],
+        send: Callable[[str, bytes, bytes | None], None],
+        settings: CommandSettings,
+    ) -> None:
+        self._handlers = handlers
+        self._journal = journal
+        self._command_name = command_name
+        self._send = send
+        self._settings = settings
+        self._queue: queue.Queue[Inbound] = queue.Queue(_QUEUE_SIZE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.answered = 0
+        self.unanswerable = 0
+
+    def start(self) -> None:
+        """Start the ``commands`` thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop taking commands; a running handler finishes first (bounded by ``timeout_s``)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def receive(self, message: Inbound) -> None:  # mqtt thread
+        """Queue a command message; answer 'busy' at once when the queue is full."""
+        try:
+            self._queue.put_nowait(message)
+        except queue.Full:
+            name = self._command_name(message.topic) or "?"
+            self._answer(
+                message,
+                error_reply(name, ErrorCode.REFUSED, "busy: too many commands waiting"),
+                None,
+            )
+
+    def _run(self) -> None:  # commands thread
+        while not self._stop.is_set():
+            try:
+                message = self._queue.get(timeout=_WAIT_S)
+            except queue.Empty:
+                continue
+            self._handle(message)
+
+    def _handle(self, message: Inbound) -> None:
+        name = self._command_name(message.topic) or "?"
+        parsed = parse_command(
+            name, message.payload, now=time.time(), max_bytes=self._settings.max_payload_bytes
+        )
+        if isinstance(parsed, CommandReply):
+            self._answer(message, parsed, None)
+            return
+        request = parsed.request
+        recorded = self._journal.recorded(request.id)
+        if recorded is not None:
+            log.info("command %s %s: repeated id, answered from the record", name, request.id)
+            self._answer(message, recorded, request.reply_to)
+            return
+        if request.expires_at < time.time():
+            reply = error_reply(
+                name,
+                ErrorCode.EXPIRED,
+                f"expired {time.time() - request.expires_at:.1f} s ago; not run",
+                id_=request.id,
+            )
+            self._answer(message, reply, request.reply_to)
+            return
+        self._journal.begin(request.id, name)
+        reply = self._execute(parsed)
+        self._journal.finish(request.id, reply)
+        self._answer(message, reply, request.reply_to)
+
+    def _execute(self, parsed: ParsedCommand) -> CommandReply:
+        name, id_ = parsed.name.value, parsed.request.id
+        try:
+            result = self._handlers[parsed.name](parsed.args)
+        except CommandFailed as exc:
+            log.warning("command %s %s failed: %s", name, id_, exc)
+            return error_reply(name, exc.code, str(exc), id_=id_)
+        except EdgefleetError as exc:
+            log.warning("command %s %s failed: %s", name, id_, exc)
+            return error_reply(name, ErrorCode.FAILED, str(exc), id_=id_)
+        log.info("command %s %s done", name, id_)
+        return CommandReply(
+            id=id_, command=name, ok=True, message="done", result=result, ts=time.time()
+        )
+
+    def _answer(self, message: Inbound, reply: CommandReply, reply_to: str | None) -> None:
+        topic = message.response_topic or reply_to
+        if topic is None:
+            self.unanswerable += 1
+            if self.unanswerable % _LOG_EVERY == 1:
+                log.warning(
+                    "command on %s not answered, no response topic (%d so far): %s",
+                    message.topic,
+                    self.unanswerable,
+                    reply.message,
+                )
+            return
+        self.answered += 1
+        self._send(topic, reply.model_dump_json().encode(), message.correlation_data)

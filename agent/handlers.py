@@ -1,0 +1,206 @@
+"""What each command does on the device; the ``commands`` thread calls these one at a time.
+
+Each handler takes the command's typed arguments (already validated against
+``protocol.COMMAND_ARGS``) and returns the reply's ``result``, or raises
+``CommandFailed`` with an error code a controller can act on.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from PIL import Image
+
+from edgefleet.runtime import EdgefleetError
+
+from .commands import CommandFailed, Handler
+from .config import ConfigError, apply_environment, check_files, parse_config
+from .modelstore import NothingToRollBack
+from .pipeline import StreamRunner
+from .protocol import (
+    BenchModelArgs,
+    CommandName,
+    ErrorCode,
+    NoArgs,
+    RollbackModelArgs,
+    SetConfigArgs,
+    SnapshotArgs,
+    StreamArgs,
+)
+from .updates import UpdateBusy
+from .validation import ValidationRefused, validate_model
+
+if TYPE_CHECKING:
+    from .app import Agent
+
+_JPEG_QUALITIES = (90, 75, 60, 45, 30, 15)
+
+
+def handlers(agent: Agent) -> dict[CommandName, Handler]:
+    """The handler of every command, bound to ``agent``."""
+    h = _Handlers(agent)
+    return {
+        CommandName.PING: h.ping,
+        CommandName.GET_STATUS: h.get_status,
+        CommandName.GET_CONFIG: h.get_config,
+        CommandName.SET_CONFIG: h.set_config,
+        CommandName.SNAPSHOT: h.snapshot,
+        CommandName.RESTART_STREAM: h.restart_stream,
+        CommandName.LIST_MODELS: h.list_models,
+        CommandName.BENCH_MODEL: h.bench_model,
+        CommandName.ROLLBACK_MODEL: h.rollback_model,
+    }
+
+
+class _Handlers:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def _stream(self, name: str) -> StreamRunner:
+        runner = self.agent.stream(name)
+        if runner is None:
+            known = ", ".join(s.name for s in self.agent.streams) or "none"
+            raise CommandFailed(ErrorCode.NOT_FOUND, f"no stream {name!r}; streams: {known}")
+        return runner
+
+    def ping(self, args: NoArgs) -> dict[str, Any]:
+        return {"pong": True, "uptime_s": round(time.monotonic() - self.agent.started_at, 1)}
+
+    def get_status(self, args: NoArgs) -> dict[str, Any]:
+        return {
+            "health": self.agent.health().model_dump(mode="json"),
+            "reported": self.agent.reported().model_dump(mode="json"),
+        }
+
+    def get_config(self, args: NoArgs) -> dict[str, Any]:
+        return {"config": self.agent.config.model_dump(mode="json")}
+
+    def set_config(self, args: SetConfigArgs) -> dict[str, Any]:
+        path = self.agent.config_path
+        if path is None:
+            raise CommandFailed(ErrorCode.REFUSED, "this agent runs without a config file")
+        data = dict(args.config)
+        written = yaml.safe_dump(data, sort_keys=False)
+        problems = apply_environment(data, os.environ)
+        try:
+            if problems:
+                raise ConfigError("set_config", problems)
+            new = parse_config(data, "set_config", base_dir=path.parent)
+            problems = check_files(new)
+            if problems:
+                raise ConfigError("set_config", problems)
+        except ConfigError as exc:
+            raise CommandFailed(ErrorCode.INVALID_ARGS, exc.message, hint=exc.hint) from exc
+        _write_atomically(path, written)
+        applied = self.agent.apply_config(new)
+        return {"written": str(path), **applied}
+
+    def snapshot(self, args: SnapshotArgs) -> dict[str, Any]:
+        runner = self._stream(args.stream)
+        frame = runner.capture.last_frame
+        if frame is None:
+            raise CommandFailed(ErrorCode.REFUSED, f"stream {args.stream} has no frame yet")
+        image = Image.fromarray(frame.pixels)
+        for quality in _JPEG_QUALITIES:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=quality)
+            if buffer.tell() <= args.max_bytes:
+                return {
+                    "stream": args.stream,
+                    "capture_ts": frame.capture_ts,
+                    "width": image.width,
+                    "height": image.height,
+                    "quality": quality,
+                    "jpeg_base64": base64.b64encode(buffer.getvalue()).decode(),
+                }
+        raise CommandFailed(
+            ErrorCode.REFUSED,
+            f"the frame does not fit in {args.max_bytes} bytes even at quality "
+            f"{_JPEG_QUALITIES[-1]}",
+            hint="ask with a larger max_bytes",
+        )
+
+    def restart_stream(self, args: StreamArgs) -> dict[str, Any]:
+        self._stream(args.stream)
+        try:
+            self.agent.restart_stream(args.stream)
+        except EdgefleetError as exc:
+            raise CommandFailed(ErrorCode.FAILED, str(exc)) from exc
+        return {"stream": args.stream, "restarted": True}
+
+    def list_models(self, args: NoArgs) -> dict[str, Any]:
+        store = self.agent.store
+        stored = []
+        for model in store.models():
+            stored.append({"sha256": model.sha256, "size": model.size, "streams": model.streams})
+        current = {}
+        for runner in self.agent.streams:
+            pointer = store.current(runner.name)
+            current[runner.name] = {
+                "running": runner.model.model_dump(mode="json"),
+                "previous": list(pointer.previous) if pointer else [],
+            }
+        return {"streams": current, "stored": stored}
+
+    def bench_model(self, args: BenchModelArgs) -> dict[str, Any]:
+        runner = self._stream(args.stream)
+        model = runner.settings.model
+        content = self.agent.store.load(runner.model.sha256).content
+        try:
+            report = validate_model(
+                content,
+                manifest=None,
+                delegate=model.delegate,
+                threads=model.threads,
+                backend=model.backend,
+                frame=runner.latest_frame,
+                bench_runs=args.runs,
+                timeout_s=self.agent.config.updates.validation_timeout_s,
+            )
+        except ValidationRefused as exc:
+            raise CommandFailed(ErrorCode.FAILED, f"{exc.code}: {exc.message}") from exc
+        return {
+            "stream": args.stream,
+            "sha256": runner.model.sha256,
+            "backend": report.backend,
+            "delegate": report.delegate,
+            "runs": report.runs,
+            "latency_p50_ms": report.latency_p50_ms,
+            "latency_p90_ms": report.latency_p90_ms,
+        }
+
+    def rollback_model(self, args: RollbackModelArgs) -> dict[str, Any]:
+        self._stream(args.stream)
+        try:
+            sha = self.agent.updater.rollback(args.stream, f"operator: {args.reason}")
+        except NothingToRollBack as exc:
+            raise CommandFailed(ErrorCode.REFUSED, exc.message, hint=exc.hint) from exc
+        except UpdateBusy as exc:
+            raise CommandFailed(ErrorCode.REFUSED, exc.message, hint=exc.hint) from exc
+        return {"stream": args.stream, "sha256": sha}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` so that a crash leaves the old or the new file, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

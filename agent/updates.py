@@ -1,0 +1,631 @@
+"""Over-the-air model updates: verify, download, validate, activate, watch, commit or roll back.
+
+The controller's retained ``desired`` message names, per stream, a signed
+manifest. For each stream whose desired model is not the one it runs, the
+``updates`` thread walks one update through these states, writing the state
+to the model store's record (fsynced) before doing the step, so a crash at
+any instant resumes from a known state::
+
+    verifying    signature against the fleet keys, expiry, version newer than
+                 installed (or a signed rollback), agent version
+    downloading  into the store's staging file, resumed, bounded, sha256 checked
+    validating   in a separate process: loads the verified bytes, checks the
+                 manifest's inputs/outputs, smoke inference, latency budget
+    activating   load + warm the interpreter here, switch the store's current
+                 pointer (rename), swap it into the stream between two frames
+    probation    errors, latency, restarts watched for ``probation_s``
+    committed    kept; older models beyond ``keep_previous`` are pruned
+    refused      any check failed: the old model never stopped
+    rolled_back  probation failed, or an operator asked: the previous model runs
+
+The store's pointer is switched only after a complete, verified model is in
+the store, and the pointer is what the agent loads at start: so a power cut
+leaves each stream on the old or the new model. A crash loop during probation
+(``max_probation_starts`` starts) rolls back at the next start, before the new
+model is loaded again.
+
+Threads: ``on_desired`` runs on the ``mqtt`` thread and only hands the
+message over; ``_run`` (the ``updates`` thread) reconciles and ticks
+probation; ``rollback`` runs on the ``commands`` thread; ``initial_model``
+runs on the main thread before the streams start. ``_lock`` serializes every
+change of a stream's model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edgefleet.provisioning.signing import SigningError, TrustedKeys
+from edgefleet.runtime import EdgefleetError, ModelBytes, read_model
+
+from .config import StreamSettings, UpdateSettings
+from .download import DownloadError, DownloadFailed, DownloadIncomplete, download
+from .modelstore import ModelStore, NothingToRollBack, StoreError
+from .mqtt import Inbound
+from .pipeline import LoadedModel, ModelStats, StreamRunner, load_model
+from .protocol import (
+    DesiredState,
+    Manifest,
+    SignedManifest,
+    UpdateReport,
+    UpdateState,
+)
+from .validation import ValidationRefused, validate_model
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 1.0
+_PROGRESS_EVERY_BYTES = 256 * 1024
+_LOCK_WAIT_S = 30.0
+_IN_PROGRESS = {
+    UpdateState.VERIFYING,
+    UpdateState.DOWNLOADING,
+    UpdateState.VALIDATING,
+    UpdateState.ACTIVATING,
+}
+
+
+class UpdateRefused(EdgefleetError):
+    """An update that will not be installed; the message is the reason reported."""
+
+
+class UpdateBusy(EdgefleetError):
+    """Another change of the stream's model is under way."""
+
+
+class _InSync(Exception):
+    """The desired model is the one running already."""
+
+
+class _Record(BaseModel):
+    """The store's record of a stream's latest update (the agent's own file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: UpdateState
+    signed: SignedManifest
+    model_id: str
+    version: int
+    sha256: str
+    reason: str | None = None
+    bytes_done: int | None = None
+    ts: float
+    starts: int = 0
+    baseline_p50_ms: float | None = None
+    probation_started: float | None = None
+
+    def report(self) -> UpdateReport:
+        return UpdateReport(
+            state=self.state,
+            model_id=self.model_id,
+            version=self.version,
+            sha256=self.sha256,
+            reason=self.reason,
+            bytes_done=self.bytes_done,
+            ts=self.ts,
+        )
+
+
+# -- decisions (pure) ---------------------------------------------------------------
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:4])
+
+
+def refusal(
+    manifest: Manifest, *, now: float, installed: Manifest | None, agent_version: str
+) -> str | None:
+    """Why a verified manifest must not be installed, or None. Pure."""
+    if manifest.expires_at < now:
+        return f"manifest expired {now - manifest.expires_at:.0f} s ago; sign a new one"
+    if installed is not None and manifest.version <= installed.version and not manifest.rollback:
+        return (
+            f"version {manifest.version} is not newer than the installed {installed.version} "
+            "(a replayed manifest?); sign a rollback manifest to go back"
+        )
+    if _version_tuple(agent_version) < _version_tuple(manifest.min_agent_version):
+        return f"needs agent {manifest.min_agent_version} or newer; this is {agent_version}"
+    if not any(url.startswith(("http://", "https://")) for url in manifest.urls):
+        return "no http(s) URL in the manifest: this agent downloads over HTTP(S) only"
+    return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What probation decided: commit, roll back (with why), or keep watching."""
+
+    commit: bool = False
+    rollback_reason: str | None = None
+
+
+def probation_verdict(
+    stats: ModelStats,
+    *,
+    elapsed_s: float,
+    baseline_p50_ms: float | None,
+    settings: UpdateSettings,
+) -> Verdict:
+    """Judge a model on probation from what it did since activation. Pure."""
+    frames = stats.processed + stats.failed
+    if frames >= settings.probation_min_frames:
+        rate = stats.failed / frames
+        if rate > settings.max_error_rate:
+            return Verdict(
+                rollback_reason=f"error rate {rate:.0%} over {frames} frames exceeds "
+                f"{settings.max_error_rate:.0%}"
+            )
+    p50 = stats.inference.percentiles()["p50_ms"]
+    if (
+        p50 is not None
+        and baseline_p50_ms
+        and stats.processed >= settings.probation_min_frames
+        and p50 > baseline_p50_ms * settings.max_latency_factor
+    ):
+        return Verdict(
+            rollback_reason=f"median invoke {p50:.1f} ms is over {settings.max_latency_factor}x "
+            f"the previous model's {baseline_p50_ms:.1f} ms"
+        )
+    if elapsed_s >= settings.probation_s:
+        return Verdict(commit=True)
+    return Verdict()
+
+
+def _parse_installed(signed: SignedManifest | None) -> Manifest | None:
+    """A manifest from our own store: verified when it was installed."""
+    if signed is None:
+        return None
+    try:
+        return Manifest.model_validate_json(signed.payload)
+    except ValidationError:
+        return None
+
+
+# -- the updater -----------------------------------------------------------------------
+
+
+class Updater:
+    """Moves each stream toward its desired model, and back when the new one misbehaves."""
+
+    def __init__(
+        self,
+        settings: UpdateSettings,
+        *,
+        store: ModelStore,
+        keys: TrustedKeys,
+        streams: Callable[[], Mapping[str, StreamRunner]],
+        replace_stream: Callable[[str, LoadedModel], None],
+        on_change: Callable[[], None],
+        agent_version: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.keys = keys
+        self._streams = streams
+        self._replace_stream = replace_stream
+        self._on_change = on_change
+        self._agent_version = agent_version
+        self._lock = threading.Lock()
+        self._desired: DesiredState | None = None
+        self._desired_changed = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_retry = 0.0
+        self.desired_revision: int | None = None
+        self.malformed_desired = 0
+        self.reports: dict[str, UpdateReport] = {}
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the ``updates`` thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="updates", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop after the current step (a download or validation is abandoned, resumable)."""
+        self._stop.set()
+        self._desired_changed.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def on_desired(self, message: Inbound) -> None:  # mqtt thread
+        """Take a ``desired`` message; a malformed one is logged and counted."""
+        if not message.payload:
+            return  # the controller cleared it
+        try:
+            desired = DesiredState.model_validate_json(message.payload)
+        except ValidationError as exc:
+            self.malformed_desired += 1
+            log.error("desired state ignored, it is malformed: %s", exc.errors()[0]["msg"])
+            return
+        self._desired = desired
+        self._desired_changed.set()
+
+    # -- at start (main thread) -------------------------------------------------------
+
+    def initial_model(self, settings: StreamSettings) -> LoadedModel:
+        """The model a stream starts with at agent start, after the crash-loop check."""
+        name = settings.name
+        self._adopt_config_model(settings)
+        record = self._record(name)
+        if record is not None:
+            self.reports[name] = record.report()
+            if record.state in (UpdateState.ACTIVATING, UpdateState.PROBATION):
+                self._count_start(name, record)
+        return self.current_model(settings)
+
+    def current_model(self, settings: StreamSettings) -> LoadedModel:
+        """The store's current model of a stream (the config's file if it changed), loaded.
+
+        A stored model that fails to load is stepped back from, down to the config's file.
+        """
+        name = settings.name
+        self._adopt_config_model(settings)
+        while True:
+            pointer = self.store.current(name)
+            if pointer is None:
+                return load_model(settings.model)
+            try:
+                return self._load_stored(settings, pointer.sha256)
+            except EdgefleetError as exc:
+                log.error("stream %s: stored model %s unusable: %s", name, pointer.sha256, exc)
+                if not self._step_back(name, f"stored model failed to load: {exc.message}"):
+                    return load_model(settings.model)
+
+    def _adopt_config_model(self, settings: StreamSettings) -> None:
+        """Put the config file's model in the store as current, unless an update replaced it."""
+        name = settings.name
+        pointer = self.store.current(name)
+        if pointer is not None and self.store.manifest(pointer.sha256) is not None:
+            return  # an installed update runs; the config's file is its fallback
+        try:
+            config_model = read_model(settings.model.path)
+        except EdgefleetError:
+            if pointer is not None:
+                return
+            raise
+        if pointer is not None and pointer.sha256 == config_model.sha256:
+            return
+        self.store.add(config_model.content)
+        self.store.activate(name, config_model.sha256)
+
+    def _count_start(self, name: str, record: _Record) -> _Record | None:
+        pointer = self.store.current(name)
+        if record.state is UpdateState.ACTIVATING and (
+            pointer is None or pointer.sha256 != record.sha256
+        ):
+            return record  # the switch never happened: the update resumes from the top
+        starts = record.starts + 1
+        if starts > self.settings.max_probation_starts:
+            reason = f"crash loop: the agent restarted {starts} times during probation"
+            self._step_back(name, reason)
+            return self._record(name)
+        return self._write(
+            name,
+            record,
+            state=UpdateState.PROBATION,
+            starts=starts,
+            probation_started=time.time(),
+        )
+
+    def _load_stored(self, settings: StreamSettings, sha256: str) -> LoadedModel:
+        content = self.store.load(sha256)
+        manifest = _parse_installed(self.store.manifest(sha256))
+        return load_model(settings.model, content, manifest)
+
+    def _step_back(self, name: str, reason: str) -> bool:
+        """Switch the pointer to the previous model and record why; False if there is none."""
+        try:
+            self.store.rollback(name)
+        except NothingToRollBack:
+            return False
+        record = self._record(name)
+        if record is not None:
+            self._write(name, record, state=UpdateState.ROLLED_BACK, reason=reason)
+        log.warning("stream %s: rolled back: %s", name, reason, extra={"stream": name})
+        return True
+
+    # -- the updates thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            changed = self._desired_changed.wait(_TICK_S)
+            if self._stop.is_set():
+                return
+            if changed or time.monotonic() >= self._next_retry:
+                self._desired_changed.clear()
+                self._next_retry = time.monotonic() + self.settings.retry_s
+                if self._desired is not None:
+                    self._reconcile(self._desired)
+            self._tick_probation()
+
+    def _reconcile(self, desired: DesiredState) -> None:
+        if desired.revision != self.desired_revision:
+            self.desired_revision = desired.revision
+            self._on_change()
+        streams = self._streams()
+        for name, signed in desired.models.items():
+            if self._stop.is_set():
+                return
+            runner = streams.get(name)
+            if runner is None:
+                log.warning("desired state names stream %s, which this device does not run", name)
+                continue
+            if not self._wanted(name, signed):
+                continue
+            with self._lock:
+                self._update(runner, signed)
+
+    def _wanted(self, name: str, signed: SignedManifest) -> bool:
+        """Whether ``signed`` still needs work (not already done, refused or rolled back)."""
+        record = self._record(name)
+        if record is None or record.signed != signed:
+            return True
+        return record.state in _IN_PROGRESS
+
+    def _update(self, runner: StreamRunner, signed: SignedManifest) -> None:
+        name = runner.name
+        try:
+            manifest = self._verify(name, signed)
+            content = self._download(name, signed, manifest)
+            self._validate(runner, signed, manifest, content)
+            self._activate(runner, signed, manifest, content)
+        except _InSync:
+            self._progress(name, signed, UpdateState.COMMITTED)
+        except UpdateRefused as exc:
+            self._refuse(name, signed, exc.message)
+        except (DownloadFailed, DownloadIncomplete) as exc:
+            if isinstance(exc, DownloadFailed) and not exc.permanent:
+                log.warning("stream %s: download failed, retrying later: %s", name, exc)
+                self._progress(name, signed, UpdateState.DOWNLOADING, reason=f"{exc}; retrying")
+            else:
+                self._refuse(name, signed, f"download failed: {exc.message}")
+
+    def _verify(self, name: str, signed: SignedManifest) -> Manifest:
+        try:
+            manifest = self.keys.verify(signed)
+        except SigningError as exc:
+            raise UpdateRefused(f"manifest rejected: {exc.message}") from exc
+        self._write_new(name, signed, manifest)
+        pointer = self.store.current(name)
+        installed = _parse_installed(self.store.manifest(pointer.sha256)) if pointer else None
+        if pointer is not None and pointer.sha256 == manifest.sha256:
+            raise _InSync
+        reason = refusal(
+            manifest, now=time.time(), installed=installed, agent_version=self._agent_version
+        )
+        if reason is not None:
+            raise UpdateRefused(reason)
+        return manifest
+
+    def _download(self, name: str, signed: SignedManifest, manifest: Manifest) -> ModelBytes:
+        if self.store.has(manifest.sha256):
+            return self.store.load(manifest.sha256)
+        self._progress(name, signed, UpdateState.DOWNLOADING, bytes_done=0)
+        last = [0]
+
+        def progress(done: int) -> None:
+            if done - last[0] >= _PROGRESS_EVERY_BYTES:
+                last[0] = done
+                self._progress(name, signed, UpdateState.DOWNLOADING, bytes_done=done)
+
+        urls = [u for u in manifest.urls if u.startswith(("http://", "https://"))]
+        for i, url in enumerate(urls):
+            try:
+                content = download(
+                    url,
+                    self.store.staging_path(manifest.sha256),
+                    size=manifest.size,
+                    sha256=manifest.sha256,
+                    timeout_s=self.settings.download_timeout_s,
+                    attempts=self.settings.download_attempts,
+                    on_progress=progress,
+                    stop=self._stop,
+                )
+            except DownloadFailed as exc:
+                if i + 1 < len(urls) and exc.permanent:
+                    log.warning("stream %s: %s; trying the next URL", name, exc)
+                    continue
+                raise
+            except DownloadError as exc:
+                if isinstance(exc, DownloadIncomplete):
+                    raise
+                raise UpdateRefused(f"download refused: {exc.message}") from exc
+            self.store.add(content, signed)
+            self.store.staging_path(manifest.sha256).unlink(missing_ok=True)
+            return self.store.load(manifest.sha256)
+        raise UpdateRefused("no URL could be downloaded")
+
+    def _validate(
+        self, runner: StreamRunner, signed: SignedManifest, manifest: Manifest, content: ModelBytes
+    ) -> None:
+        self._progress(runner.name, signed, UpdateState.VALIDATING)
+        model = runner.settings.model
+        try:
+            report = validate_model(
+                content.content,
+                manifest=manifest,
+                delegate=model.delegate,
+                threads=model.threads,
+                backend=model.backend,
+                frame=runner.latest_frame,
+                bench_runs=self.settings.bench_runs,
+                timeout_s=self.settings.validation_timeout_s,
+            )
+        except ValidationRefused as exc:
+            raise UpdateRefused(f"validation failed ({exc.code}): {exc.message}") from exc
+        log.info(
+            "stream %s: model %s v%d validated, median invoke %.1f ms",
+            runner.name,
+            manifest.model_id,
+            manifest.version,
+            report.latency_p50_ms,
+        )
+
+    def _activate(
+        self, runner: StreamRunner, signed: SignedManifest, manifest: Manifest, content: ModelBytes
+    ) -> None:
+        name = runner.name
+        self._progress(name, signed, UpdateState.ACTIVATING)
+        try:
+            loaded = load_model(
+                runner.settings.model, content, manifest, warm_frame=runner.latest_frame
+            )
+        except EdgefleetError as exc:
+            raise UpdateRefused(f"the model failed to load in the agent: {exc.message}") from exc
+        baseline = runner.model_stats.inference.percentiles()["p50_ms"]
+        self.store.activate(name, manifest.sha256)
+        self._install(runner, loaded)
+        record = self._record(name)
+        assert record is not None
+        self._write(
+            name,
+            record,
+            state=UpdateState.PROBATION,
+            starts=0,
+            baseline_p50_ms=baseline,
+            probation_started=time.time(),
+        )
+
+    def _install(self, runner: StreamRunner, loaded: LoadedModel) -> None:
+        """Swap live when the input size is unchanged; restart the stream when it changed."""
+        new_input, old_input = loaded.predictor.engine.inputs[0], runner.predictor.engine.inputs[0]
+        same_input = new_input.shape == old_input.shape
+        if same_input and runner.swap(loaded):
+            return
+        self._replace_stream(runner.name, loaded)
+
+    # -- probation and rollback -------------------------------------------------------------
+
+    def _tick_probation(self) -> None:
+        for name, runner in self._streams().items():
+            record = self._record(name)
+            if record is None or record.state is not UpdateState.PROBATION:
+                continue
+            if runner.model.sha256 != record.sha256:
+                continue
+            started = record.probation_started or record.ts
+            verdict = probation_verdict(
+                runner.model_stats,
+                elapsed_s=time.time() - started,
+                baseline_p50_ms=record.baseline_p50_ms,
+                settings=self.settings,
+            )
+            if verdict.commit:
+                self._write(name, record, state=UpdateState.COMMITTED)
+                log.info("stream %s: model %s v%d committed", name, record.model_id, record.version)
+                self._prune()
+            elif verdict.rollback_reason is not None:
+                with self._lock:
+                    self._roll_back(runner, f"probation failed: {verdict.rollback_reason}")
+
+    def rollback(self, name: str, reason: str) -> str:  # commands thread
+        """Go back to the previous model of ``name`` now; returns its sha256."""
+        runner = self._streams().get(name)
+        if runner is None:
+            raise KeyError(name)
+        if not self._lock.acquire(timeout=_LOCK_WAIT_S):
+            raise UpdateBusy(
+                f"stream {name}: an update is under way", hint="try again when it is done"
+            )
+        try:
+            return self._roll_back(runner, reason)
+        finally:
+            self._lock.release()
+
+    def _roll_back(self, runner: StreamRunner, reason: str) -> str:
+        name = runner.name
+        pointer = self.store.current(name)
+        if pointer is None or not pointer.previous:
+            raise NothingToRollBack(
+                f"stream {name}: no previous model to go back to",
+                hint="deploy the model you want with a signed manifest",
+            )
+        loaded = self._load_stored(runner.settings, pointer.previous[0])
+        self.store.rollback(name)
+        self._install(runner, loaded)
+        record = self._record(name)
+        if record is not None and record.sha256 == pointer.sha256:
+            self._write(name, record, state=UpdateState.ROLLED_BACK, reason=reason)
+        log.warning(
+            "stream %s: rolled back to %s: %s",
+            name,
+            loaded.ref.sha256[:12],
+            reason,
+            extra={"stream": name},
+        )
+        return loaded.ref.sha256
+
+    def _prune(self) -> None:
+        try:
+            removed = self.store.prune()
+        except StoreError as exc:
+            log.warning("old models not cleaned up: %s", exc)
+            return
+        if removed:
+            log.info("removed %d old model(s) from the store", len(removed))
+
+    # -- records and reports ------------------------------------------------------------------
+
+    def _record(self, name: str) -> _Record | None:
+        raw = self.store.read_record(name)
+        if raw is None:
+            return None
+        try:
+            return _Record.model_validate(raw)
+        except ValidationError:
+            log.warning("stream %s: unreadable update record ignored", name)
+            return None
+
+    def _write(self, name: str, record: _Record, **changes: Any) -> _Record:
+        updated = record.model_copy(update={**changes, "ts": time.time()})
+        self.store.write_record(name, updated.model_dump(mode="json"))
+        self.reports[name] = updated.report()
+        self._on_change()
+        return updated
+
+    def _write_new(self, name: str, signed: SignedManifest, manifest: Manifest) -> None:
+        record = _Record(
+            state=UpdateState.VERIFYING,
+            signed=signed,
+            model_id=manifest.model_id,
+            version=manifest.version,
+            sha256=manifest.sha256,
+            ts=time.time(),
+        )
+        current = self._record(name)
+        if current is not None and current.signed == signed:
+            record = current  # a resumed update keeps its history
+        self._write(name, record, state=UpdateState.VERIFYING, reason=None)
+
+    def _progress(
+        self, name: str, signed: SignedManifest, state: UpdateState, **changes: Any
+    ) -> None:
+        record = self._record(name)
+        if record is not None and record.signed == signed:
+            self._write(name, record, state=state, **changes)
+
+    def _refuse(self, name: str, signed: SignedManifest, reason: str) -> None:
+        log.error("stream %s: update refused: %s", name, reason, extra={"stream": name})
+        record = self._record(name)
+        if record is None or record.signed != signed:
+            manifest = _parse_installed(signed)
+            record = _Record(
+                state=UpdateState.REFUSED,
+                signed=signed,
+                model_id=manifest.model_id if manifest else "?",
+                version=manifest.version if manifest else 0,
+                sha256=manifest.sha256 if manifest else "?",
+                ts=time.time(),
+            )
+        self._write(name, record, state=UpdateState.REFUSED, reason=reason)
