@@ -33,6 +33,7 @@ change of a stream's model.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -187,6 +188,15 @@ def _parse_installed(signed: SignedManifest | None) -> Manifest | None:
         return Manifest.model_validate_json(signed.payload)
     except ValidationError:
         return None
+
+
+def _claims(signed: SignedManifest) -> dict[str, Any]:
+    """What a manifest that failed its checks says about itself: for the report only."""
+    try:
+        claimed = json.loads(signed.payload)
+    except (json.JSONDecodeError, RecursionError):
+        return {}
+    return claimed if isinstance(claimed, dict) else {}
 
 
 # -- the updater -----------------------------------------------------------------------
@@ -619,13 +629,13 @@ class Updater:
         log.error("stream %s: update refused: %s", name, reason, extra={"stream": name})
         record = self._record(name)
         if record is None or record.signed != signed:
-            manifest = _parse_installed(signed)
+            claimed = _claims(signed)
             record = _Record(
                 state=UpdateState.REFUSED,
                 signed=signed,
-                model_id=manifest.model_id if manifest else "?",
-                version=manifest.version if manifest else 0,
-                sha256=manifest.sha256 if manifest else "?",
+                model_id=str(claimed.get("model_id", "?")),
+                version=claimed["version"] if isinstance(claimed.get("version"), int) else 0,
+                sha256=str(claimed.get("sha256", "?")),
                 ts=time.time(),
             )
         self._write(name, record, state=UpdateState.REFUSED, reason=reason)

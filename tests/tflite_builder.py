@@ -256,3 +256,33 @@ def _vector_of(b: flatbuffers.Builder, offsets: list[int]) -> int:
     for offset in reversed(offsets):
         b.PrependUOffsetTRelative(offset)
     return b.EndVector()
+
+
+def fails_when_bright_model(height: int = 8, width: int = 8, limit: int = 128) -> bytes:
+    """``uint8 [1, H, W, 3]`` image whose ``invoke`` fails when any pixel is ``limit`` or more.
+
+    ``GATHER(table[limit], CAST(image, int32))``: each pixel indexes a table of ``limit``
+    floats, and the interpreter refuses an index out of its bounds at run time. Dark
+    frames pass, bright ones raise: a model that loads and validates on a dark frame,
+    then fails in production, for probation tests.
+    """
+    shape = (1, height, width, 3)
+    g = schema.SubGraphT()
+    g.name = "main"
+    g.tensors = [
+        _tensor("image", shape, "uint8", 1),
+        _tensor("indices", shape, "int32", 2),
+        _tensor("table", (limit,), "float32", 3),
+        _tensor("out", shape, "float32", 4),
+    ]
+    g.inputs, g.outputs = [0], [3]
+    cast = _operator(0, [0], [1])
+    gather = _operator(1, [2, 1], [3])
+    gather.builtinOptionsType = schema.BuiltinOptions.GatherOptions
+    gather.builtinOptions = schema.GatherOptionsT()
+    gather.builtinOptions.axis = 0
+    g.operators = [cast, gather]
+    table = np.linspace(0.0, 1.0, limit, dtype="<f4").tobytes()
+    buffers = [_buffer(), _buffer(), _buffer(), _buffer(table), _buffer()]
+    codes = [_opcode(schema.BuiltinOperator.CAST), _opcode(schema.BuiltinOperator.GATHER)]
+    return _finish(_model(g, codes, buffers))
