@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -64,6 +65,7 @@ from .validation import ValidationRefused, validate_model
 log = logging.getLogger(__name__)
 
 _TICK_S = 1.0
+_NICE = 10
 _PROGRESS_EVERY_BYTES = 256 * 1024
 _LOCK_WAIT_S = 30.0
 _IN_PROGRESS = {
@@ -348,6 +350,13 @@ class Updater:
     # -- the updates thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        # Background work: loading and warming a new interpreter must not slow the old one,
+        # which keeps serving frames meanwhile. Linux schedules threads as tasks, so the
+        # nice value applies to this thread alone.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+        except OSError as exc:
+            log.debug("updates thread keeps its priority: %s", exc)
         while not self._stop.is_set():
             changed = self._desired_changed.wait(_TICK_S)
             if self._stop.is_set():

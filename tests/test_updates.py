@@ -322,11 +322,12 @@ def test_live_swap_under_load_drops_no_frame_and_keeps_the_pace(
     done = [e.inference_ts for e in received]
     gaps = np.diff(done)
     median = statistics.median(gaps)
-    around = gaps[swap - 5 : swap + 5]
+    around = gaps[swap - 10 : swap + 10]
     print(
         f"\nlive swap: {len(received)} results, median gap {median * 1000:.2f} ms, "
         f"longest around the swap {around.max() * 1000:.2f} ms "
         f"({around.max() / median:.2f}x), frames skipped {stream.skipped}, failed {stream.failed}"
+        f"; gaps around it (ms): {[round(float(g) * 1000, 1) for g in around]}"
     )
     assert around.max() <= 2 * median
 
