@@ -37,6 +37,7 @@ DEVICE = "dev-ota"
 ROOT = f"edgefleet/v1/{DEVICE}"
 STREAM = "cam"
 SMALL = "mobilenet_v1_0.25_128_quant.tflite"
+FINAL = {"committed", "refused", "rolled_back"}
 
 
 def sha256(content: bytes) -> str:
@@ -420,17 +421,25 @@ def test_sigkill_at_random_moments_of_updates_always_restarts_on_an_intact_model
     with ModelServer() as server:
         fleet = Fleet(workdir / "keys", server, probe, DEVICE)
         config = agent_config(
-            workdir, broker.port, assets.model(SMALL), video(assets), probation_s=0.3, retry_s=0.5
+            workdir,
+            broker.port,
+            assets.model(SMALL),
+            video(assets),
+            probation_s=0.3,
+            retry_s=0.5,
+            max_probation_starts=1000,  # these kills are the test's, not a crash loop
         )
+        started = time.time()
         agent = AgentProcess(workdir, config).start()
         try:
+            probe.wait_until(lambda: online_status(probe, started), "the agent online", 30)
             allowed = {sha256(content)}
             version = 1
             for _ in range(kills):
                 reported = fleet.reported()
                 update = reported.updates.get(STREAM) if reported else None
-                if update is None or (update.version == version and update.state == "committed"):
-                    version += 1  # the last release landed: roll out the next one
+                if update is None or (update.version == version and update.state in FINAL):
+                    version += 1  # the last release is decided: roll out the next one
                     release = variant(content, version)
                     allowed = {reported.models[STREAM].sha256 if reported else sha256(content)}
                     allowed.add(sha256(release))
@@ -439,7 +448,9 @@ def test_sigkill_at_random_moments_of_updates_always_restarts_on_an_intact_model
                     )
                     fleet.deploy(STREAM, signed)
                 time.sleep(rng.uniform(0.0, 2.5))
-                state = update.state if update is not None else "none"
+                reported = fleet.reported()
+                update = reported.updates.get(STREAM) if reported else None
+                state = update.state.value if update is not None else "none"
                 states_at_kill[state] = states_at_kill.get(state, 0) + 1
                 agent.kill()
 
@@ -457,8 +468,12 @@ def test_sigkill_at_random_moments_of_updates_always_restarts_on_an_intact_model
         finally:
             agent.kill()
     probe.disconnect()
-    print(f"\ncrash safety: {kills} SIGKILLs, last reported state at each kill: {states_at_kill}")
-    assert version >= 3, "no update completed between the kills"
+    print(
+        f"\ncrash safety: {kills} SIGKILLs over {version - 1} releases, "
+        f"last reported state at each kill: {states_at_kill}"
+    )
+    assert version >= 5, "too few updates completed between the kills"
+    assert {"downloading", "validating"} <= set(states_at_kill), "no kill landed mid-update"
 
 
 def online_status(probe: MqttProbe, since: float) -> StatusMessage | None:
