@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,8 @@ def test_update_installs_over_a_download_cut_at_half_and_reports_committed(devic
     assert reported.models[STREAM].version == "10"
     store = ModelStore(device.workdir / "store")
     pointer = store.current(STREAM)
-    assert pointer is not None and pointer.sha256 == device.installed_sha
+    assert pointer is not None
+    assert pointer.sha256 == device.installed_sha
     assert sha256(store.load(pointer.sha256).content) == device.installed_sha
 
 
@@ -244,7 +246,9 @@ def test_model_whose_input_shape_differs_from_the_manifest_is_refused(device: De
         inputs=[{"shape": [1, 224, 224, 3], "dtype": "uint8"}],
     )
     reason = refused(device, device.fleet.sign(manifest), 18)
-    assert "input_mismatch" in reason and "224" in reason and "128" in reason
+    assert "input_mismatch" in reason
+    assert "224" in reason
+    assert "128" in reason
 
 
 def test_edgetpu_model_on_a_device_without_one_is_refused(device: Device, assets: Assets) -> None:
@@ -314,7 +318,8 @@ def test_live_swap_under_load_drops_no_frame_and_keeps_the_pace(
     seqs = [e.seq for e in received]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     stream = final.streams[STREAM]
-    assert stream.skipped == 0 and stream.failed == 0
+    assert stream.skipped == 0
+    assert stream.failed == 0
     assert stream.captured - stream.processed <= 2  # in flight when the health was taken
     swap = next(i for i, e in enumerate(received) if e.model.sha256 == sha256(release))
     assert all(e.model.sha256 == sha256(content) for e in received[:swap])
@@ -398,10 +403,12 @@ def test_model_that_crashes_its_validation_process_is_refused_and_the_agent_runs
             child[0].send_signal(signal.SIGKILL)  # what a segfault in the interpreter does
             reported = fleet.wait_for_update(STREAM, 2, {"refused"})
             assert_still_running(probe, sha256(baseline.read_bytes()))
-            assert agent.process is not None and agent.process.poll() is None
+            assert agent.process is not None
+            assert agent.process.poll() is None
     probe.disconnect()
     reason = reported.updates[STREAM].reason or ""
-    assert "crashed" in reason and "SIGKILL" in reason
+    assert "crashed" in reason
+    assert "SIGKILL" in reason
 
 
 # -- crash safety ----------------------------------------------------------------------------
@@ -456,15 +463,17 @@ def test_sigkill_at_random_moments_of_updates_always_restarts_on_an_intact_model
 
                 store = ModelStore(store_dir)
                 pointer = store.current(STREAM)
-                assert pointer is not None and pointer.sha256 in allowed
+                assert pointer is not None
+                assert pointer.sha256 in allowed
                 assert sha256(store.load(pointer.sha256).content) == pointer.sha256
 
                 restarted = time.time()
                 agent.start()
                 online = probe.wait_until(
-                    lambda: online_status(probe, restarted), "the agent back online", 30
+                    partial(online_status, probe, restarted), "the agent back online", 30
                 )
-                assert online.models and online.models[0].sha256 in allowed
+                assert online.models
+                assert online.models[0].sha256 in allowed
         finally:
             agent.kill()
     probe.disconnect()
