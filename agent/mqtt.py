@@ -96,6 +96,9 @@ class MqttLink:
         self._on_connected = on_connected
         self._subscriptions = tuple(subscriptions)
         self._on_inbound = on_message
+        # Subscriptions added while running (a model transfer over MQTT), each with its handler.
+        self._routes_lock = threading.Lock()
+        self._routes: dict[str, Callable[[Inbound], None]] = {}
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
@@ -208,6 +211,21 @@ class MqttLink:
             on_ack()
         return True
 
+    def route(self, topic_filter: str, handler: Callable[[Inbound], None]) -> None:
+        """Subscribe to ``topic_filter`` now and after every reconnect; ``handler`` gets its
+        messages (on the mqtt thread) instead of ``on_message``."""
+        with self._routes_lock:
+            self._routes[topic_filter] = handler
+        if self.connected:
+            self.client.subscribe(topic_filter, qos=1)
+
+    def unroute(self, topic_filter: str) -> None:
+        """Undo ``route``."""
+        with self._routes_lock:
+            self._routes.pop(topic_filter, None)
+        if self.connected:
+            self.client.unsubscribe(topic_filter)
+
     # -- the mqtt thread --------------------------------------------------------
 
     def _run(self) -> None:
@@ -273,7 +291,9 @@ class MqttLink:
             "resumed" if flags.session_present else "new",
         )
         self._connected.set()
-        for topic in self._subscriptions:
+        with self._routes_lock:
+            routed = list(self._routes)
+        for topic in [*self._subscriptions, *routed]:
             self.client.subscribe(topic, qos=1)
         if self._on_connected is not None:
             self._on_connected()
@@ -299,12 +319,17 @@ class MqttLink:
             callback()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        if self._on_inbound is None:
+        with self._routes_lock:
+            handler = next(
+                (h for f, h in self._routes.items() if paho.topic_matches_sub(f, message.topic)),
+                self._on_inbound,
+            )
+        if handler is None:
             return
         props = getattr(message, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None)
         correlation = getattr(props, "CorrelationData", None)
-        self._on_inbound(
+        handler(
             Inbound(
                 topic=message.topic,
                 payload=bytes(message.payload),

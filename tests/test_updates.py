@@ -492,3 +492,29 @@ def online_status(probe: MqttProbe, since: float) -> StatusMessage | None:
         if status.state == "online" and status.ts > since:
             return status
     return None
+
+
+# -- convergence and signed rollbacks ------------------------------------------------------
+
+
+def test_device_offline_during_the_rollout_converges_and_takes_a_signed_rollback(
+    assets: Assets, broker: Mosquitto, tmp_path: Path
+) -> None:
+    content = assets.model(SMALL).read_bytes()
+    workdir = tmp_path / "agent"
+    probe = device_probe(broker)
+    with ModelServer() as server:
+        fleet = Fleet(workdir / "keys", server, probe, DEVICE)
+        v2, v3 = variant(content, 2), variant(content, 3)
+        fleet.deploy(STREAM, fleet.sign(fleet.manifest(v2, version=2)))
+        fleet.deploy(STREAM, fleet.sign(fleet.manifest(v3, version=3)))  # the device is off
+        config = agent_config(workdir, broker.port, assets.model(SMALL), video(assets))
+        with AgentProcess(workdir, config):
+            reported = fleet.wait_for_update(STREAM, 3, {"committed"}, timeout_s=90)
+            assert reported.models[STREAM].sha256 == sha256(v3)
+            back = fleet.manifest(v2, version=2, name="classifier-2b.tflite", rollback=True)
+            fleet.deploy(STREAM, fleet.sign(back))
+            reported = fleet.wait_for_update(STREAM, 2, {"committed"}, timeout_s=90)
+            assert reported.models[STREAM].sha256 == sha256(v2)
+            assert_still_running(probe, sha256(v2))
+    probe.disconnect()

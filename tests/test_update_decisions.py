@@ -1,0 +1,119 @@
+"""The update's decisions, without a socket or a file: which manifests to refuse, probation."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgefleet.agent.config import UpdateSettings
+from edgefleet.agent.pipeline import ModelStats
+from edgefleet.agent.protocol import Manifest
+from edgefleet.agent.updates import probation_verdict, refusal
+
+NOW = 1_800_000_000.0
+
+
+def manifest(**fields: object) -> Manifest:
+    values: dict[str, object] = {
+        "model_id": "m",
+        "version": 5,
+        "sha256": "a" * 64,
+        "size": 10,
+        "artifact": "m.tflite",
+        "urls": ["https://models.example/m.tflite"],
+        "inputs": [{"shape": [1, 8, 8, 3], "dtype": "uint8"}],
+        "issued_at": NOW - 10,
+        "expires_at": NOW + 3600,
+    }
+    return Manifest.model_validate({**values, **fields})
+
+
+def test_a_newer_manifest_is_accepted() -> None:
+    assert (
+        refusal(manifest(), now=NOW, installed=manifest(version=4), agent_version="0.1.0") is None
+    )
+
+
+def test_the_first_manifest_is_accepted_over_a_model_from_the_config() -> None:
+    assert refusal(manifest(version=1), now=NOW, installed=None, agent_version="0.1.0") is None
+
+
+@pytest.mark.parametrize("installed", [5, 6])
+def test_a_version_not_newer_than_installed_is_refused_as_a_replay(installed: int) -> None:
+    reason = refusal(
+        manifest(), now=NOW, installed=manifest(version=installed), agent_version="0.1.0"
+    )
+    assert reason is not None
+    assert "not newer" in reason
+
+
+def test_a_signed_rollback_may_go_back() -> None:
+    older = manifest(version=3, rollback=True)
+    assert refusal(older, now=NOW, installed=manifest(version=4), agent_version="0.1.0") is None
+
+
+def test_an_expired_manifest_is_refused() -> None:
+    reason = refusal(manifest(expires_at=NOW - 1), now=NOW, installed=None, agent_version="0.1")
+    assert reason is not None
+    assert "expired" in reason
+
+
+@pytest.mark.parametrize(("agent", "needed"), [("0.1.0", "0.2"), ("1.9.9", "1.10.0")])
+def test_a_manifest_for_a_newer_agent_is_refused(agent: str, needed: str) -> None:
+    reason = refusal(
+        manifest(min_agent_version=needed), now=NOW, installed=None, agent_version=agent
+    )
+    assert reason is not None
+    assert needed in reason
+
+
+def test_a_manifest_without_a_usable_url_is_refused() -> None:
+    reason = refusal(
+        manifest(urls=["ftp://models.example/m.tflite"]), now=NOW, installed=None, agent_version="1"
+    )
+    assert reason is not None
+    assert "URL" in reason
+
+
+def stats(processed: int, failed: int, latency_ms: float = 5.0) -> ModelStats:
+    s = ModelStats(processed=processed, failed=failed)
+    for _ in range(processed):
+        s.inference.add(latency_ms)
+    return s
+
+
+SETTINGS = UpdateSettings(probation_s=60, probation_min_frames=20, max_error_rate=0.05)
+
+
+def test_probation_waits_while_the_window_runs() -> None:
+    verdict = probation_verdict(stats(100, 0), elapsed_s=10, baseline_p50_ms=5.0, settings=SETTINGS)
+    assert not verdict.commit
+    assert verdict.rollback_reason is None
+
+
+def test_probation_commits_a_healthy_model_after_the_window() -> None:
+    verdict = probation_verdict(stats(100, 1), elapsed_s=61, baseline_p50_ms=5.0, settings=SETTINGS)
+    assert verdict.commit
+
+
+def test_probation_rolls_back_on_an_error_rate_over_the_limit() -> None:
+    verdict = probation_verdict(stats(90, 10), elapsed_s=5, baseline_p50_ms=5.0, settings=SETTINGS)
+    assert verdict.rollback_reason is not None
+    assert "error rate 10%" in verdict.rollback_reason
+
+
+def test_probation_ignores_errors_until_enough_frames() -> None:
+    verdict = probation_verdict(stats(5, 5), elapsed_s=5, baseline_p50_ms=5.0, settings=SETTINGS)
+    assert verdict.rollback_reason is None
+
+
+def test_probation_rolls_back_a_model_much_slower_than_the_previous() -> None:
+    slow = stats(50, 0, latency_ms=20.0)
+    verdict = probation_verdict(slow, elapsed_s=5, baseline_p50_ms=5.0, settings=SETTINGS)
+    assert verdict.rollback_reason is not None
+    assert "median invoke" in verdict.rollback_reason
+
+
+def test_probation_without_a_baseline_judges_errors_only() -> None:
+    slow = stats(50, 0, latency_ms=20.0)
+    verdict = probation_verdict(slow, elapsed_s=61, baseline_p50_ms=None, settings=SETTINGS)
+    assert verdict.commit
