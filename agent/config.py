@@ -174,7 +174,8 @@ class UpdateSettings(_Section):
     max_latency_factor: float = Field(
         3.0,
         gt=1,
-        description="Rolled back when its median invoke time exceeds the old model's by this.",
+        description="A new model is rolled back when its median invoke time on the stream "
+        "exceeds the one measured when it was validated by this factor.",
     )
     max_probation_starts: int = Field(
         2, ge=1, description="Agent restarts during probation (a crash loop) that roll back."

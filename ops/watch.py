@@ -11,13 +11,21 @@ import argparse
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from edgefleet.agent.protocol import TOPIC_ROOT, EventMessage, HealthMessage, StatusMessage
+from edgefleet.agent.protocol import (
+    TOPIC_ROOT,
+    DesiredState,
+    EventMessage,
+    HealthMessage,
+    ReportedState,
+    StatusMessage,
+)
 from edgefleet.runtime import EdgefleetError
 
 
@@ -35,34 +43,72 @@ def register(subcommands: Any) -> None:
 def describe(topic: str, payload: bytes) -> str:
     """One human line for one message."""
     kind = topic.split("/")[3] if topic.count("/") >= 3 else ""
+    describer = _DESCRIBERS.get(kind)
+    if describer is None or not payload:
+        return f"{topic}: {len(payload)} bytes"
     try:
-        if kind == "events":
-            e = EventMessage.model_validate_json(payload)
-            life = f" {e.lifecycle}" if e.lifecycle else ""
-            track = f" #{e.track_id}" if e.track_id is not None else ""
-            score = f" {e.score:.2f}" if e.score is not None else ""
-            return (
-                f"{e.device_id}/{e.stream} event{life}{track}: {e.label or e.kind}{score} "
-                f"({e.latency_ms:.0f} ms after capture, model {e.model.id} {e.model.version})"
-            )
-        if kind == "status":
-            s = StatusMessage.model_validate_json(payload)
-            reason = f" ({s.reason})" if s.reason else ""
-            return f"{s.device_id} {s.state}{reason}, agent {s.agent_version or '?'}"
-        if kind == "health":
-            h = HealthMessage.model_validate_json(payload)
-            streams = ", ".join(
-                f"{name} {sh.state} {sh.fps:.1f} fps p50 {sh.latency_p50_ms or 0:.0f} ms"
-                for name, sh in h.streams.items()
-            )
-            return (
-                f"{h.device_id} health: {streams}; outbox {h.outbox.depth} "
-                f"(dropped {h.outbox.dropped}); cpu {h.system.cpu_percent:.0f}% "
-                f"rss {h.system.rss_mb:.0f} MiB"
-            )
+        return describer(payload)
     except ValidationError as exc:
         return f"{topic}: payload does not match the contract ({exc.error_count()} errors)"
-    return f"{topic}: {len(payload)} bytes"
+
+
+def _event(payload: bytes) -> str:
+    e = EventMessage.model_validate_json(payload)
+    life = f" {e.lifecycle}" if e.lifecycle else ""
+    track = f" #{e.track_id}" if e.track_id is not None else ""
+    score = f" {e.score:.2f}" if e.score is not None else ""
+    return (
+        f"{e.device_id}/{e.stream} event{life}{track}: {e.label or e.kind}{score} "
+        f"({e.latency_ms:.0f} ms after capture, model {e.model.id} {e.model.version})"
+    )
+
+
+def _status(payload: bytes) -> str:
+    s = StatusMessage.model_validate_json(payload)
+    reason = f" ({s.reason})" if s.reason else ""
+    return f"{s.device_id} {s.state}{reason}, agent {s.agent_version or '?'}"
+
+
+def _health(payload: bytes) -> str:
+    h = HealthMessage.model_validate_json(payload)
+    streams = ", ".join(
+        f"{name} {sh.state} {sh.fps:.1f} fps p50 {sh.latency_p50_ms or 0:.0f} ms"
+        for name, sh in h.streams.items()
+    )
+    return (
+        f"{h.device_id} health: {streams}; outbox {h.outbox.depth} "
+        f"(dropped {h.outbox.dropped}); cpu {h.system.cpu_percent:.0f}% "
+        f"rss {h.system.rss_mb:.0f} MiB"
+    )
+
+
+def _reported(payload: bytes) -> str:
+    r = ReportedState.model_validate_json(payload)
+    parts = []
+    for name, model in r.models.items():
+        line = f"{name} runs {model.id} {model.version}"
+        update = r.updates.get(name)
+        if update is not None:
+            line += f", update to {update.model_id} {update.version}: {update.state.value}"
+            if update.reason:
+                line += f" ({update.reason})"
+        parts.append(line)
+    return f"{r.device_id} reported: {'; '.join(parts) or 'no stream'}"
+
+
+def _desired(payload: bytes) -> str:
+    d = DesiredState.model_validate_json(payload)
+    streams = ", ".join(f"{name}" for name in sorted(d.models)) or "no model"
+    return f"desired revision {d.revision}: {streams}"
+
+
+_DESCRIBERS: dict[str, Callable[[bytes], str]] = {
+    "events": _event,
+    "status": _status,
+    "health": _health,
+    "reported": _reported,
+    "desired": _desired,
+}
 
 
 def _watch(args: argparse.Namespace) -> int:

@@ -2,8 +2,11 @@
 # The main job, end to end: set up, then (1) the model tools on real models and images,
 # (2) the device agent on the kite video with the SSD detector, publishing to a local
 # Mosquitto started from the generated config, watched with `edgefleet watch`, stopped
-# with SIGTERM as systemd does. Models, images and the video come from $EDGEFLEET_ASSETS
-# (default ../shared/assets beside the checkout).
+# with SIGTERM as systemd does, (3) an over-the-air model update: a fleet key, a signed
+# manifest, a model served over HTTP, deployed through the retained desired state, the
+# device validating it, swapping it in and reporting, then a command answered over MQTT.
+# Models, images and the video come from $EDGEFLEET_ASSETS (default ../shared/assets
+# beside the checkout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh run
@@ -30,9 +33,10 @@ mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 ef broker config --port "$port" --allow-anonymous > "$work/mosquitto.conf"
 "$mosquitto" -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
 broker_pid=$!
-agent_pid=
+agent_pid= http_pid=
 cleanup() {
   [ -z "$agent_pid" ] || kill "$agent_pid" 2>/dev/null || true
+  [ -z "$http_pid" ] || kill "$http_pid" 2>/dev/null || true
   kill "$broker_pid" 2>/dev/null || true
   rm -rf "$work"
 }
@@ -50,14 +54,33 @@ streams:
     events:
       labels: [person, kite]
       min_score: 0.6
+  - name: shelf
+    source: {type: file, path: $i/kite_pan_640x480_30fps.mp4, loop: true, realtime: true}
+    model:
+      path: $m/mobilenet_v1_0.25_128_quant.tflite
+      labels: $m/imagenet_labels.txt
+      threads: 1
+    events: {min_score: 0.5, min_interval_s: 5}
 outbox: {path: $work/outbox.sqlite3}
-updates: {store_dir: $work/store, trusted_keys: []}
+updates: {store_dir: $work/store, trusted_keys: [$work/keys], probation_s: 5}
 health: {interval_s: 3}
 YAML
+ef keys generate "$work/keys"
 "$bin/edgefleet-agent" check-config "$work/agent.yaml"
 "$bin/edgefleet-agent" run --config "$work/agent.yaml" 2> "$work/agent.log" &
 agent_pid=$!
 ef watch --port "$port" --seconds 10
+
+say "3. an over-the-air update of the shelf stream: mobilenet_v1 0.25 -> mobilenet_v2"
+http_port=$("$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$bin/python" -m http.server --bind 127.0.0.1 --directory "$m" "$http_port" > "$work/http.log" 2>&1 &
+http_pid=$!
+ef manifest create "$m/mobilenet_v2_1.0_224_quant.tflite" --model-id shelf-classifier --version 2 \
+  --url "http://127.0.0.1:$http_port/mobilenet_v2_1.0_224_quant.tflite" --key "$work/keys/fleet.key" \
+  --out "$work/shelf-v2.json"
+ef deploy demo-pi shelf "$work/shelf-v2.json" --host 127.0.0.1 --port "$port"
+ef watch --port "$port" --seconds 12 | grep -E '/reported|/events/shelf' || true
+ef cmd demo-pi list_models --host 127.0.0.1 --port "$port"
 kill -TERM "$agent_pid"
 wait "$agent_pid" && echo "agent stopped cleanly (SIGTERM, exit 0)" >&2
 agent_pid=

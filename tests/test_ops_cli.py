@@ -9,7 +9,13 @@ from pathlib import Path
 
 from broker import Mosquitto, MqttProbe, find_mosquitto, free_port
 
-from edgefleet.agent.protocol import EventMessage, ModelRef
+from edgefleet.agent.protocol import (
+    EventMessage,
+    ModelRef,
+    ReportedState,
+    UpdateReport,
+    UpdateState,
+)
 from edgefleet.ops.watch import describe
 
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
@@ -94,3 +100,30 @@ def test_watch_without_a_broker_fails_cleanly() -> None:
     assert result.returncode == 1
     assert "cannot reach the broker" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_watch_describes_the_reported_update_and_its_reason() -> None:
+    model = ModelRef(
+        id="shelf", version="2", sha256="a" * 64, task="raw", backend="litert", delegate="cpu"
+    )
+    reported = ReportedState(
+        device_id="pi-7",
+        ts=time.time(),
+        agent_version="0.1.0",
+        models={"cam": model},
+        updates={
+            "cam": UpdateReport(
+                state=UpdateState.REFUSED,
+                model_id="shelf",
+                version=3,
+                sha256="b" * 64,
+                reason="manifest expired",
+                ts=time.time(),
+            )
+        },
+    )
+    line = describe("edgefleet/v1/pi-7/reported", reported.model_dump_json().encode())
+    assert line == (
+        "pi-7 reported: cam runs shelf 2, update to shelf 3: refused (manifest expired)"
+    )
+    assert "does not match the contract" in describe("edgefleet/v1/pi-7/reported", b"{}")
