@@ -3,8 +3,10 @@
 ``python -m edgefleet.agent.asyncapi > docs/asyncapi.json`` regenerates the published copy;
 a test fails when that copy differs from :func:`document`. Operations are the device's: it
 *sends* status, events, health and reported state, and *receives* commands (answering each
-on the request's MQTT 5 response topic) and desired state. Payload schemas are the pydantic
-models' JSON Schemas, their ``$defs`` hoisted into ``components.schemas``.
+on the request's MQTT 5 response topic) and desired state; it also *receives* the models
+published for transfer over the broker (``<root>/_models/<sha256>/meta`` and its raw chunks),
+which are fleet-wide, not per device. Payload schemas are the pydantic models' JSON Schemas,
+their ``$defs`` hoisted into ``components.schemas``.
 
 Pure: builds a dict, no I/O except in :func:`main`.
 """
@@ -20,9 +22,12 @@ from pydantic import BaseModel
 
 from .protocol import (
     COMMAND_ARGS,
+    MQTT_MODEL_URL,
     SCHEMA_VERSION,
+    SHA256_PATTERN,
     TOPIC_LEVEL_PATTERN,
     TOPIC_ROOT,
+    ChunkedModelMeta,
     CommandName,
     CommandReply,
     CommandRequest,
@@ -32,16 +37,22 @@ from .protocol import (
     Manifest,
     ReportedState,
     StatusMessage,
+    model_meta_topic,
+    model_transfer_topic,
 )
 
 ASYNCAPI_VERSION = "3.0.0"
 MQTT_BINDING_VERSION = "0.2.0"
 SCHEMA_REF = "#/components/schemas/{model}"
 REPLY_CHANNEL = "cmd_reply"
+MODEL_META_CHANNEL = "model_meta"
+MODEL_CHUNK_CHANNEL = "model_chunk"
 _LEVEL = f"one topic level matching {TOPIC_LEVEL_PATTERN}"
 _PARAMETERS = {
     "device": {"description": f"Device id: {_LEVEL}."},
     "stream": {"description": f"Stream (camera) name: {_LEVEL}."},
+    "sha256": {"description": f"sha256 of the model, matching {SHA256_PATTERN}."},
+    "index": {"description": "Chunk index: 0, 1, ... up to the meta's chunks - 1, in decimal."},
 }
 
 
@@ -83,8 +94,11 @@ def document(topic_root: str = TOPIC_ROOT) -> dict[str, Any]:
     messages: dict[str, Any] = {}
     for topic in _TOPICS:
         messages[topic.key] = _message(topic.model, _ref(topic.model))
-        channels[topic.key] = _channel(topic_root, topic.suffix, topic.key, topic.description)
-        operations[f"{topic.action}_{topic.key}"] = _operation(topic)
+        address = _device_address(topic_root, topic.suffix)
+        channels[topic.key] = _channel(address, topic.key, topic.description)
+        operations[f"{topic.action}_{topic.key}"] = _operation(
+            topic.key, topic.action, qos=topic.qos, retain=topic.retain
+        )
     messages[REPLY_CHANNEL] = _message(CommandReply, _ref(CommandReply), _reply_bindings())
     channels[REPLY_CHANNEL] = {
         "address": None,
@@ -98,23 +112,54 @@ def document(topic_root: str = TOPIC_ROOT) -> dict[str, Any]:
         key = f"cmd_{name.value}"
         messages[key] = _command_message(name)
         channels[key] = _channel(
-            topic_root, f"cmd/{name.value}", key, f"The {name.value} command, in."
+            _device_address(topic_root, f"cmd/{name.value}"), key, f"The {name.value} command, in."
         )
         operations[f"receive_{key}"] = _command_operation(key)
+    _add_model_transfer(topic_root, channels, operations, messages)
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "info": {
             "title": "edgefleet device MQTT API",
             "version": str(SCHEMA_VERSION),
             "description": "What an edgefleet device publishes and answers, one subtree per "
-            f"device under {topic_root}/<device>/. Every payload is JSON with schema_version; "
-            "consumers reject versions they do not know. Operations are the device's.",
+            f"device under {topic_root}/<device>/, and the models it fetches over the broker, "
+            f"under {topic_root}/_models/. Every JSON payload has schema_version; consumers "
+            "reject versions they do not know. Operations are the device's.",
         },
         "defaultContentType": "application/json",
         "channels": channels,
         "operations": operations,
         "components": {"schemas": _schemas(), "messages": messages},
     }
+
+
+def _add_model_transfer(
+    root: str, channels: dict[str, Any], operations: dict[str, Any], messages: dict[str, Any]
+) -> None:
+    """The two fleet-wide channels of a model published over the broker, retained, QoS 1."""
+    meta, chunk = MODEL_META_CHANNEL, MODEL_CHUNK_CHANNEL
+    messages[meta] = _message(ChunkedModelMeta, _ref(ChunkedModelMeta))
+    messages[chunk] = {
+        "name": "ModelChunk",
+        "summary": "Raw bytes of one chunk: chunk_bytes long (the last chunk: the rest).",
+        "contentType": "application/octet-stream",
+        "payload": {"type": "string", "format": "binary"},
+    }
+    channels[meta] = _channel(
+        model_meta_topic(root, "{sha256}"),
+        meta,
+        "Retained: how the model is cut, published after every chunk (its presence says they "
+        f"are all there). Devices whose manifest URL is {MQTT_MODEL_URL} subscribe to "
+        f"{model_transfer_topic(root, '{sha256}')}/# and receive this and every chunk, "
+        "again after any reconnect: the retained messages are the resume.",
+    )
+    channels[chunk] = _channel(
+        f"{model_transfer_topic(root, '{sha256}')}/{{index}}",
+        chunk,
+        "Retained: the model's bytes from index * chunk_bytes. An empty payload clears it.",
+    )
+    for key in (meta, chunk):
+        operations[f"receive_{key}"] = _operation(key, "receive", qos=1, retain=True)
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -139,8 +184,11 @@ def _message(
     return message
 
 
-def _channel(root: str, suffix: str, key: str, description: str) -> dict[str, Any]:
-    address = f"{root}/{{device}}/{suffix}"
+def _device_address(root: str, suffix: str) -> str:
+    return f"{root}/{{device}}/{suffix}"
+
+
+def _channel(address: str, key: str, description: str) -> dict[str, Any]:
     return {
         "address": address,
         "description": description,
@@ -155,12 +203,12 @@ def _mqtt_operation_bindings(qos: int, retain: bool) -> dict[str, Any]:
     return {"mqtt": {"qos": qos, "retain": retain, "bindingVersion": MQTT_BINDING_VERSION}}
 
 
-def _operation(topic: _Topic) -> dict[str, Any]:
+def _operation(key: str, action: str, *, qos: int, retain: bool) -> dict[str, Any]:
     return {
-        "action": topic.action,
-        "channel": {"$ref": f"#/channels/{topic.key}"},
-        "messages": [{"$ref": f"#/channels/{topic.key}/messages/{topic.key}"}],
-        "bindings": _mqtt_operation_bindings(topic.qos, topic.retain),
+        "action": action,
+        "channel": {"$ref": f"#/channels/{key}"},
+        "messages": [{"$ref": f"#/channels/{key}/messages/{key}"}],
+        "bindings": _mqtt_operation_bindings(qos, retain),
     }
 
 
@@ -219,7 +267,7 @@ def _reply_bindings() -> dict[str, Any]:
 
 def _payload_models() -> list[type[BaseModel]]:
     models: list[type[BaseModel]] = [topic.model for topic in _TOPICS]
-    models += [CommandRequest, CommandReply, Manifest, *COMMAND_ARGS.values()]
+    models += [CommandRequest, CommandReply, Manifest, ChunkedModelMeta, *COMMAND_ARGS.values()]
     return list(dict.fromkeys(models))
 
 

@@ -11,6 +11,13 @@ versions they do not know. Topics, under a versioned root::
                                           or ``reply_to`` in the payload under MQTT 3.1.1)
     edgefleet/v1/<device>/desired         retained: what the controller wants (models, config)
     edgefleet/v1/<device>/reported        retained: what the device runs, and update progress
+    edgefleet/v1/_models/<sha256>/meta    retained: how a model published over the broker is cut
+    edgefleet/v1/_models/<sha256>/<n>     retained: its chunk n (raw bytes, n from 0), fetched by
+                                          devices whose manifest URL is ``mqtt:``
+
+``_models`` is fleet-wide, one copy per model, and cannot be a device id (ids start with a
+letter or digit). The controller publishes the chunks, then the meta; the meta's presence
+says every chunk is there.
 
 Manifests are signed as bytes: ``SignedManifest.payload`` is the manifest's JSON
 text, the ed25519 signature covers exactly those bytes, and the text is parsed
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgefleet/v1"
@@ -426,6 +433,62 @@ class SignedManifest(_Frozen):
     payload: str = Field(max_length=65_536, description="The manifest as JSON text.")
     key_id: str = Field(max_length=64, description="Which fleet key signed it.")
     signature: str = Field(max_length=200, description="base64 ed25519 signature of payload.")
+
+
+# -- models over the broker ---------------------------------------------------------
+
+MODELS_LEVEL = "_models"
+"""The topic level, under the root, of models published for transfer over the broker."""
+
+MODEL_META_LEVEL = "meta"
+"""The last level of a published model's ``ChunkedModelMeta`` topic."""
+
+MQTT_MODEL_URL = "mqtt:"
+"""A manifest URL saying: fetch the model named by the manifest's sha256 over the broker."""
+
+
+def model_transfer_topic(topic_root: str, sha256: str) -> str:
+    """``<root>/_models/<sha256>``: where the model with that sha256 is published in chunks."""
+    return f"{topic_root}/{MODELS_LEVEL}/{sha256}"
+
+
+def model_meta_topic(topic_root: str, sha256: str) -> str:
+    """``<root>/_models/<sha256>/meta``: the retained ``ChunkedModelMeta``."""
+    return f"{model_transfer_topic(topic_root, sha256)}/{MODEL_META_LEVEL}"
+
+
+def model_chunk_topic(topic_root: str, sha256: str, index: int) -> str:
+    """``<root>/_models/<sha256>/<index>``: the retained raw bytes of chunk ``index`` (from 0)."""
+    return f"{model_transfer_topic(topic_root, sha256)}/{index}"
+
+
+class ChunkedModelMeta(_Message):
+    """How a model published over the broker is cut (``_models/<sha256>/meta``, retained).
+
+    Chunk ``i`` holds the model's bytes from ``i * chunk_bytes``: ``chunk_bytes`` of them,
+    except the last chunk, which holds the rest.
+    """
+
+    sha256: str = Field(pattern=SHA256_PATTERN, description="sha256 of the whole model.")
+    size: int = Field(gt=0, description="Size of the model in bytes.")
+    chunk_bytes: int = Field(gt=0, description="Length of every chunk but the last.")
+    chunks: int = Field(gt=0, description="Number of chunks: size / chunk_bytes, rounded up.")
+
+    @model_validator(mode="after")
+    def _chunks_cover_the_size(self) -> ChunkedModelMeta:
+        needed = -(-self.size // self.chunk_bytes)
+        if self.chunks != needed:
+            raise ValueError(
+                f"{self.size} bytes in chunks of {self.chunk_bytes} make {needed} chunks, "
+                f"not {self.chunks}"
+            )
+        return self
+
+    def chunk_length(self, index: int) -> int:
+        """How many bytes chunk ``index`` (0 <= index < chunks) holds."""
+        if not 0 <= index < self.chunks:
+            raise IndexError(f"chunk {index} of {self.chunks}")
+        return min(self.chunk_bytes, self.size - index * self.chunk_bytes)
 
 
 # -- desired and reported state -----------------------------------------------------

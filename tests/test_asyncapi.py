@@ -10,7 +10,13 @@ import pytest
 from conftest import REPO
 
 from edgefleet.agent.asyncapi import document
-from edgefleet.agent.protocol import CommandName, Topics
+from edgefleet.agent.protocol import (
+    TOPIC_ROOT,
+    CommandName,
+    Topics,
+    model_meta_topic,
+    model_transfer_topic,
+)
 
 PUBLISHED = REPO / "docs" / "asyncapi.json"
 REGENERATE = "python -m edgefleet.agent.asyncapi > docs/asyncapi.json"
@@ -84,6 +90,34 @@ def test_the_device_topics_are_addressed_as_the_protocol_names_them(
     assert addresses["reported"] == topics.reported
 
 
+def test_the_model_transfer_topics_are_addressed_as_the_protocol_names_them(
+    published: dict[str, Any],
+) -> None:
+    channels = published["channels"]
+
+    assert channels["model_meta"]["address"] == model_meta_topic(TOPIC_ROOT, "{sha256}")
+    assert channels["model_chunk"]["address"] == (
+        f"{model_transfer_topic(TOPIC_ROOT, '{sha256}')}/{{index}}"
+    )
+    assert set(channels["model_chunk"]["parameters"]) == {"sha256", "index"}
+
+
+def test_the_device_receives_the_model_meta_as_json_and_chunks_as_raw_bytes_retained(
+    published: dict[str, Any],
+) -> None:
+    messages = published["components"]["messages"]
+    operations = published["operations"]
+
+    assert (
+        _resolve(published, messages["model_meta"]["payload"]["$ref"])
+        == (published["components"]["schemas"]["ChunkedModelMeta"])
+    )
+    assert messages["model_chunk"]["contentType"] == "application/octet-stream"
+    for key in ("model_meta", "model_chunk"):
+        assert operations[f"receive_{key}"]["action"] == "receive"
+        assert operations[f"receive_{key}"]["bindings"]["mqtt"]["retain"] is True
+
+
 def test_schemas_carry_no_nested_defs(published: dict[str, Any]) -> None:
     schemas = published["components"]["schemas"]
 
@@ -95,5 +129,7 @@ def test_another_topic_root_moves_every_address() -> None:
     channels = document("acme/v1")["channels"]
 
     addresses = [c["address"] for c in channels.values() if c["address"] is not None]
+    models = model_transfer_topic("acme/v1", "{sha256}")
     assert addresses
-    assert all(a.startswith("acme/v1/{device}/") for a in addresses)
+    assert all(a.startswith(("acme/v1/{device}/", f"{models}/")) for a in addresses)
+    assert any(a.startswith(f"{models}/") for a in addresses)
