@@ -12,7 +12,9 @@ fleet CA; ``use_identity_as_username`` makes the certificate's CN the MQTT usern
 ACL grants by username (``%u``), never by client id (``%c``): a client chooses its own client
 id, so with ``%c`` any device holding a valid certificate could write another device's
 topics. A device reads its own subtree and writes only what it reports; the controller (a
-named identity) reads everything and alone writes ``cmd`` and ``desired``.
+named identity) reads everything and alone writes ``cmd`` and ``desired``. Models published
+for transfer over the broker (``<root>/_models/``, one copy for the whole fleet) are written
+by the controller alone and read by every identity.
 
 Pure functions, no I/O and no threads: the caller writes the returned text where the broker
 reads it. Invalid settings are rejected by the pydantic models (``ValidationError``, naming
@@ -29,6 +31,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from edgefleet.agent.protocol import MODELS_LEVEL
 from edgefleet.runtime.errors import SettingError
 
 TOPIC_ROOT = "edgefleet/v1"
@@ -54,6 +57,14 @@ Everything else in the subtree (``cmd/#``, ``desired``) is the controller's to w
 
 CONTROLLER_WRITE_TOPICS: tuple[str, ...] = ("cmd/#", "desired")
 """What only the controller may publish, relative to any device's subtree."""
+
+MODEL_TRANSFER_TOPICS = f"{MODELS_LEVEL}/#"
+"""Models published over the broker, relative to the root: the controller writes, all read.
+
+Fleet-wide, not per device, so devices are granted it by a pattern without ``%u``: Mosquitto
+applies such a pattern to anonymous clients too, which only a broker with
+``allow_anonymous`` (tests, loopback) admits.
+"""
 
 LogType = Literal["error", "warning", "notice", "information", "subscribe", "unsubscribe", "all"]
 
@@ -364,7 +375,9 @@ def render_acl(topic_root: str = TOPIC_ROOT, controller_identity: str = CONTROLL
     Devices are granted by pattern on their username (``%u``): each reads all of
     ``<topic_root>/<device>/#`` and writes only :data:`DEVICE_WRITE_TOPICS` there. The
     controller reads every device's subtree (and ``$SYS``) and writes
-    :data:`CONTROLLER_WRITE_TOPICS` for any device. Anonymous clients get nothing.
+    :data:`CONTROLLER_WRITE_TOPICS` for any device. Every identity reads the models published
+    over the broker (:data:`MODEL_TRANSFER_TOPICS`); only the controller writes them.
+    Anonymous clients may write nothing.
     """
     _check_topic_root(topic_root)
     _check_identity(controller_identity, "controller_identity")
@@ -378,11 +391,16 @@ def render_acl(topic_root: str = TOPIC_ROOT, controller_identity: str = CONTROLL
             f"user {controller_identity}",
             f"topic read {topic_root}/#",
             *_grants("topic write", f"{topic_root}/+", CONTROLLER_WRITE_TOPICS),
+            "# It publishes models, as retained chunks, for devices that reach only the broker.",
+            f"topic write {topic_root}/{MODEL_TRANSFER_TOPICS}",
             "topic read $SYS/#",
             "",
             "# Each device reads its own subtree and writes only what it reports.",
             f"pattern read {topic_root}/%u/#",
             *_grants("pattern write", f"{topic_root}/%u", DEVICE_WRITE_TOPICS),
+            "# Every device reads the models the controller publishes: one copy for the fleet,",
+            "# so no %u (devices cannot write there: a forged chunk would reach every device).",
+            f"pattern read {topic_root}/{MODEL_TRANSFER_TOPICS}",
             "",
         ]
     )

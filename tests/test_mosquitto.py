@@ -38,6 +38,8 @@ from edgefleet.provisioning.mosquitto import (
 from edgefleet.runtime import SettingError
 
 ROOT = "edgefleet/v1"
+MODEL_SHA256 = "ab" * 32
+CHUNK_BYTES = 64 * 1024  # what `edgefleet transfer publish` cuts a model into by default
 
 
 @pytest.fixture
@@ -300,8 +302,13 @@ def test_device_publishes_to_its_own_events(acl_broker: Mosquitto) -> None:
 
 @pytest.mark.parametrize(
     "topic",
-    [f"{ROOT}/dev2/events/x", f"{ROOT}/dev1/cmd/reboot", f"{ROOT}/dev1/desired"],
-    ids=["other-device", "own-cmd", "own-desired"],
+    [
+        f"{ROOT}/dev2/events/x",
+        f"{ROOT}/dev1/cmd/reboot",
+        f"{ROOT}/dev1/desired",
+        f"{ROOT}/_models/{MODEL_SHA256}/0",
+    ],
+    ids=["other-device", "own-cmd", "own-desired", "model-chunk"],
 )
 def test_device_publish_outside_what_it_may_write_never_arrives(
     acl_broker: Mosquitto, topic: str
@@ -338,6 +345,26 @@ def test_controller_command_reaches_only_the_device_it_addresses(acl_broker: Mos
         assert not ack.is_failure
         assert dev1.wait_for_message(f"{ROOT}/dev1/cmd/reboot").payload == b"{}"
         assert dev2.messages(f"{ROOT}/dev1/cmd/reboot") == []
+
+
+def test_every_device_receives_a_full_model_chunk_the_controller_published(
+    acl_broker: Mosquitto,
+) -> None:
+    chunk = bytes(range(256)) * (CHUNK_BYTES // 256)
+    topic = f"{ROOT}/_models/{MODEL_SHA256}/0"
+    with MqttProbe(acl_broker, "ctl", username="controller") as controller:
+        ack = controller.publish(topic, chunk, retain=True)
+
+    with (
+        MqttProbe(acl_broker, "dev1", username="dev1") as dev1,
+        MqttProbe(acl_broker, "dev2", username="dev2") as dev2,
+    ):
+        dev1.subscribe(f"{ROOT}/_models/{MODEL_SHA256}/#")
+        dev2.subscribe(f"{ROOT}/_models/{MODEL_SHA256}/#")
+
+        assert not ack.is_failure
+        assert dev1.wait_for_message(topic).payload == chunk
+        assert dev2.wait_for_message(topic).payload == chunk
 
 
 def test_anonymous_client_may_publish_nothing_under_the_acl(acl_broker: Mosquitto) -> None:
