@@ -78,7 +78,10 @@ class DownloadError(EdgefleetError):
     """The model file named by a manifest could not be fetched; ``url`` says which."""
 
     def __init__(self, url: str, message: str, *, hint: str = "") -> None:
-        super().__init__(f"download of {_shown(url)}: {message}", hint=hint)
+        shown = _shown(url)
+        # "mqtt:" (a chunked transfer over the broker, edgefleet.agent.chunks) has its colon.
+        separator = "" if shown.endswith(":") else ":"
+        super().__init__(f"download of {shown}{separator} {message}", hint=hint)
         self.url = url
 
 

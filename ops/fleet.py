@@ -1,4 +1,4 @@
-"""``edgefleet keys | manifest | deploy | cmd``: sign model releases, deploy them, send commands.
+"""``edgefleet keys | manifest | deploy | cmd | transfer``: sign, deploy, command, publish models.
 
 ::
 
@@ -6,6 +6,15 @@
     edgefleet manifest create MODEL --model-id ID --version N --url URL [--url URL ...] --key KEY
     edgefleet deploy DEVICE STREAM SIGNED_MANIFEST.json --host H [--port P]
     edgefleet cmd DEVICE NAME [--args JSON] [--timeout S] --host H [--port P]
+    edgefleet transfer publish MODEL --host H [--port P] [--topic-root R] [--chunk-kib 64]
+    edgefleet transfer clear SHA256 --host H [--port P] [--topic-root R]
+
+``transfer publish`` puts a model on the broker for devices that reach only the broker (a
+manifest URL ``mqtt:``): retained chunks under ``<root>/_models/<sha256>/``, then the meta
+that says they are all there (``edgefleet.agent.chunks`` is the device's side). It first
+clears whatever an earlier publication of the same model left that this one does not
+overwrite (another ``--chunk-kib``); a device fetching the model meanwhile has to start over.
+``transfer clear`` removes every retained message of the model, the meta first.
 
 ``deploy`` is a read-modify-write of the device's retained ``desired`` state: it assumes one
 operator (or controller) writes a device's desired state at a time; two concurrent deploys
@@ -21,6 +30,7 @@ print as ``edgefleet: error: ...`` plus what to do, never a traceback. The tree 
         └── FleetError                             the broker or a device did not do its part
             ├── BrokerError                        unreachable, refused, dropped, or too slow
             ├── NoReply                            a command went unanswered in its timeout
+            ├── NotPublished                       no model with that sha256 is on the broker
             └── ContractBroken                     a device's reply or the retained desired
                                                    state does not parse
 
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import queue
@@ -42,7 +53,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -53,13 +64,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 
 from edgefleet.agent.protocol import (
     COMMAND_ARGS,
+    MODELS_LEVEL,
+    MQTT_MODEL_URL,
     SCHEMA_VERSION,
+    SHA256_PATTERN,
     TOPIC_LEVEL_PATTERN,
     TOPIC_ROOT,
+    ChunkedModelMeta,
     CommandName,
     CommandReply,
     CommandRequest,
@@ -68,6 +84,9 @@ from edgefleet.agent.protocol import (
     SignedManifest,
     TensorSpec,
     Topics,
+    model_chunk_topic,
+    model_meta_topic,
+    model_transfer_topic,
 )
 from edgefleet.provisioning import (
     KeyFileError,
@@ -95,7 +114,12 @@ DEFAULT_COMMAND_TIMEOUT_S = 10.0
 DEFAULT_EXPIRES_IN_DAYS = 30.0
 SECONDS_PER_DAY = 86_400
 KEEPALIVE_S = 30
-URL_PREFIXES = ("http://", "https://", "mqtt:")
+URL_PREFIXES = ("http://", "https://")
+DEFAULT_CHUNK_KIB = 64
+KIB = 1024
+# At most what a QoS 1 PUBLISH adds to its topic and payload: fixed header (5), topic length
+# (2), packet id (2), MQTT 5 property length (1).
+PUBLISH_OVERHEAD_BYTES = 10
 _MAX_REPORTED_ERRORS = 3
 _BAD_INPUT = (SettingError, ModelError, KeyFileError)
 # Manifest fields that come from an option, for messages that name what to change.
@@ -124,6 +148,10 @@ class NoReply(FleetError):
     """A command went unanswered within its timeout."""
 
 
+class NotPublished(FleetError):
+    """No model with the sha256 asked for is published on the broker."""
+
+
 class ContractBroken(FleetError):
     """What a device sent, or the broker holds for it, does not parse as the wire contract says."""
 
@@ -132,9 +160,10 @@ class ContractBroken(FleetError):
 
 
 def register(subcommands: Any) -> None:
-    """Add ``keys``, ``manifest``, ``deploy`` and ``cmd`` to the top-level command parser."""
+    """Add ``keys``, ``manifest``, ``deploy``, ``cmd`` and ``transfer`` to the command parser."""
     _register_keys(subcommands)
     _register_manifest(subcommands)
+    _register_transfer(subcommands)
 
     deploy = subcommands.add_parser("deploy", help="set the model a device's stream should run")
     deploy.add_argument("device", help="device id")
@@ -220,6 +249,30 @@ def _register_manifest(subcommands: Any) -> None:
     create.set_defaults(handler=_reporting_bad_input(_manifest_create))
 
 
+def _register_transfer(subcommands: Any) -> None:
+    transfer = subcommands.add_parser(
+        "transfer", help="models over the broker, for devices that reach only the broker"
+    )
+    commands = transfer.add_subparsers(dest="transfer_command", required=True, metavar="COMMAND")
+    publish = commands.add_parser(
+        "publish", help=f"publish a model as retained chunks (manifest URL {MQTT_MODEL_URL})"
+    )
+    publish.add_argument("model", type=Path, help="the .tflite file")
+    publish.add_argument(
+        "--chunk-kib",
+        type=_positive_int,
+        default=DEFAULT_CHUNK_KIB,
+        metavar="KIB",
+        help="chunk size in KiB; a chunk must fit the broker's packet limit (default: %(default)s)",
+    )
+    _add_broker_options(publish)
+    publish.set_defaults(handler=_reporting_bad_input(_transfer_publish))
+    clear = commands.add_parser("clear", help="remove a published model from the broker")
+    clear.add_argument("sha256", help="the model's sha256 ('transfer publish' printed it)")
+    _add_broker_options(clear)
+    clear.set_defaults(handler=_reporting_bad_input(_transfer_clear))
+
+
 def _add_broker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", required=True, help="broker host")
     parser.add_argument(
@@ -237,6 +290,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
     return value
 
 
@@ -290,10 +353,11 @@ def _manifest_create(args: argparse.Namespace) -> int:
 def _manifest_from(args: argparse.Namespace) -> Manifest:
     """The manifest for the model file and options; options that break it are named."""
     for url in args.url:
-        if not url.startswith(URL_PREFIXES):
+        if not (url.startswith(URL_PREFIXES) or url == MQTT_MODEL_URL):
             raise SettingError(
                 f"--url {url!r} is not a download URL",
-                hint=f"give a URL that starts with {', '.join(URL_PREFIXES)}",
+                hint=f"give a URL that starts with {', '.join(URL_PREFIXES)}, or exactly "
+                f"{MQTT_MODEL_URL} for a transfer over the broker ('edgefleet transfer publish')",
             )
     info = inspect_model(read_model(args.model))
     issued_at = time.time()
@@ -512,6 +576,102 @@ def _await_reply(broker: _Connection, request_id: str, deadline: float) -> Comma
     return None
 
 
+# -- models over the broker ---------------------------------------------------------------
+
+
+def model_chunks(content: bytes, chunk_bytes: int) -> tuple[ChunkedModelMeta, list[bytes]]:
+    """A model cut for publishing over the broker: its meta, and its chunks in order."""
+    chunks = [content[i : i + chunk_bytes] for i in range(0, len(content), chunk_bytes)]
+    meta = ChunkedModelMeta(
+        sha256=hashlib.sha256(content).hexdigest(),
+        size=len(content),
+        chunk_bytes=chunk_bytes,
+        chunks=len(chunks),
+    )
+    return meta, chunks
+
+
+def _transfer_publish(args: argparse.Namespace) -> int:
+    model = read_model(args.model)
+    meta, chunks = model_chunks(model.content, args.chunk_kib * KIB)
+    root, sha256 = args.topic_root, meta.sha256
+    messages = [(model_chunk_topic(root, sha256, i), chunk) for i, chunk in enumerate(chunks)]
+    meta_topic, meta_payload = model_meta_topic(root, sha256), meta.model_dump_json().encode()
+    with _Connection(args.host, args.port) as broker:
+        _check_chunks_fit(broker, messages[-1][0], meta.chunk_bytes)
+        earlier = _published(broker, root, sha256)
+        # What this publication will not overwrite goes first, the meta before the chunks: a
+        # device never sees a meta beside chunks cut another way.
+        kept = {topic for topic, _ in messages} | {meta_topic}
+        stale = [topic for topic in earlier if topic not in kept]
+        if earlier.get(meta_topic, meta_payload) != meta_payload:
+            stale.insert(0, meta_topic)
+        broker.publish_all([(topic, b"") for topic in stale], retain=True)
+        broker.publish_all(messages, retain=True)
+        broker.publish(meta_topic, meta_payload, retain=True)
+    print(
+        f"published {args.model.name}: {meta.size:,} bytes in {meta.chunks} chunks of "
+        f"{args.chunk_kib} KiB, retained under {model_transfer_topic(root, sha256)}/"
+        + (f" (cleared {len(stale)} retained messages of one cut another way)" if stale else "")
+    )
+    print(f"sha256  {sha256}")
+    print(f"url     {MQTT_MODEL_URL}    (edgefleet manifest create ... --url {MQTT_MODEL_URL})")
+    print(f"remove  edgefleet transfer clear {sha256} {_broker_options(args)}")
+    return 0
+
+
+def _transfer_clear(args: argparse.Namespace) -> int:
+    sha256 = args.sha256.lower()
+    if not re.fullmatch(SHA256_PATTERN, sha256):
+        raise SettingError(
+            f"{args.sha256!r} is not a sha256", hint="give the 64 hex digits 'publish' printed"
+        )
+    root = args.topic_root
+    meta_topic = model_meta_topic(root, sha256)
+    with _Connection(args.host, args.port) as broker:
+        published = _published(broker, root, sha256)
+        if not published:
+            raise NotPublished(
+                f"nothing is published under {model_transfer_topic(root, sha256)}/ on the "
+                f"broker at {args.host}:{args.port}",
+                hint="check the sha256 and --topic-root; 'edgefleet transfer publish' prints both",
+            )
+        # The meta first: it says every chunk is there, which stops being true now.
+        topics = sorted(published, key=lambda topic: topic != meta_topic)
+        broker.publish_all([(topic, b"") for topic in topics], retain=True)
+    chunks = len(topics) - (meta_topic in published)
+    meta = "the meta and " if meta_topic in published else ""
+    print(f"cleared model {sha256}: {meta}{chunks} chunks ({len(topics)} retained messages)")
+    return 0
+
+
+def _published(broker: _Connection, root: str, sha256: str) -> dict[str, bytes]:
+    """The retained messages under ``<root>/_models/<sha256>/``, by topic."""
+    # A topic only this call uses, beside (not under) any model's subtree.
+    marker = f"{root}/{MODELS_LEVEL}/_sync/{uuid.uuid4().hex}"
+    return broker.retained(f"{model_transfer_topic(root, sha256)}/#", marker)
+
+
+def _check_chunks_fit(broker: _Connection, topic: str, chunk_bytes: int) -> None:
+    """Refuse a chunk size whose packets the broker would drop us for."""
+    limit = broker.max_packet_bytes
+    overhead = len(topic.encode()) + PUBLISH_OVERHEAD_BYTES
+    if limit is not None and chunk_bytes + overhead > limit:
+        raise SettingError(
+            f"--chunk-kib {chunk_bytes // KIB}: a chunk's packet can take "
+            f"{chunk_bytes + overhead:,} bytes; the broker accepts packets up to {limit:,}",
+            hint=f"use --chunk-kib {(limit - overhead) // KIB} or less",
+        )
+
+
+def _broker_options(args: argparse.Namespace) -> str:
+    """The broker options of ``args``, as typed on a command line (the root if not default)."""
+    options = f"--host {args.host} --port {args.port}"
+    if args.topic_root != TOPIC_ROOT:
+        options += f" --topic-root {args.topic_root}"
+    return options
+
+
 # -- MQTT ---------------------------------------------------------------------------------
 
 
@@ -523,6 +683,7 @@ class _Connection:
         self._timeout_s = timeout_s
         self._changed = threading.Condition()
         self._connack: ReasonCode | None = None
+        self._max_packet_bytes: int | None = None
         self._closed: ReasonCode | None = None
         self._acks: dict[int, ReasonCode] = {}  # by message id: first SUBACK code, or PUBACK
         self._messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
@@ -562,9 +723,15 @@ class _Connection:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def subscribe(self, topic: str) -> None:
-        """Subscribe at QoS 1 and wait for the SUBACK."""
-        result, mid = self._client.subscribe(topic, qos=1)
+    @property
+    def max_packet_bytes(self) -> int | None:
+        """The largest packet the broker accepts, when it said (MQTT 5 CONNACK)."""
+        return self._max_packet_bytes
+
+    def subscribe(self, topic: str, *, no_local: bool = False) -> None:
+        """Subscribe at QoS 1 and wait for the SUBACK; ``no_local``: not to our own messages."""
+        options = SubscribeOptions(qos=1, noLocal=no_local)
+        result, mid = self._client.subscribe(topic, options=options)
         if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
             raise self._lost(f"subscribing to {topic}")
         self._check(self._wait(lambda: self._acks.get(mid), "SUBACK"), f"refused {topic}")
@@ -572,7 +739,7 @@ class _Connection:
     def publish(
         self,
         topic: str,
-        payload: str,
+        payload: str | bytes,
         *,
         retain: bool = False,
         properties: Properties | None = None,
@@ -582,6 +749,45 @@ class _Connection:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise self._lost(f"publishing to {topic}")
         self._check(self._wait(lambda: self._acks.get(info.mid), "PUBACK"), f"refused {topic}")
+
+    def publish_all(self, messages: Sequence[tuple[str, bytes]], *, retain: bool = False) -> None:
+        """Publish each (topic, payload) at QoS 1, all at once, then wait for every PUBACK.
+
+        Each wait has the full timeout: a slow link is fine while the acks keep coming.
+        """
+        sent = []
+        for topic, payload in messages:
+            info = self._client.publish(topic, payload, qos=1, retain=retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise self._lost(f"publishing to {topic}")
+            sent.append((topic, info.mid))
+        for topic, mid in sent:
+            ack = self._wait(functools.partial(self._acks.get, mid), "PUBACK")
+            self._check(ack, f"refused {topic}")
+
+    def retained(self, topic_filter: str, marker_topic: str) -> dict[str, bytes]:
+        """The retained messages on ``topic_filter`` now, by topic (cleared ones left out).
+
+        The broker sends a subscription's retained messages before anything published after
+        it: once our own QoS 1 message on ``marker_topic`` is back, every one of them is in.
+        """
+        self.subscribe(topic_filter, no_local=True)
+        self.subscribe(marker_topic)
+        marker = uuid.uuid4().hex
+        self.publish(marker_topic, marker)
+        found: dict[str, bytes] = {}
+        deadline = time.monotonic() + self._timeout_s
+        while (message := self.receive(deadline - time.monotonic())) is not None:
+            if message.topic == marker_topic and message.payload == marker.encode():
+                return found
+            if message.retain and message.payload:
+                found[message.topic] = bytes(message.payload)
+        raise BrokerError(
+            f"the broker at {self._host}:{self._port} did not send back our message on "
+            f"{marker_topic} within {self._timeout_s:g} s",
+            hint="check that this identity may read and write it (the broker ACL) and the "
+            "broker's load",
+        )
 
     def receive(self, timeout_s: float) -> mqtt.MQTTMessage | None:
         """The next message of the subscriptions, or None after ``timeout_s``."""
@@ -631,6 +837,7 @@ class _Connection:
     ) -> None:
         with self._changed:
             self._connack = reason_code
+            self._max_packet_bytes = getattr(properties, "MaximumPacketSize", None)
             self._changed.notify_all()
 
     def _on_disconnect(

@@ -136,6 +136,19 @@ def test_manifest_create_with_the_public_key_says_to_use_the_private_one(
     assert_clean_failure(result, 2, "holds a public key")
 
 
+def test_manifest_create_takes_mqtt_only_as_exactly_mqtt_colon(
+    assets: Assets, tmp_path: Path
+) -> None:
+    assert edgefleet("keys", "generate", tmp_path).returncode == 0
+
+    result = edgefleet(
+        "manifest", "create", assets.model(MOBILENET), "--model-id", "m", "--version", 1,
+        "--url", "mqtt://broker/m.tflite", "--key", tmp_path / "fleet.key",
+    )  # fmt: skip
+
+    assert_clean_failure(result, 2, "is not a download URL", "exactly mqtt:")
+
+
 def test_keys_generate_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
     assert edgefleet("keys", "generate", tmp_path, "--name", "prod").returncode == 0
     before = (tmp_path / "prod.key").read_bytes()
