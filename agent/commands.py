@@ -6,8 +6,9 @@ request that names a place to answer gets a ``CommandReply`` with ``ok``, an
 ``ErrorCode`` and a message; one that does not is logged and counted.
 
 ``parse_command`` decides, without I/O, what a payload is: a typed
-``ParsedCommand`` or the error reply it deserves (too large, not JSON, not a
-request, unknown command, bad arguments). ``CommandJournal`` remembers every
+``ParsedCommand`` or a ``Refused`` with the error reply it deserves (too large,
+not JSON, not a request, unknown command, bad arguments) and, when the request
+could be read, its ``reply_to``. ``CommandJournal`` remembers every
 id it ran, in SQLite beside the model store, so a redelivered request (QoS 1
 after a reconnect, a controller retry) is answered from the recorded reply and
 never run twice, even across a restart. An expired request is refused.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -39,6 +41,7 @@ from .config import CommandSettings
 from .mqtt import Inbound
 from .protocol import (
     COMMAND_ARGS,
+    COMMAND_ID_PATTERN,
     SCHEMA_VERSION,
     CommandName,
     CommandReply,
@@ -70,6 +73,18 @@ class ParsedCommand:
     args: BaseModel
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A payload that is not a runnable command, and the error reply it gets.
+
+    ``reply_to`` is the request's MQTT 3.1.1 reply topic, when it could be read that far
+    (an unknown command or bad arguments), so such clients hear why too.
+    """
+
+    reply: CommandReply
+    reply_to: str | None = None
+
+
 Handler = Callable[[Any], dict[str, Any]]
 
 
@@ -83,11 +98,11 @@ def error_reply(
 
 
 class _Rejected(Exception):
-    """A payload that is not a runnable command; carries the reply it gets."""
+    """A payload that is not a runnable command; carries how it is refused."""
 
-    def __init__(self, reply: CommandReply) -> None:
-        super().__init__(reply.message)
-        self.reply = reply
+    def __init__(self, refused: Refused) -> None:
+        super().__init__(refused.reply.message)
+        self.refused = refused
 
 
 def _problems(exc: ValidationError) -> str:
@@ -98,28 +113,36 @@ def _problems(exc: ValidationError) -> str:
 
 def parse_command(
     name: str, payload: bytes, *, now: float, max_bytes: int
-) -> ParsedCommand | CommandReply:
+) -> ParsedCommand | Refused:
     """The typed command in ``payload``, or the error reply it gets. Pure."""
     try:
         request = _request(name, payload, max_bytes)
         return ParsedCommand(*_arguments(name, request))
     except _Rejected as rejected:
-        return rejected.reply
+        return rejected.refused
+
+
+def _is_topic_name(topic: str) -> bool:
+    """Whether one can publish to ``topic``: not empty, no wildcards, no NUL."""
+    return bool(topic) and not any(c in topic for c in "+#\0")
 
 
 def _request(name: str, payload: bytes, max_bytes: int) -> CommandRequest:
     def reject(code: ErrorCode, message: str, id_: str | None = None) -> _Rejected:
-        return _Rejected(error_reply(name, code, message, id_=id_))
+        return _Rejected(Refused(error_reply(name, code, message, id_=id_)))
 
     if len(payload) > max_bytes:
         raise reject(ErrorCode.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {max_bytes}")
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError: also not UTF-8, and numbers longer than int() takes (4300 digits).
+    except (ValueError, RecursionError) as exc:
         raise reject(ErrorCode.MALFORMED, f"payload is not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise reject(ErrorCode.MALFORMED, "payload must be a JSON object")
-    id_ = data["id"] if isinstance(data.get("id"), str) else None
+    # Echoed only when it is a valid id: a lone surrogate could not even be sent back.
+    raw_id = data.get("id")
+    id_ = raw_id if isinstance(raw_id, str) and re.fullmatch(COMMAND_ID_PATTERN, raw_id) else None
     try:
         request = CommandRequest.model_validate(data)
     except ValidationError as exc:
@@ -131,6 +154,12 @@ def _request(name: str, payload: bytes, max_bytes: int) -> CommandRequest:
             f"{SCHEMA_VERSION})",
             id_,
         )
+    if request.reply_to is not None and not _is_topic_name(request.reply_to):
+        raise reject(
+            ErrorCode.MALFORMED,
+            "reply_to must be a topic one can publish to: not empty, without +, # or NUL",
+            id_,
+        )
     return request
 
 
@@ -139,20 +168,18 @@ def _arguments(name: str, request: CommandRequest) -> tuple[CommandName, Command
         command = CommandName(name)
     except ValueError:
         known = ", ".join(c.value for c in CommandName)
-        raise _Rejected(
-            error_reply(
-                name,
-                ErrorCode.UNKNOWN_COMMAND,
-                f"unknown command {name!r}; known: {known}",
-                id_=request.id,
-            )
-        ) from None
+        reply = error_reply(
+            name,
+            ErrorCode.UNKNOWN_COMMAND,
+            f"unknown command {name!r}; known: {known}",
+            id_=request.id,
+        )
+        raise _Rejected(Refused(reply, request.reply_to)) from None
     try:
         args = COMMAND_ARGS[command].model_validate(request.args)
     except ValidationError as exc:
-        raise _Rejected(
-            error_reply(name, ErrorCode.INVALID_ARGS, _problems(exc), id_=request.id)
-        ) from None
+        reply = error_reply(name, ErrorCode.INVALID_ARGS, _problems(exc), id_=request.id)
+        raise _Rejected(Refused(reply, request.reply_to)) from None
     return command, request, args
 
 
@@ -266,8 +293,8 @@ class Commands:
         parsed = parse_command(
             name, message.payload, now=time.time(), max_bytes=self._settings.max_payload_bytes
         )
-        if isinstance(parsed, CommandReply):
-            self._answer(message, parsed, None)
+        if isinstance(parsed, Refused):
+            self._answer(message, parsed.reply, parsed.reply_to)
             return
         request = parsed.request
         recorded = self._journal.recorded(request.id)
@@ -306,11 +333,13 @@ class Commands:
 
     def _answer(self, message: Inbound, reply: CommandReply, reply_to: str | None) -> None:
         topic = message.response_topic or reply_to
-        if topic is None:
+        # paho raises on a wildcard topic, and mosquitto passes such a response topic on.
+        if topic is None or not _is_topic_name(topic):
             self.unanswerable += 1
             if self.unanswerable % _LOG_EVERY == 1:
                 log.warning(
-                    "command on %s not answered, no response topic (%d so far): %s",
+                    "command on %s not answered, no response topic one can publish to "
+                    "(%d so far): %s",
                     message.topic,
                     self.unanswerable,
                     reply.message,

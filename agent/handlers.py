@@ -98,7 +98,14 @@ class _Handlers:
                 raise ConfigError("set_config", problems)
         except ConfigError as exc:
             raise CommandFailed(ErrorCode.INVALID_ARGS, exc.message, hint=exc.hint) from exc
-        _write_atomically(path, written)
+        try:
+            _write_atomically(path, written)
+        except OSError as exc:  # not applied: the file and the running config stay as they were
+            raise CommandFailed(
+                ErrorCode.FAILED,
+                f"cannot write {path}: {exc.strerror or exc}",
+                hint="check the disk and the file's permissions",
+            ) from exc
         applied = self.agent.apply_config(new)
         return {"written": str(path), **applied}
 
