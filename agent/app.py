@@ -124,6 +124,8 @@ class Agent:
                 replace_stream=self._replace_stream,
                 on_change=self._publish_reported,
                 agent_version=AGENT_VERSION,
+                broker=self.link,
+                topic_root=self.config.broker.topic_root,
             )
             self.commands = Commands(
                 handlers(self),
@@ -328,8 +330,10 @@ class Agent:
     def _on_message(self, message: Inbound) -> None:  # mqtt thread
         if message.topic == self.topics.desired:
             self.updater.on_desired(message)
-        else:
+        elif self.topics.command_name(message.topic) is not None:
             self.commands.receive(message)
+        else:  # e.g. a model chunk that arrived after its transfer ended
+            log.debug("ignored a message on %s", message.topic)
 
     def _send_reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
         self.link.publish(topic, payload, qos=1, correlation_data=correlation)

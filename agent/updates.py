@@ -48,12 +48,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from edgefleet.provisioning.signing import SigningError, TrustedKeys
 from edgefleet.runtime import EdgefleetError, ModelBytes, read_model
 
+from .chunks import Subscriber, fetch_over_mqtt
 from .config import StreamSettings, UpdateSettings
 from .download import DownloadError, DownloadFailed, DownloadIncomplete, download
 from .modelstore import ModelStore, NothingToRollBack, StoreError
 from .mqtt import Inbound
 from .pipeline import LoadedModel, ModelStats, StreamRunner, load_model
 from .protocol import (
+    MQTT_MODEL_URL,
     DesiredState,
     Manifest,
     SignedManifest,
@@ -137,9 +139,13 @@ def refusal(
         )
     if _version_tuple(agent_version) < _version_tuple(manifest.min_agent_version):
         return f"needs agent {manifest.min_agent_version} or newer; this is {agent_version}"
-    if not any(url.startswith(("http://", "https://")) for url in manifest.urls):
-        return "no http(s) URL in the manifest: this agent downloads over HTTP(S) only"
+    if not any(_usable(url) for url in manifest.urls):
+        return f"no http(s) or {MQTT_MODEL_URL} URL in the manifest: this agent has no other way"
     return None
+
+
+def _usable(url: str) -> bool:
+    return url.startswith(("http://", "https://")) or url == MQTT_MODEL_URL
 
 
 @dataclass(frozen=True)
@@ -222,8 +228,12 @@ class Updater:
         replace_stream: Callable[[str, LoadedModel], None],
         on_change: Callable[[], None],
         agent_version: str,
+        broker: Subscriber,
+        topic_root: str,
     ) -> None:
         self.settings = settings
+        self._broker = broker
+        self._topic_root = topic_root
         self.store = store
         self.keys = keys
         self._streams = streams
@@ -448,19 +458,10 @@ class Updater:
                 last[0] = done
                 self._progress(name, signed, UpdateState.DOWNLOADING, bytes_done=done)
 
-        urls = [u for u in manifest.urls if u.startswith(("http://", "https://"))]
+        urls = [u for u in manifest.urls if _usable(u)]
         for i, url in enumerate(urls):
             try:
-                content = download(
-                    url,
-                    self.store.staging_path(manifest.sha256),
-                    size=manifest.size,
-                    sha256=manifest.sha256,
-                    timeout_s=self.settings.download_timeout_s,
-                    attempts=self.settings.download_attempts,
-                    on_progress=progress,
-                    stop=self._stop,
-                )
+                content = self._fetch(url, manifest, progress)
             except DownloadFailed as exc:
                 if i + 1 < len(urls) and exc.permanent:
                     log.warning("stream %s: %s; trying the next URL", name, exc)
@@ -474,6 +475,31 @@ class Updater:
             self.store.staging_path(manifest.sha256).unlink(missing_ok=True)
             return self.store.load(manifest.sha256)
         raise UpdateRefused("no URL could be downloaded")
+
+    def _fetch(self, url: str, manifest: Manifest, progress: Callable[[int], None]) -> bytes:
+        """The model's bytes from ``url``: HTTP(S) with resume, or chunks over the broker."""
+        staging = self.store.staging_path(manifest.sha256)
+        if url == MQTT_MODEL_URL:
+            return fetch_over_mqtt(
+                self._broker,
+                self._topic_root,
+                sha256=manifest.sha256,
+                size=manifest.size,
+                staging=staging,
+                timeout_s=self.settings.download_timeout_s,
+                stop=self._stop,
+                on_progress=progress,
+            )
+        return download(
+            url,
+            staging,
+            size=manifest.size,
+            sha256=manifest.sha256,
+            timeout_s=self.settings.download_timeout_s,
+            attempts=self.settings.download_attempts,
+            on_progress=progress,
+            stop=self._stop,
+        )
 
     def _validate(
         self, runner: StreamRunner, signed: SignedManifest, manifest: Manifest, content: ModelBytes

@@ -32,6 +32,7 @@ from PIL import Image
 
 from edgefleet.agent.modelstore import ModelStore
 from edgefleet.agent.protocol import EventMessage, HealthMessage, SignedManifest, StatusMessage
+from edgefleet.ops.cli import main as edgefleet_cli
 from edgefleet.provisioning.signing import generate_signing_key, load_private_key, sign_manifest
 
 DEVICE = "dev-ota"
@@ -518,3 +519,25 @@ def test_device_offline_during_the_rollout_converges_and_takes_a_signed_rollback
             assert reported.models[STREAM].sha256 == sha256(v2)
             assert_still_running(probe, sha256(v2))
     probe.disconnect()
+
+
+def test_update_over_the_broker_alone_installs_from_retained_chunks(
+    assets: Assets, broker: Mosquitto, tmp_path: Path
+) -> None:
+    content = assets.model(SMALL).read_bytes()
+    release = variant(content, 7)
+    (tmp_path / "release.tflite").write_bytes(release)
+    args = ["transfer", "publish", str(tmp_path / "release.tflite"), "--chunk-kib", "32"]
+    assert edgefleet_cli([*args, "--host", broker.host, "--port", str(broker.port)]) == 0
+    workdir = tmp_path / "agent"
+    probe = device_probe(broker)
+    with ModelServer() as server:  # serves nothing here: the manifest names only the broker
+        fleet = Fleet(workdir / "keys", server, probe, DEVICE)
+        manifest = fleet.manifest(release, version=2, urls=["mqtt:"])
+        config = agent_config(workdir, broker.port, assets.model(SMALL), video(assets))
+        with AgentProcess(workdir, config):
+            fleet.deploy(STREAM, fleet.sign(manifest))
+            reported = fleet.wait_for_update(STREAM, 2, {"committed"}, timeout_s=90)
+        assert server.requests == []
+    probe.disconnect()
+    assert reported.models[STREAM].sha256 == sha256(release)
