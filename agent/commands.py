@@ -111,9 +111,7 @@ def _problems(exc: ValidationError) -> str:
     )
 
 
-def parse_command(
-    name: str, payload: bytes, *, now: float, max_bytes: int
-) -> ParsedCommand | Refused:
+def parse_command(name: str, payload: bytes, *, max_bytes: int) -> ParsedCommand | Refused:
     """The typed command in ``payload``, or the error reply it gets. Pure."""
     try:
         request = _request(name, payload, max_bytes)
@@ -290,9 +288,7 @@ class Commands:
 
     def _handle(self, message: Inbound) -> None:
         name = self._command_name(message.topic) or "?"
-        parsed = parse_command(
-            name, message.payload, now=time.time(), max_bytes=self._settings.max_payload_bytes
-        )
+        parsed = parse_command(name, message.payload, max_bytes=self._settings.max_payload_bytes)
         if isinstance(parsed, Refused):
             self._answer(message, parsed.reply, parsed.reply_to)
             return
@@ -326,6 +322,10 @@ class Commands:
         except EdgefleetError as exc:
             log.warning("command %s %s failed: %s", name, id_, exc)
             return error_reply(name, ErrorCode.FAILED, str(exc), id_=id_)
+        except Exception as exc:  # a bug in one handler must not end the commands thread
+            log.exception("command %s %s failed on a bug", name, id_)
+            message = f"internal error ({type(exc).__name__}); the device log has the details"
+            return error_reply(name, ErrorCode.FAILED, message, id_=id_)
         log.info("command %s %s done", name, id_)
         return CommandReply(
             id=id_, command=name, ok=True, message="done", result=result, ts=time.time()

@@ -75,7 +75,7 @@ def encode(body: Any) -> bytes:
 
 
 def parse(name: str, payload: bytes) -> ParsedCommand | Refused:
-    return parse_command(name, payload, now=time.time(), max_bytes=MAX_PAYLOAD)
+    return parse_command(name, payload, max_bytes=MAX_PAYLOAD)
 
 
 def refusal(name: str, payload: bytes) -> Refused:
