@@ -43,6 +43,7 @@ from .protocol import (
     COMMAND_ARGS,
     COMMAND_ID_PATTERN,
     SCHEMA_VERSION,
+    TOPIC_NAME_PATTERN,
     CommandName,
     CommandReply,
     CommandRequest,
@@ -122,7 +123,7 @@ def parse_command(name: str, payload: bytes, *, max_bytes: int) -> ParsedCommand
 
 def _is_topic_name(topic: str) -> bool:
     """Whether one can publish to ``topic``: not empty, no wildcards, no NUL."""
-    return bool(topic) and not any(c in topic for c in "+#\0")
+    return re.fullmatch(TOPIC_NAME_PATTERN, topic) is not None
 
 
 def _request(name: str, payload: bytes, max_bytes: int) -> CommandRequest:
@@ -150,12 +151,6 @@ def _request(name: str, payload: bytes, max_bytes: int) -> CommandRequest:
             ErrorCode.MALFORMED,
             f"schema_version {request.schema_version} is not supported (this agent speaks "
             f"{SCHEMA_VERSION})",
-            id_,
-        )
-    if request.reply_to is not None and not _is_topic_name(request.reply_to):
-        raise reject(
-            ErrorCode.MALFORMED,
-            "reply_to must be a topic one can publish to: not empty, without +, # or NUL",
             id_,
         )
     return request

@@ -264,6 +264,8 @@ class HealthMessage(_Message):
 # -- commands ----------------------------------------------------------------------
 
 COMMAND_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+# A topic one can publish to: not empty, no wildcards, no NUL.
+TOPIC_NAME_PATTERN = r"^[^+#\x00]+$"
 
 
 class CommandName(str, Enum):
@@ -305,6 +307,7 @@ class CommandRequest(_Message):
     reply_to: str | None = Field(
         None,
         max_length=256,
+        pattern=TOPIC_NAME_PATTERN,
         description="Reply topic for MQTT 3.1.1 clients; MQTT 5 clients set the response "
         "topic property instead.",
     )
