@@ -58,6 +58,7 @@ from .download import (
     DownloadHashMismatch,
     DownloadIncomplete,
     DownloadTooLarge,
+    staging_failed,
 )
 from .mqtt import Inbound
 from .protocol import (
@@ -322,7 +323,7 @@ class _Assembly:
             self.staging.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
-            raise self._staging_failed("create", exc) from exc
+            raise staging_failed(MQTT_MODEL_URL, self.staging, "create", exc) from exc
 
     def _write(self, payload: bytes, offset: int) -> None:
         assert self._fd is not None, "open() first"
@@ -332,7 +333,7 @@ class _Assembly:
                 written = os.pwrite(self._fd, view, offset)
                 view, offset = view[written:], offset + written
         except OSError as exc:
-            raise self._staging_failed("write", exc) from exc
+            raise staging_failed(MQTT_MODEL_URL, self.staging, "write", exc) from exc
 
     def finish(self) -> None:
         """fsync and close the staging file."""
@@ -342,7 +343,7 @@ class _Assembly:
         try:
             os.fsync(fd)
         except OSError as exc:
-            raise self._staging_failed("write", exc) from exc
+            raise staging_failed(MQTT_MODEL_URL, self.staging, "write", exc) from exc
         finally:
             os.close(fd)
 
@@ -351,7 +352,7 @@ class _Assembly:
         try:
             data = self.staging.read_bytes()
         except OSError as exc:
-            raise self._staging_failed("read", exc) from exc
+            raise staging_failed(MQTT_MODEL_URL, self.staging, "read", exc) from exc
         got = hashlib.sha256(data).hexdigest()
         if len(data) != self.size or got != self.sha256:
             raise DownloadHashMismatch(
@@ -372,14 +373,6 @@ class _Assembly:
             self.staging.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("model transfer: cannot delete %s (%s)", self.staging, exc)
-
-    def _staging_failed(self, action: str, exc: OSError) -> DownloadFailed:
-        return DownloadFailed(
-            MQTT_MODEL_URL,
-            f"cannot {action} the staging file {self.staging} ({exc.strerror or exc})",
-            hint=f"check the permissions and free space of {self.staging.parent}",
-            permanent=False,
-        )
 
 
 def _describe(exc: ValidationError) -> str:

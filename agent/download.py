@@ -57,6 +57,7 @@ __all__ = [
     "DownloadIncomplete",
     "DownloadTooLarge",
     "download",
+    "staging_failed",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class _Transfer:
         try:
             data = self.staging.read_bytes()
         except OSError as exc:
-            raise _staging_failed(self.url, self.staging, "read", exc) from exc
+            raise staging_failed(self.url, self.staging, "read", exc) from exc
         expected = sha256.lower()
         got = hashlib.sha256(data).hexdigest()
         if len(data) == self.size and got == expected:
@@ -215,14 +216,14 @@ class _Transfer:
         try:
             self.staging.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _staging_failed(self.url, self.staging.parent, "create", exc) from exc
+            raise staging_failed(self.url, self.staging.parent, "create", exc) from exc
 
     def discard(self) -> None:
         """Delete the staging file, if there is one."""
         try:
             self.staging.unlink(missing_ok=True)
         except OSError as exc:
-            raise _staging_failed(self.url, self.staging, "delete", exc) from exc
+            raise staging_failed(self.url, self.staging, "delete", exc) from exc
 
     def _staged_length(self) -> int:
         """Bytes already staged; a file longer than ``size`` is not ours to resume, so it goes."""
@@ -231,7 +232,7 @@ class _Transfer:
         except FileNotFoundError:
             return 0
         except OSError as exc:
-            raise _staging_failed(self.url, self.staging, "read", exc) from exc
+            raise staging_failed(self.url, self.staging, "read", exc) from exc
         if staged > self.size:
             log.warning(
                 "download %s: staging file %s holds %d bytes, more than %d; starting over",
@@ -300,7 +301,7 @@ class _Transfer:
         try:
             file = self.staging.open("ab" if start else "wb")
         except OSError as exc:
-            raise _staging_failed(self.url, self.staging, "open", exc) from exc
+            raise staging_failed(self.url, self.staging, "open", exc) from exc
         try:
             received = self._copy(response, file, start)
         finally:
@@ -326,7 +327,7 @@ class _Transfer:
             try:
                 file.write(chunk)
             except OSError as exc:
-                raise _staging_failed(self.url, self.staging, "write", exc) from exc
+                raise staging_failed(self.url, self.staging, "write", exc) from exc
             received += len(chunk)
             if self.on_progress is not None:
                 self.on_progress(received)
@@ -342,7 +343,7 @@ class _Transfer:
                 file.flush()
                 os.fsync(file.fileno())
         except OSError as exc:
-            raise _staging_failed(self.url, self.staging, "write", exc) from exc
+            raise staging_failed(self.url, self.staging, "write", exc) from exc
 
     def _read(self, response: http.client.HTTPResponse, count: int, received: int) -> bytes:
         """Up to ``count`` bytes of the body; b"" once the server has closed the connection."""
@@ -471,7 +472,8 @@ def _too_large(url: str, size: int, *, announced: int | None) -> DownloadTooLarg
     )
 
 
-def _staging_failed(url: str, path: Path, action: str, exc: OSError) -> DownloadFailed:
+def staging_failed(url: str, path: Path, action: str, exc: OSError) -> DownloadFailed:
+    """The error for a staging file that cannot be used: transient, names the folder to check."""
     return DownloadFailed(
         url,
         f"cannot {action} the staging file {path} ({exc.strerror or exc})",

@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import os
-import tempfile
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -22,6 +20,7 @@ from edgefleet.runtime import EdgefleetError
 
 from .commands import CommandFailed, Handler
 from .config import ConfigError, apply_environment, check_files, parse_config
+from .durable import write_atomically
 from .modelstore import NothingToRollBack
 from .pipeline import StreamRunner
 from .protocol import (
@@ -99,7 +98,7 @@ class _Handlers:
         except ConfigError as exc:
             raise CommandFailed(ErrorCode.INVALID_ARGS, exc.message, hint=exc.hint) from exc
         try:
-            _write_atomically(path, written)
+            write_atomically(path, written.encode())
         except OSError as exc:  # not applied: the file and the running config stay as they were
             raise CommandFailed(
                 ErrorCode.FAILED,
@@ -192,22 +191,3 @@ class _Handlers:
         except UpdateBusy as exc:
             raise CommandFailed(ErrorCode.REFUSED, exc.message, hint=exc.hint) from exc
         return {"stream": args.stream, "sha256": sha}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` so that a crash leaves the old or the new file, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -88,6 +88,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.runtime import EnvironmentProblem, ModelBytes
 
+from .durable import TMP_INFIX, fsync_directory, write_atomically, write_durably
 from .protocol import SHA256_PATTERN, TOPIC_LEVEL_PATTERN, Manifest, SignedManifest
 
 __all__ = [
@@ -109,7 +110,6 @@ RECORD_FILE = "update.json"
 STAGING_SUFFIX = ".part"
 # Names of unfinished writes: never read, removed by prune().
 _TMP_PREFIX = ".tmp-"
-_TMP_INFIX = ".tmp-"
 _HASH_CHUNK_BYTES = 1 << 20
 
 _SHA256 = re.compile(SHA256_PATTERN)
@@ -351,10 +351,10 @@ class ModelStore:
             if record is None:
                 if path.exists():
                     path.unlink()
-                    _fsync_directory(directory)
+                    fsync_directory(directory)
                 return
             self._make_stream_dir(directory)
-            _write_atomically(path, json.dumps(record).encode())
+            write_atomically(path, json.dumps(record).encode())
 
     # -- clean-up ------------------------------------------------------------------------
 
@@ -416,15 +416,15 @@ class ModelStore:
         """Write a model into a temporary directory, then rename it into place."""
         building = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self._models))
         try:
-            _write_durably(building / MODEL_FILE, content)
+            write_durably(building / MODEL_FILE, content)
             if manifest is not None:
-                _write_durably(building / MANIFEST_FILE, _manifest_bytes(manifest))
-            _fsync_directory(building)
+                write_durably(building / MANIFEST_FILE, _manifest_bytes(manifest))
+            fsync_directory(building)
             building.rename(self._models / sha256)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
-        _fsync_directory(self._models)
+        fsync_directory(self._models)
         self._verified[sha256] = _stamp((self._models / sha256 / MODEL_FILE).stat())
 
     def _retire(self, sha256: str) -> None:
@@ -432,7 +432,7 @@ class ModelStore:
         self._verified.pop(sha256, None)
         doomed = self._models / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
         (self._models / sha256).rename(doomed)
-        _fsync_directory(self._models)
+        fsync_directory(self._models)
         shutil.rmtree(doomed)
 
     def _store_manifest(self, sha256: str, manifest: SignedManifest) -> None:
@@ -443,7 +443,7 @@ class ModelStore:
                 return
         except FileNotFoundError:
             pass
-        _write_atomically(path, content)
+        write_atomically(path, content)
 
     def _readable_manifest(self, sha256: str) -> SignedManifest | None:
         """The manifest of a corrupt model, if it survived, to keep across the repair."""
@@ -470,12 +470,12 @@ class ModelStore:
         directory = self._stream_dir(stream)
         self._make_stream_dir(directory)
         data = _PointerFile(sha256=pointer.sha256, previous=pointer.previous)
-        _write_atomically(directory / POINTER_FILE, data.model_dump_json().encode())
+        write_atomically(directory / POINTER_FILE, data.model_dump_json().encode())
 
     def _make_stream_dir(self, directory: Path) -> None:
         if not directory.is_dir():
             directory.mkdir(exist_ok=True)
-            _fsync_directory(self._streams)
+            fsync_directory(self._streams)
 
     def _model_path(self, sha256: str) -> Path:
         return self._models / _check_sha256(sha256) / MODEL_FILE
@@ -566,48 +566,16 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _write_atomically(path: Path, content: bytes) -> None:
-    """Replace ``path`` with ``content`` so that any instant shows the old or the new file."""
-    fd, temporary = tempfile.mkstemp(prefix=f"{path.name}{_TMP_INFIX}", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _write_durably(path: Path, content: bytes) -> None:
-    """Write a new file and fsync it (its directory entry is the caller's to sync)."""
-    with path.open("xb") as file:
-        file.write(content)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the entries of ``directory`` (created, renamed, deleted files) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _make_directory(directory: Path) -> None:
     if directory.is_dir():
         return
     directory.mkdir(parents=True, exist_ok=True)
-    _fsync_directory(directory.parent)
+    fsync_directory(directory.parent)
 
 
 def _remove_temporary_files(directory: Path) -> None:
     for entry in directory.iterdir():
-        if _TMP_INFIX in entry.name and entry.is_file():
+        if TMP_INFIX in entry.name and entry.is_file():
             entry.unlink(missing_ok=True)
 
 
