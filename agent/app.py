@@ -134,7 +134,7 @@ class Agent:
                 send=self._send_reply,
                 settings=self.config.commands,
             )
-            self.streams = self._make_streams(self.config.streams, initial=True)
+            self.streams = self._make_streams(self.config.streams)
             self.link.start()
             steps.callback(self.link.stop)
             self.publisher.start()
@@ -190,14 +190,12 @@ class Agent:
         if self.link.connected and not self.publisher.flush(self.config.shutdown_flush_s):
             log.warning("%d event(s) stay in the outbox for the next start", self.outbox.depth)
 
-    def _make_streams(
-        self, settings: list[StreamSettings], *, initial: bool = False
-    ) -> list[StreamRunner]:
-        """Streams whose model or source cannot be set up are logged and left out."""
+    def _make_streams(self, settings: list[StreamSettings]) -> list[StreamRunner]:
+        """The streams at start; one whose model or source fails is logged and left out."""
         streams = []
         for s in settings:
             try:
-                streams.append(self._make_stream(s, initial=initial))
+                streams.append(self._make_stream(s, initial=True))
             except EdgefleetError as exc:
                 log.error("stream %s cannot start: %s", s.name, exc, extra={"stream": s.name})
         return streams
