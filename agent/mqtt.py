@@ -252,17 +252,18 @@ class MqttLink:
         s = self.settings
         try:
             if not self._ever_connected:
-                properties = None
                 if s.protocol == "mqtt5":
                     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                     properties.SessionExpiryInterval = s.session_expiry_s
-                self.client.connect(
-                    s.host,
-                    s.port,
-                    keepalive=s.keepalive_s,
-                    clean_start=False,
-                    properties=properties,
-                )
+                    self.client.connect(
+                        s.host,
+                        s.port,
+                        keepalive=s.keepalive_s,
+                        clean_start=False,
+                        properties=properties,
+                    )
+                else:  # 3.1.1: the persistent session is clean_session=False on the client
+                    self.client.connect(s.host, s.port, keepalive=s.keepalive_s)
                 self._ever_connected = True
             else:
                 self.client.reconnect()

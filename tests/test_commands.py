@@ -805,6 +805,39 @@ def test_an_mqtt311_request_is_answered_on_its_reply_to(device: Device) -> None:
     assert replies["v311-bad"].parsed().error is ErrorCode.INVALID_ARGS
 
 
+def test_an_agent_on_mqtt311_answers_on_reply_to_and_publishes_events(
+    assets: Assets, broker: Mosquitto, tmp_path: Path
+) -> None:
+    config = device_config(assets, broker.port, tmp_path)
+    config["broker"]["protocol"] = "mqtt311"
+    reply_to = f"{REPLIES}/v311-agent"
+    with (
+        Requester(broker, "operator-311", mqtt311=True) as old,
+        AgentProcess(tmp_path / "agent", config) as agent,
+    ):
+        old.subscribe(reply_to)
+        old.subscribe(f"{TOPICS.base}/events/#")
+
+        def answered() -> list[Reply]:
+            old.send("ping", encode(request(reply_to=reply_to)))
+            return old.replies(lambda r: r.topic == reply_to) or wait_briefly()
+
+        replies = wait_until(answered, "a reply from the 3.1.1 agent", 60, agent.log)
+        old.wait_until(
+            lambda: old.replies(lambda r: r.topic.startswith(f"{TOPICS.base}/events/")),
+            "events from the 3.1.1 agent",
+            30,
+        )
+    assert replies[0].parsed().ok
+    assert replies[0].correlation is None
+
+
+def wait_briefly() -> list[Reply]:
+    """Nothing yet: pause before the next try."""
+    time.sleep(0.5)
+    return []
+
+
 def test_requests_without_a_place_to_answer_get_no_reply_and_the_agent_stays_up(
     device: Device,
 ) -> None:
