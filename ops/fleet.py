@@ -494,13 +494,15 @@ def _cmd(args: argparse.Namespace) -> int:
     _check_topic_level("device id", args.device)
     name = CommandName(args.name)
     topics = Topics(args.device, args.topic_root)
+    request_id = uuid.uuid4().hex
+    # Under the device's own subtree: the generated ACL lets a device write only there.
+    reply_topic = f"{topics.base}/reply/{request_id}"
     request = CommandRequest(
-        id=uuid.uuid4().hex,
+        id=request_id,
         expires_at=time.time() + args.timeout,
         args=_command_args(name, args.args),
+        reply_to=reply_topic,  # for a device on MQTT 3.1.1, which gets no response topic
     )
-    # Under the device's own subtree: the generated ACL lets a device write only there.
-    reply_topic = f"{topics.base}/reply/{request.id}"
     deadline = time.monotonic() + args.timeout
     with _Connection(args.host, args.port) as broker:
         broker.subscribe(reply_topic)
