@@ -193,6 +193,38 @@ def probation_verdict(
     return Verdict()
 
 
+def _load_beside(runner: StreamRunner, content: ModelBytes, manifest: Manifest) -> LoadedModel:
+    """Load and warm ``content`` for ``runner`` at low priority, beside its running model.
+
+    A short-lived thread at nice 10 (Linux schedules threads as tasks, so the nice value
+    is that thread's alone): the running interpreter keeps the CPU it needs meanwhile.
+    Not the updates thread itself: a thread cannot take its priority back unprivileged,
+    and the validation process it starts inherits it, which would skew its timing.
+    """
+    outcome: list[LoadedModel | EdgefleetError] = []
+
+    def load() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+        except OSError as exc:
+            log.debug("model loads at normal priority: %s", exc)
+        try:
+            outcome.append(
+                load_model(runner.settings.model, content, manifest, warm_frame=runner.latest_frame)
+            )
+        except EdgefleetError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=load, name=f"load-{runner.name}", daemon=True)
+    thread.start()
+    thread.join()
+    if not outcome:  # a bug, already reported by the thread's excepthook
+        raise UpdateRefused("loading the model failed unexpectedly; see the device log")
+    if isinstance(outcome[0], EdgefleetError):
+        raise outcome[0]
+    return outcome[0]
+
+
 def _parse_installed(signed: SignedManifest | None) -> Manifest | None:
     """A manifest from our own store: verified when it was installed."""
     if signed is None:
@@ -365,13 +397,6 @@ class Updater:
     # -- the updates thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        # Background work: loading and warming a new interpreter must not slow the old one,
-        # which keeps serving frames meanwhile. Linux schedules threads as tasks, so the
-        # nice value applies to this thread alone.
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
-        except OSError as exc:
-            log.debug("updates thread keeps its priority: %s", exc)
         while not self._stop.is_set():
             changed = self._desired_changed.wait(_TICK_S)
             if self._stop.is_set():
@@ -540,9 +565,7 @@ class Updater:
         name = runner.name
         self._progress(name, signed, UpdateState.ACTIVATING)
         try:
-            loaded = load_model(
-                runner.settings.model, content, manifest, warm_frame=runner.latest_frame
-            )
+            loaded = _load_beside(runner, content, manifest)
         except EdgefleetError as exc:
             raise UpdateRefused(f"the model failed to load in the agent: {exc.message}") from exc
         self.store.activate(name, manifest.sha256)
@@ -582,12 +605,16 @@ class Updater:
                 validated_p50_ms=record.validated_p50_ms,
                 settings=self.settings,
             )
-            if verdict.commit:
-                self._write(name, record, state=UpdateState.COMMITTED)
-                log.info("stream %s: model %s v%d committed", name, record.model_id, record.version)
-                self._prune()
-            elif verdict.rollback_reason is not None:
-                with self._lock:
+            with self._lock:  # an operator's rollback may have decided meanwhile
+                if self._record(name) != record:
+                    continue
+                if verdict.commit:
+                    self._write(name, record, state=UpdateState.COMMITTED)
+                    log.info(
+                        "stream %s: model %s v%d committed", name, record.model_id, record.version
+                    )
+                    self._prune()
+                elif verdict.rollback_reason is not None:
                     self._roll_back(runner, f"probation failed: {verdict.rollback_reason}")
 
     def rollback(self, name: str, reason: str) -> str:  # commands thread
