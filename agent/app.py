@@ -86,6 +86,8 @@ class Agent:
         self._ready = False
         self.streams: list[StreamRunner] = []
         self._streams_lock = threading.RLock()
+        # Off while the streams are being set up: a report then would list no model.
+        self._reporting = False
         self._system = SystemMetrics()
         self.watchdog = Watchdog(self.notifier, stale_after_s=config.systemd.watchdog_stale_s)
         self._running = ExitStack()
@@ -135,6 +137,7 @@ class Agent:
                 settings=self.config.commands,
             )
             self.streams = self._make_streams(self.config.streams)
+            self._reporting = True
             self.link.start()
             steps.callback(self.link.stop)
             self.publisher.start()
@@ -348,6 +351,8 @@ class Agent:
         )
 
     def _publish_reported(self) -> None:  # any thread
+        if not self._reporting:
+            return  # the first one goes out on connect, once the streams run
         payload = self.reported().model_dump_json(exclude_none=True).encode()
         self.link.publish(self.topics.reported, payload, qos=1, retain=True)
 

@@ -22,6 +22,8 @@ Errors::
     └── DownloadError            the model file could not be fetched
         ├── DownloadTooLarge     the server has more bytes than the manifest's size
         │                        (the manifest or the server is wrong; permanent)
+        ├── DownloadTruncated    the server's file is shorter than the manifest's size
+        │                        (it says so in Content-Length or Content-Range; permanent)
         ├── DownloadHashMismatch the bytes' sha256 is not the manifest's (permanent)
         ├── DownloadIncomplete   the transfer ended early (transient: a retry resumes)
         └── DownloadFailed       network error, timeout, HTTP error status, unsupported
@@ -56,6 +58,7 @@ __all__ = [
     "DownloadHashMismatch",
     "DownloadIncomplete",
     "DownloadTooLarge",
+    "DownloadTruncated",
     "download",
     "staging_failed",
 ]
@@ -88,6 +91,10 @@ class DownloadError(EdgefleetError):
 
 class DownloadTooLarge(DownloadError):
     """The server sent or announced more bytes than the manifest's size (permanent)."""
+
+
+class DownloadTruncated(DownloadError):
+    """The server's file is shorter than the manifest's size (permanent)."""
 
 
 class DownloadHashMismatch(DownloadError):
@@ -294,6 +301,15 @@ class _Transfer:
         if announced > self.size:
             self.discard()
             raise _too_large(self.url, self.size, announced=announced)
+        whole = total if total is not None else length if start == 0 else None
+        if whole is not None and whole < self.size:
+            self.discard()
+            raise DownloadTruncated(
+                self.url,
+                f"the server's file has {whole:,} bytes, the manifest says {self.size:,}",
+                hint="the file on the server is cut short or another one: upload the whole "
+                "file, or sign a manifest for the one that is there",
+            )
         return start
 
     def _receive(self, response: http.client.HTTPResponse, start: int) -> None:

@@ -365,7 +365,7 @@ class Updater:
         ):
             return record  # the switch never happened: the update resumes from the top
         starts = record.starts + 1
-        if starts > self.settings.max_probation_starts:
+        if starts >= self.settings.max_probation_starts:
             reason = f"crash loop: the agent restarted {starts} times during probation"
             self._step_back(name, reason)
             return self._record(name)
@@ -449,11 +449,18 @@ class Updater:
         except UpdateRefused as exc:
             self._refuse(name, signed, exc.message)
         except (DownloadFailed, DownloadIncomplete) as exc:
-            if isinstance(exc, DownloadFailed) and not exc.permanent:
-                log.warning("stream %s: download failed, retrying later: %s", name, exc)
-                self._progress(name, signed, UpdateState.DOWNLOADING, reason=f"{exc}; retrying")
-            else:
+            if isinstance(exc, DownloadFailed) and exc.permanent:
                 self._refuse(name, signed, f"download failed: {exc.message}")
+                return
+            # A flaky link or a server that is down: what is staged stays, the next try
+            # resumes it (every retry_s, and at every start while the update is desired).
+            log.warning("stream %s: download interrupted, resuming later: %s", name, exc)
+            self._progress(
+                name,
+                signed,
+                UpdateState.DOWNLOADING,
+                reason=f"{exc.message}; retrying in {self.settings.retry_s:.0f} s",
+            )
 
     def _verify(self, name: str, signed: SignedManifest) -> Manifest:
         try:

@@ -18,6 +18,7 @@ from edgefleet.agent.download import (
     DownloadHashMismatch,
     DownloadIncomplete,
     DownloadTooLarge,
+    DownloadTruncated,
     download,
 )
 
@@ -213,6 +214,31 @@ def test_download_truncated_on_every_try_fails_after_all_attempts(
 
     assert ranges(server) == [None, f"bytes={cut}-", f"bytes={2 * cut}-"]
     assert staging.stat().st_size == 3 * cut  # kept for the next download to resume
+
+
+def test_a_server_file_shorter_than_the_manifest_is_refused_without_retrying(
+    server: ModelServer, staging: Path, model: bytes
+) -> None:
+    url = server.add(MODEL, model[: len(model) // 2])
+
+    with pytest.raises(DownloadTruncated, match=f"has {len(model) // 2:,} bytes"):
+        fetch(url, staging, model)
+
+    assert len(server.requests) == 1
+    assert not staging.exists()
+
+
+def test_a_shorter_server_file_found_on_resume_is_refused(
+    server: ModelServer, staging: Path, model: bytes
+) -> None:
+    url = server.add(MODEL, model[:-1000])
+    staging.parent.mkdir()
+    staging.write_bytes(model[:1000])
+
+    with pytest.raises(DownloadTruncated):
+        fetch(url, staging, model)
+
+    assert ranges(server)[0] == "bytes=1000-"
 
 
 def test_not_found_is_permanent_and_not_retried(

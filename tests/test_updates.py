@@ -208,10 +208,10 @@ def test_wrong_sha256_is_refused(device: Device) -> None:
 
 def test_truncated_download_is_refused(device: Device) -> None:
     content = variant(device.content, 14)
-    manifest = device.fleet.manifest(
-        content, version=14, serve={"cut_after": len(content) // 3, "cut_every_time": True}
-    )
-    assert "download" in refused(device, device.fleet.sign(manifest), 14)
+    short = device.server.add("short-14.tflite", content[: len(content) // 3])
+    manifest = device.fleet.manifest(content, version=14, urls=[short])
+    reason = refused(device, device.fleet.sign(manifest), 14)
+    assert f"has {len(content) // 3:,} bytes, the manifest says {len(content):,}" in reason
 
 
 def test_server_sending_more_than_the_manifest_size_is_refused(device: Device) -> None:
@@ -541,3 +541,59 @@ def test_update_over_the_broker_alone_installs_from_retained_chunks(
         assert server.requests == []
     probe.disconnect()
     assert reported.models[STREAM].sha256 == sha256(release)
+
+
+def test_download_cut_on_every_request_keeps_resuming_until_it_installs(
+    assets: Assets, broker: Mosquitto, tmp_path: Path
+) -> None:
+    content = assets.model(SMALL).read_bytes()
+    release = variant(content, 2)
+    workdir = tmp_path / "agent"
+    probe = device_probe(broker)
+    with ModelServer() as server:
+        fleet = Fleet(workdir / "keys", server, probe, DEVICE)
+        serve = {"cut_after": len(release) // 5, "cut_every_time": True}
+        manifest = fleet.manifest(release, version=2, serve=serve)
+        config = agent_config(workdir, broker.port, assets.model(SMALL), video(assets))
+        with AgentProcess(workdir, config):
+            fleet.deploy(STREAM, fleet.sign(manifest))
+            waiting = fleet.wait_for_update(STREAM, 2, {"downloading"})
+            reported = fleet.wait_for_update(STREAM, 2, {"committed"}, timeout_s=60)
+        requests = server.requests_for("classifier-2.tflite")
+    probe.disconnect()
+    assert "retrying" in (waiting.updates[STREAM].reason or "") or len(requests) >= 5
+    assert reported.models[STREAM].sha256 == sha256(release)
+    assert len(requests) >= 5  # each request resumed where the last one broke
+    assert all(r.range_header for r in requests[1:])
+
+
+def test_restarts_during_probation_are_a_crash_loop_and_roll_back(
+    assets: Assets, broker: Mosquitto, tmp_path: Path
+) -> None:
+    content = assets.model(SMALL).read_bytes()
+    release = variant(content, 2)
+    workdir = tmp_path / "agent"
+    probe = device_probe(broker)
+    with ModelServer() as server:
+        fleet = Fleet(workdir / "keys", server, probe, DEVICE)
+        config = agent_config(
+            workdir, broker.port, assets.model(SMALL), video(assets), probation_s=120
+        )
+        agent = AgentProcess(workdir, config).start()
+        try:
+            fleet.deploy(STREAM, fleet.sign(fleet.manifest(release, version=2)))
+            fleet.wait_for_update(STREAM, 2, {"probation"}, timeout_s=60)
+            for _ in range(2):  # max_probation_starts: 2 (the default)
+                agent.kill()
+                restarted = time.time()
+                agent.start()
+                online = probe.wait_until(
+                    partial(online_status, probe, restarted), "the agent back online", 30
+                )
+            reported = fleet.wait_for_update(STREAM, 2, {"rolled_back"}, timeout_s=30)
+        finally:
+            agent.kill()
+    probe.disconnect()
+    assert online.models[0].sha256 == sha256(content)  # rolled back before loading it again
+    assert reported.models[STREAM].sha256 == sha256(content)
+    assert "crash loop" in (reported.updates[STREAM].reason or "")
