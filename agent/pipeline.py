@@ -95,6 +95,7 @@ class ModelStats:
     processed: int = 0
     failed: int = 0
     inference: LatencyWindow = field(default_factory=LatencyWindow)
+    captured_at_start: int = 0  # the source's frame count when this model took over
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,11 @@ class StreamRunner:
         frame = self.capture.last_frame
         return frame.pixels.copy() if frame is not None else None
 
+    @property
+    def captured_by_model(self) -> int:
+        """Frames the source delivered since the current model took over."""
+        return self.capture.stats.captured - self.model_stats.captured_at_start
+
     def swap(self, model: LoadedModel) -> bool:
         """Run ``model`` from the next frame on; the old one is closed. Any thread but infer.
 
@@ -243,7 +249,8 @@ class StreamRunner:
         if model is None:
             return
         old = self.predictor
-        self.predictor, self.model, self.model_stats = model.predictor, model.ref, ModelStats()
+        self.predictor, self.model = model.predictor, model.ref
+        self.model_stats = ModelStats(captured_at_start=self.capture.stats.captured)
         self._swapped.set()
         old.close()
         log.info(

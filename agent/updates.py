@@ -159,6 +159,7 @@ class Verdict:
 def probation_verdict(
     stats: ModelStats,
     *,
+    captured: int,
     elapsed_s: float,
     validated_p50_ms: float | None,
     settings: UpdateSettings,
@@ -167,6 +168,10 @@ def probation_verdict(
 
     Its latency is held against what validation measured for it on this device, not
     against the previous model: a bigger model deployed on purpose is slower by design.
+    It is committed only on evidence: ``probation_min_frames`` results. Past the window
+    with fewer, it is rolled back if the source delivered the frames (``captured``) and
+    the model did not process them (a hung interpreter), and kept waiting if the source
+    delivered nothing (a camera that is down says nothing about the model).
     """
     frames = stats.processed + stats.failed
     if frames >= settings.probation_min_frames:
@@ -188,8 +193,15 @@ def probation_verdict(
             f"{settings.max_latency_factor}x the {validated_p50_ms:.1f} ms measured when it "
             "was validated"
         )
-    if elapsed_s >= settings.probation_s:
+    if elapsed_s < settings.probation_s:
+        return Verdict()
+    if frames >= settings.probation_min_frames:
         return Verdict(commit=True)
+    if captured >= settings.probation_min_frames:
+        return Verdict(
+            rollback_reason=f"{frames} results from {captured} frames in {elapsed_s:.0f} s "
+            "(a stuck interpreter?)"
+        )
     return Verdict()
 
 
@@ -608,6 +620,7 @@ class Updater:
             started = record.probation_started or record.ts
             verdict = probation_verdict(
                 runner.model_stats,
+                captured=runner.captured_by_model,
                 elapsed_s=time.time() - started,
                 validated_p50_ms=record.validated_p50_ms,
                 settings=self.settings,

@@ -81,12 +81,13 @@ def stats(processed: int, failed: int, latency_ms: float = 5.0) -> ModelStats:
     return s
 
 
+CAPTURED = 1000  # frames the source delivered during probation, unless a test says otherwise
 SETTINGS = UpdateSettings(probation_s=60, probation_min_frames=20, max_error_rate=0.05)
 
 
 def test_probation_waits_while_the_window_runs() -> None:
     verdict = probation_verdict(
-        stats(100, 0), elapsed_s=10, validated_p50_ms=5.0, settings=SETTINGS
+        stats(100, 0), captured=CAPTURED, elapsed_s=10, validated_p50_ms=5.0, settings=SETTINGS
     )
     assert not verdict.commit
     assert verdict.rollback_reason is None
@@ -94,30 +95,54 @@ def test_probation_waits_while_the_window_runs() -> None:
 
 def test_probation_commits_a_healthy_model_after_the_window() -> None:
     verdict = probation_verdict(
-        stats(100, 1), elapsed_s=61, validated_p50_ms=5.0, settings=SETTINGS
+        stats(100, 1), captured=CAPTURED, elapsed_s=61, validated_p50_ms=5.0, settings=SETTINGS
     )
     assert verdict.commit
 
 
 def test_probation_rolls_back_on_an_error_rate_over_the_limit() -> None:
-    verdict = probation_verdict(stats(90, 10), elapsed_s=5, validated_p50_ms=5.0, settings=SETTINGS)
+    verdict = probation_verdict(
+        stats(90, 10), captured=CAPTURED, elapsed_s=5, validated_p50_ms=5.0, settings=SETTINGS
+    )
     assert verdict.rollback_reason is not None
     assert "error rate 10%" in verdict.rollback_reason
 
 
 def test_probation_ignores_errors_until_enough_frames() -> None:
-    verdict = probation_verdict(stats(5, 5), elapsed_s=5, validated_p50_ms=5.0, settings=SETTINGS)
+    verdict = probation_verdict(
+        stats(5, 5), captured=CAPTURED, elapsed_s=5, validated_p50_ms=5.0, settings=SETTINGS
+    )
     assert verdict.rollback_reason is None
 
 
 def test_probation_rolls_back_a_model_much_slower_than_when_validated() -> None:
     slow = stats(50, 0, latency_ms=20.0)
-    verdict = probation_verdict(slow, elapsed_s=5, validated_p50_ms=5.0, settings=SETTINGS)
+    verdict = probation_verdict(
+        slow, captured=CAPTURED, elapsed_s=5, validated_p50_ms=5.0, settings=SETTINGS
+    )
     assert verdict.rollback_reason is not None
     assert "median invoke" in verdict.rollback_reason
 
 
 def test_probation_without_a_validated_latency_judges_errors_only() -> None:
     slow = stats(50, 0, latency_ms=20.0)
-    verdict = probation_verdict(slow, elapsed_s=61, validated_p50_ms=None, settings=SETTINGS)
+    verdict = probation_verdict(
+        slow, captured=CAPTURED, elapsed_s=61, validated_p50_ms=None, settings=SETTINGS
+    )
     assert verdict.commit
+
+
+def test_probation_does_not_commit_without_enough_results() -> None:
+    verdict = probation_verdict(
+        stats(3, 0), captured=3, elapsed_s=61, validated_p50_ms=5.0, settings=SETTINGS
+    )
+    assert not verdict.commit
+    assert verdict.rollback_reason is None
+
+
+def test_probation_rolls_back_a_model_that_leaves_the_frames_unprocessed() -> None:
+    verdict = probation_verdict(
+        stats(2, 0), captured=500, elapsed_s=61, validated_p50_ms=5.0, settings=SETTINGS
+    )
+    assert verdict.rollback_reason is not None
+    assert "2 results from 500 frames" in verdict.rollback_reason
