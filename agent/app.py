@@ -121,7 +121,7 @@ class Agent:
             self.updater = Updater(
                 updates,
                 store=self.store,
-                keys=_trusted_keys(updates.trusted_keys),
+                keys=_FleetKeys(updates.trusted_keys),
                 streams=lambda: {s.name: s for s in self.streams},
                 replace_stream=self._replace_stream,
                 on_change=self._publish_reported,
@@ -449,17 +449,28 @@ class Agent:
             )
 
 
-def _trusted_keys(paths: list[Path]) -> TrustedKeys:
-    """The fleet keys found at ``paths``; none found means every manifest is refused."""
-    present = [p for p in paths if p.exists()]
-    try:
-        keys = TrustedKeys.from_paths(present)
-    except SigningError as exc:
-        log.error("no fleet key trusted, every model update will be refused: %s", exc)
-        return TrustedKeys([])
-    if not keys.key_ids:
-        log.warning(
-            "no fleet public key at %s: model updates will be refused",
-            ", ".join(str(p) for p in paths) or "(none configured)",
-        )
-    return keys
+class _FleetKeys:
+    """The fleet keys found at ``paths``, read again at each call; changes are logged once."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = paths
+        self._seen: frozenset[str] | None = None
+
+    def __call__(self) -> TrustedKeys:
+        present = [p for p in self._paths if p.exists()]
+        problem = None
+        try:
+            keys = TrustedKeys.from_paths(present)
+        except SigningError as exc:
+            keys, problem = TrustedKeys([]), exc
+        if keys.key_ids != self._seen:
+            self._seen = keys.key_ids
+            if keys.key_ids:
+                log.info("trusted fleet keys: %s", ", ".join(sorted(keys.key_ids)))
+            else:
+                where = ", ".join(str(p) for p in self._paths) or "(none configured)"
+                log.warning(
+                    "no fleet public key trusted (%s): model updates will be refused",
+                    problem or f"none at {where}",
+                )
+        return keys

@@ -45,7 +45,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edgefleet.provisioning.signing import SigningError, TrustedKeys
+from edgefleet.provisioning.signing import SigningError, TrustedKeys, UnknownSigningKey
 from edgefleet.runtime import EdgefleetError, ModelBytes, read_model
 
 from .chunks import Subscriber, fetch_over_mqtt
@@ -86,6 +86,10 @@ class UpdateBusy(EdgefleetError):
     """Another change of the stream's model is under way."""
 
 
+class _UntrustedKey(UpdateRefused):
+    """Signed by a key this device does not trust (yet): tried again once it does."""
+
+
 class _InSync(Exception):
     """The desired model is the one running already."""
 
@@ -104,6 +108,7 @@ class _Record(BaseModel):
     bytes_done: int | None = None
     ts: float
     starts: int = 0
+    untrusted_key: bool = False
     validated_p50_ms: float | None = None
     probation_started: float | None = None
 
@@ -267,7 +272,7 @@ class Updater:
         settings: UpdateSettings,
         *,
         store: ModelStore,
-        keys: TrustedKeys,
+        keys: Callable[[], TrustedKeys],
         streams: Callable[[], Mapping[str, StreamRunner]],
         replace_stream: Callable[[str, LoadedModel], None],
         on_change: Callable[[], None],
@@ -279,7 +284,7 @@ class Updater:
         self._broker = broker
         self._topic_root = topic_root
         self.store = store
-        self.keys = keys
+        self._keys = keys  # read at every verification: a key installed later counts
         self._streams = streams
         self._replace_stream = replace_stream
         self._on_change = on_change
@@ -443,10 +448,13 @@ class Updater:
                 self._update(runner, signed)
 
     def _wanted(self, name: str, signed: SignedManifest) -> bool:
-        """Whether ``signed`` still needs work (not already done, refused or rolled back)."""
+        """Whether ``signed`` still needs work: new, unfinished, or refused for a key that
+        this device has come to trust since."""
         record = self._record(name)
         if record is None or record.signed != signed:
             return True
+        if record.state is UpdateState.REFUSED and record.untrusted_key:
+            return signed.key_id in self._keys().key_ids
         return record.state in _IN_PROGRESS
 
     def _update(self, runner: StreamRunner, signed: SignedManifest) -> None:
@@ -459,7 +467,7 @@ class Updater:
         except _InSync:
             self._progress(name, signed, UpdateState.COMMITTED)
         except UpdateRefused as exc:
-            self._refuse(name, signed, exc.message)
+            self._refuse(name, signed, exc.message, untrusted_key=isinstance(exc, _UntrustedKey))
         except (DownloadFailed, DownloadIncomplete) as exc:
             if isinstance(exc, DownloadFailed) and exc.permanent:
                 self._refuse(name, signed, f"download failed: {exc.message}")
@@ -476,7 +484,9 @@ class Updater:
 
     def _verify(self, name: str, signed: SignedManifest) -> Manifest:
         try:
-            manifest = self.keys.verify(signed)
+            manifest = self._keys().verify(signed)
+        except UnknownSigningKey as exc:
+            raise _UntrustedKey(f"manifest rejected: {exc.message}") from exc
         except SigningError as exc:
             raise UpdateRefused(f"manifest rejected: {exc.message}") from exc
         self._write_new(name, signed, manifest)
@@ -723,7 +733,9 @@ class Updater:
         if record is not None and record.signed == signed:
             self._write(name, record, state=state, **changes)
 
-    def _refuse(self, name: str, signed: SignedManifest, reason: str) -> None:
+    def _refuse(
+        self, name: str, signed: SignedManifest, reason: str, *, untrusted_key: bool = False
+    ) -> None:
         log.error("stream %s: update refused: %s", name, reason, extra={"stream": name})
         record = self._record(name)
         if record is None or record.signed != signed:
@@ -736,4 +748,6 @@ class Updater:
                 sha256=str(claimed.get("sha256", "?")),
                 ts=time.time(),
             )
-        self._write(name, record, state=UpdateState.REFUSED, reason=reason)
+        self._write(
+            name, record, state=UpdateState.REFUSED, reason=reason, untrusted_key=untrusted_key
+        )

@@ -597,3 +597,25 @@ def test_restarts_during_probation_are_a_crash_loop_and_roll_back(
     assert online.models[0].sha256 == sha256(content)  # rolled back before loading it again
     assert reported.models[STREAM].sha256 == sha256(content)
     assert "crash loop" in (reported.updates[STREAM].reason or "")
+
+
+def test_manifest_refused_for_an_untrusted_key_installs_once_the_key_is_trusted(
+    assets: Assets, broker: Mosquitto, tmp_path: Path
+) -> None:
+    content = assets.model(SMALL).read_bytes()
+    release = variant(content, 2)
+    workdir = tmp_path / "agent"
+    probe = device_probe(broker)
+    with ModelServer() as server:
+        fleet = Fleet(workdir / "keys", server, probe, DEVICE)
+        new_private, new_public = generate_signing_key(tmp_path / "new-key", name="fleet-2026")
+        signed = sign_manifest(fleet.manifest(release, version=2), load_private_key(new_private))
+        config = agent_config(workdir, broker.port, assets.model(SMALL), video(assets))
+        with AgentProcess(workdir, config):
+            fleet.deploy(STREAM, signed)
+            refused = fleet.wait_for_update(STREAM, 2, {"refused"})
+            (workdir / "keys" / new_public.name).write_bytes(new_public.read_bytes())
+            reported = fleet.wait_for_update(STREAM, 2, {"committed"}, timeout_s=60)
+    probe.disconnect()
+    assert "does not trust" in (refused.updates[STREAM].reason or "")
+    assert reported.models[STREAM].sha256 == sha256(release)
