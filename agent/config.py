@@ -158,7 +158,7 @@ class UpdateSettings(_Section):
         "download staging; created if missing.",
     )
     trusted_keys: list[Path] = Field(
-        default_factory=lambda: [Path("/etc/edgefleet/fleet-keys")],
+        [Path("/etc/edgefleet/fleet-keys")],  # pydantic copies a mutable default per instance
         description="Fleet public keys (.pub files, or folders of them) that may sign "
         "manifests; a missing path trusts nothing from it.",
     )

@@ -11,7 +11,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from edgefleet.provisioning import BrokerListener, MosquittoSettings, render_mosquitto_conf
+from edgefleet.runtime import SettingError
 
 
 def register(subcommands: Any) -> None:
@@ -29,10 +32,18 @@ def register(subcommands: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> int:
-    settings = MosquittoSettings(
-        listeners=[BrokerListener(port=args.port, bind_address=args.bind)],
-        persistence_dir=args.persistence_dir,
-        allow_anonymous=args.allow_anonymous,
-    )
+    try:
+        settings = MosquittoSettings(
+            listeners=[BrokerListener(port=args.port, bind_address=args.bind)],
+            persistence_dir=args.persistence_dir,
+            allow_anonymous=args.allow_anonymous,
+        )
+    except ValidationError as exc:
+        reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise SettingError(
+            f"no broker config for these options: {reasons}",
+            hint="add --allow-anonymous for a lab broker; a fleet's broker (TLS, client "
+            "certificates, ACL) comes from edgefleet.provisioning",
+        ) from exc
     print(render_mosquitto_conf(settings), end="")
     return 0
