@@ -45,9 +45,10 @@ resume, compares its record with :meth:`ModelStore.current`.
 Threads: one instance per root, shared by the agent's main thread (start-up
 reads ``current``/``load``/``manifest``), its commands thread (the
 ``rollback_model`` and ``list_models`` commands) and its update thread
-(``staging_path``, ``add``, ``activate``, ``rollback``, ``prune``, the record). Every method that writes, or
-that fills or reads the verification cache (``has``, ``load``), holds one
-:class:`threading.Lock`, so callers need not serialize anything; reading a
+(``staging_path``, ``add``, ``activate``, ``rollback``, ``prune``, the record).
+Every method that writes, or that fills or reads the verification cache
+(``has``, ``load``), holds one :class:`threading.Lock`, so callers need not
+serialize anything; reading a
 pointer, a record or a manifest takes no lock, because each of those files is
 only ever replaced whole by a rename. ``prune`` deletes staging files of
 stored models: a downloader unlinks its staging file with ``missing_ok``.
