@@ -127,3 +127,12 @@ def test_watch_describes_the_reported_update_and_its_reason() -> None:
         "pi-7 reported: cam runs shelf 2, update to shelf 3: refused (manifest expired)"
     )
     assert "does not match the contract" in describe("edgefleet/v1/pi-7/reported", b"{}")
+
+
+def test_broker_config_that_nobody_could_connect_to_says_what_to_do() -> None:
+    command = [str(EDGEFLEET), "broker", "config", "--port", "1883"]
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "no client could ever connect" in done.stderr
+    assert "--allow-anonymous" in done.stderr
+    assert "Traceback" not in done.stderr
