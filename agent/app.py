@@ -39,6 +39,7 @@ from .protocol import (
     HealthMessage,
     MqttHealth,
     OutboxHealth,
+    RemoteHealth,
     ReportedState,
     StatusMessage,
     SystemHealth,
@@ -430,6 +431,11 @@ class Agent:
                 load_1m=system.load_1m,
             ),
             models=[s.model for s in self.streams],
+            remote=RemoteHealth(
+                commands_answered=self.commands.answered,
+                commands_unanswered=self.commands.unanswered,
+                desired_malformed=self.updater.malformed_desired,
+            ),
         )
 
     def _status_line(self) -> str:

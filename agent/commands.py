@@ -247,7 +247,7 @@ class Commands:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.answered = 0
-        self.unanswerable = 0
+        self.unanswered = 0
 
     def start(self) -> None:
         """Start the ``commands`` thread."""
@@ -330,13 +330,13 @@ class Commands:
         topic = message.response_topic or reply_to
         # paho raises on a wildcard topic, and mosquitto passes such a response topic on.
         if topic is None or not _is_topic_name(topic):
-            self.unanswerable += 1
-            if self.unanswerable % _LOG_EVERY == 1:
+            self.unanswered += 1
+            if self.unanswered % _LOG_EVERY == 1:
                 log.warning(
                     "command on %s not answered, no response topic one can publish to "
                     "(%d so far): %s",
                     message.topic,
-                    self.unanswerable,
+                    self.unanswered,
                     reply.message,
                 )
             return

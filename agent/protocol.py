@@ -234,6 +234,18 @@ class MqttHealth(_Frozen):
     published: int = Field(description="Events acknowledged by the broker since start.")
 
 
+class RemoteHealth(_Frozen):
+    """Commands and desired state received, and what could not be used."""
+
+    commands_answered: int = Field(0, description="Command replies sent since start.")
+    commands_unanswered: int = Field(
+        0, description="Commands not answered for want of a response topic (malformed ones)."
+    )
+    desired_malformed: int = Field(
+        0, description="Desired-state messages ignored because they did not parse."
+    )
+
+
 class SystemHealth(_Frozen):
     """The board."""
 
@@ -259,6 +271,9 @@ class HealthMessage(_Message):
     mqtt: MqttHealth = Field(description="Broker connection.")
     system: SystemHealth = Field(description="Board metrics.")
     models: list[ModelRef] = Field(description="Models loaded.")
+    remote: RemoteHealth = Field(
+        default_factory=RemoteHealth, description="Commands and desired state received."
+    )
 
 
 # -- commands ----------------------------------------------------------------------

@@ -332,7 +332,6 @@ class Updater:
     def initial_model(self, settings: StreamSettings) -> LoadedModel:
         """The model a stream starts with at agent start, after the crash-loop check."""
         name = settings.name
-        self._adopt_config_model(settings)
         record = self._record(name)
         if record is not None:
             self.reports[name] = record.report()
@@ -375,23 +374,19 @@ class Updater:
         self.store.add(config_model.content)
         self.store.activate(name, config_model.sha256)
 
-    def _count_start(self, name: str, record: _Record) -> _Record | None:
+    def _count_start(self, name: str, record: _Record) -> None:
+        """A start during probation: count it, and roll back a crash loop."""
         pointer = self.store.current(name)
         if record.state is UpdateState.ACTIVATING and (
             pointer is None or pointer.sha256 != record.sha256
         ):
-            return record  # the switch never happened: the update resumes from the top
+            return  # the switch never happened: the update resumes from the top
         starts = record.starts + 1
         if starts >= self.settings.max_probation_starts:
-            reason = f"crash loop: the agent restarted {starts} times during probation"
-            self._step_back(name, reason)
-            return self._record(name)
-        return self._write(
-            name,
-            record,
-            state=UpdateState.PROBATION,
-            starts=starts,
-            probation_started=time.time(),
+            self._step_back(name, f"crash loop: the agent restarted {starts} times in probation")
+            return
+        self._write(
+            name, record, state=UpdateState.PROBATION, starts=starts, probation_started=time.time()
         )
 
     def _load_stored(self, settings: StreamSettings, sha256: str) -> LoadedModel:

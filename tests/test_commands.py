@@ -854,10 +854,17 @@ def test_requests_without_a_place_to_answer_get_no_reply_and_the_agent_stays_up(
 
         answered = device.ask("ping")  # one thread answers in order: the others are done
         # Everything but the device's own topics (requests, events, health) is a reply.
-        replies = observer.replies(lambda r: not r.topic.startswith(f"{TOPICS.base}/"))
+        replies = observer.wait_until(
+            lambda: observer.replies(lambda r: not r.topic.startswith(f"{TOPICS.base}/")),
+            "the observer's copy of the ping's reply",
+            10,
+        )
     assert answered.ok
     assert [r.parsed().id for r in replies] == [answered.id]
     assert "not answered, no response topic one can publish to" in device.agent.log()
+    asked = time.time()
+    health = wait_until(lambda: device.healths(asked), "a health message", 10, device.agent.log)
+    assert health[-1].remote.commands_unanswered >= 6
 
 
 # -- fuzzing: malformed requests of a dozen kinds, each with the code it must get --------

@@ -283,6 +283,20 @@ def test_artifact_name_with_path_traversal_is_refused(device: Device) -> None:
     assert_still_running(device.probe, device.installed_sha)
 
 
+def test_malformed_desired_state_is_counted_and_the_model_keeps_running(device: Device) -> None:
+    before = time.time()
+    device.probe.publish(f"{ROOT}/desired", b'{"revision": "many", "models": 3}', retain=True)
+    device.probe.wait_until(
+        lambda: any(
+            h.ts > before and h.remote.desired_malformed >= 1 for h in healths(device.probe)
+        ),
+        "health counting the malformed desired state",
+        20,
+    )
+    assert_still_running(device.probe, device.installed_sha)
+    assert "desired state ignored, it is malformed" in device.agent.log()
+
+
 # -- live swap ----------------------------------------------------------------------------
 
 
