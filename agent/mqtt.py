@@ -103,6 +103,7 @@ class MqttLink:
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
         self._connects = 0
+        self._connack = False  # set by _on_connect, acted on by _run after paho's resend
         self._ever_connected = False
         # Acknowledgement tracking: mid -> callback. Every publish records its mid, so an
         # ack that arrives before publish() returned (it can: paho's network thread may
@@ -239,12 +240,15 @@ class MqttLink:
                 rc = self.client.loop(timeout=_LOOP_TIMEOUT_S)
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
+                if self._connack:
+                    self._connection_made()
                 if self.connected:
                     delay = self.settings.reconnect_min_s
             if self._stop.is_set():
                 # Let the orderly shutdown drain what is in flight: keep looping briefly.
                 return
             self._connected.clear()
+            self._connack = False
             self._sleep_jittered(delay)
             delay = min(delay * 2, self.settings.reconnect_max_s)
 
@@ -291,6 +295,13 @@ class MqttLink:
             self.settings.port,
             "resumed" if flags.session_present else "new",
         )
+        # paho calls this before it resends what was in flight when the connection broke.
+        # Anything published now would overtake those messages, so the link only counts as
+        # connected once the loop call that read the CONNACK has returned (_connection_made).
+        self._connack = True
+
+    def _connection_made(self) -> None:  # mqtt thread, after paho's resend
+        self._connack = False
         self._connected.set()
         with self._routes_lock:
             routed = list(self._routes)
