@@ -168,6 +168,7 @@ def refused(device: Device, signed: SignedManifest, version: int) -> str:
     assert_still_running(device.probe, device.installed_sha)
     reason = reported.updates[STREAM].reason
     assert reason
+    print(f"\nrefused version {version}: {reason}")
     return reason
 
 
@@ -277,6 +278,7 @@ def test_artifact_name_with_path_traversal_is_refused(device: Device) -> None:
     device.fleet.deploy(STREAM, signed)
     reported = device.fleet.wait_for_update(STREAM, 21, {"refused"})
     reason = reported.updates[STREAM].reason or ""
+    print(f"\nrefused version 21: {reason}")
     assert "artifact" in reason
     assert reported.models[STREAM].sha256 == device.installed_sha
     assert not (device.workdir.parent / "etc").exists()
@@ -386,6 +388,7 @@ def test_model_failing_during_probation_is_rolled_back_without_an_operator(
     probe.disconnect()
     assert reported.models[STREAM].sha256 == sha256(baseline.read_bytes())
     assert "error rate" in (reported.updates[STREAM].reason or "")
+    print(f"\nrolled back: {reported.updates[STREAM].reason}")
 
 
 # -- a model that kills the process that validates it ---------------------------------------
@@ -422,6 +425,7 @@ def test_model_that_crashes_its_validation_process_is_refused_and_the_agent_runs
             assert agent.process.poll() is None
     probe.disconnect()
     reason = reported.updates[STREAM].reason or ""
+    print(f"\nrefused: {reason}")
     assert "crashed" in reason
     assert "SIGKILL" in reason
 
