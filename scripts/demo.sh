@@ -79,7 +79,7 @@ ef manifest create "$m/mobilenet_v2_1.0_224_quant.tflite" --model-id shelf-class
   --url "http://127.0.0.1:$http_port/mobilenet_v2_1.0_224_quant.tflite" --key "$work/keys/fleet.key" \
   --out "$work/shelf-v2.json"
 ef deploy demo-pi shelf "$work/shelf-v2.json" --host 127.0.0.1 --port "$port"
-ef watch --port "$port" --seconds 12 | grep -E '/reported|/events/shelf' || true
+ef watch --port "$port" --seconds 12 | grep -E 'reported:|/shelf event' || true
 ef cmd demo-pi list_models --host 127.0.0.1 --port "$port"
 kill -TERM "$agent_pid"
 wait "$agent_pid" && echo "agent stopped cleanly (SIGTERM, exit 0)" >&2
