@@ -67,6 +67,7 @@ from .protocol import (
     SCHEMA_VERSION,
     SHA256_PATTERN,
     ChunkedModelMeta,
+    describe_errors,
     model_transfer_topic,
 )
 
@@ -78,7 +79,6 @@ log = logging.getLogger(__name__)
 _STOP_POLL_S = 0.1
 # Decimal; longer than any real index could be, a level is not taken for one.
 _CHUNK_INDEX = re.compile(r"[0-9]{1,18}")
-_MAX_REPORTED_ERRORS = 3
 _PUBLISH_HINT = (
     "publish it on the controller with `edgefleet transfer publish MODEL` (to this broker "
     "and topic root); a retry receives every chunk again"
@@ -250,7 +250,7 @@ class _Assembly:
             meta = ChunkedModelMeta.model_validate_json(message.payload)
         except ValidationError as exc:
             raise self._bad_publication(
-                f"the meta on {message.topic} is malformed: {_describe(exc)}"
+                f"the meta on {message.topic} is malformed: {describe_errors(exc)}"
             ) from exc
         if meta.schema_version != SCHEMA_VERSION:
             raise self._bad_publication(
@@ -373,12 +373,3 @@ class _Assembly:
             self.staging.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("model transfer: cannot delete %s (%s)", self.staging, exc)
-
-
-def _describe(exc: ValidationError) -> str:
-    """The first few validation problems as ``field: reason``."""
-    parts = [
-        f"{'.'.join(map(str, error['loc'])) or '(document)'}: {error['msg']}"
-        for error in exc.errors(include_url=False)[:_MAX_REPORTED_ERRORS]
-    ]
-    return "; ".join(parts)

@@ -48,6 +48,7 @@ from .protocol import (
     CommandReply,
     CommandRequest,
     ErrorCode,
+    describe_errors,
 )
 
 log = logging.getLogger(__name__)
@@ -106,12 +107,6 @@ class _Rejected(Exception):
         self.refused = refused
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
-    )
-
-
 def parse_command(name: str, payload: bytes, *, max_bytes: int) -> ParsedCommand | Refused:
     """The typed command in ``payload``, or the error reply it gets. Pure."""
     try:
@@ -145,7 +140,9 @@ def _request(name: str, payload: bytes, max_bytes: int) -> CommandRequest:
     try:
         request = CommandRequest.model_validate(data)
     except ValidationError as exc:
-        raise reject(ErrorCode.MALFORMED, f"not a command request: {_problems(exc)}", id_) from None
+        raise reject(
+            ErrorCode.MALFORMED, f"not a command request: {describe_errors(exc)}", id_
+        ) from None
     if request.schema_version != SCHEMA_VERSION:
         raise reject(
             ErrorCode.MALFORMED,
@@ -171,7 +168,7 @@ def _arguments(name: str, request: CommandRequest) -> tuple[CommandName, Command
     try:
         args = COMMAND_ARGS[command].model_validate(request.args)
     except ValidationError as exc:
-        reply = error_reply(name, ErrorCode.INVALID_ARGS, _problems(exc), id_=request.id)
+        reply = error_reply(name, ErrorCode.INVALID_ARGS, describe_errors(exc), id_=request.id)
         raise _Rejected(Refused(reply, request.reply_to)) from None
     return command, request, args
 

@@ -26,16 +26,34 @@ into a ``Manifest`` only after the signature checked out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgefleet/v1"
 # A device id or stream name becomes one topic level: no wildcards, separators or spaces.
 TOPIC_LEVEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def describe_errors(
+    exc: ValidationError, *, names: Mapping[str, str] | None = None, limit: int = 3
+) -> str:
+    """A payload's first ``limit`` problems as ``field: reason``, for one message line.
+
+    ``names`` renames top-level fields (a CLI names the option that set them).
+    """
+    parts = []
+    for error in exc.errors(include_url=False)[:limit]:
+        loc = [str(part) for part in error["loc"]]
+        if names and loc and loc[0] in names:
+            loc[0] = names[loc[0]]
+        parts.append(f"{'.'.join(loc) or '(top level)'}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 @dataclass(frozen=True)

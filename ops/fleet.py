@@ -84,6 +84,7 @@ from edgefleet.agent.protocol import (
     SignedManifest,
     TensorSpec,
     Topics,
+    describe_errors,
     model_chunk_topic,
     model_meta_topic,
     model_transfer_topic,
@@ -120,7 +121,6 @@ KIB = 1024
 # At most what a QoS 1 PUBLISH adds to its topic and payload: fixed header (5), topic length
 # (2), packet id (2), MQTT 5 property length (1).
 PUBLISH_OVERHEAD_BYTES = 10
-_MAX_REPORTED_ERRORS = 3
 _BAD_INPUT = (SettingError, ModelError, KeyFileError)
 # Manifest fields that come from an option, for messages that name what to change.
 _OPTION_OF_FIELD = {
@@ -384,25 +384,13 @@ def _manifest_from(args: argparse.Namespace) -> Manifest:
         return Manifest.model_validate(fields)
     except ValidationError as exc:
         raise SettingError(
-            f"the manifest would be invalid: {_describe_errors(exc, _OPTION_OF_FIELD)}",
+            f"the manifest would be invalid: {describe_errors(exc, names=_OPTION_OF_FIELD)}",
             hint="fix the option named (--artifact defaults to the model's file name)",
         ) from exc
 
 
 def _tensor_spec(tensor: TensorInfo) -> TensorSpec:
     return TensorSpec(shape=tensor.shape, dtype=tensor.dtype)
-
-
-def _describe_errors(exc: ValidationError, names: dict[str, str] | None = None) -> str:
-    """The first few validation errors as ``field: reason``, fields renamed through ``names``."""
-    parts = []
-    for error in exc.errors(include_url=False)[:_MAX_REPORTED_ERRORS]:
-        loc = [str(part) for part in error["loc"]]
-        if names and loc and loc[0] in names:
-            loc[0] = names[loc[0]]
-        parts.append(f"{'.'.join(loc) or '(document)'}: {error['msg']}")
-    more = exc.error_count() - len(parts)
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 def _utc(ts: float) -> str:
@@ -454,7 +442,7 @@ def _read_signed_manifest(path: Path) -> tuple[SignedManifest, Manifest]:
         manifest = Manifest.model_validate_json(signed.payload)
     except ValidationError as exc:
         raise SettingError(
-            f"{path} is not a signed manifest: {_describe_errors(exc)}", hint=hint
+            f"{path} is not a signed manifest: {describe_errors(exc)}", hint=hint
         ) from exc
     if manifest.expires_at <= time.time():
         raise SettingError(
@@ -474,7 +462,7 @@ def _current_desired(broker: _Connection, topic: str) -> DesiredState:
         state = DesiredState.model_validate_json(message.payload)
     except ValidationError as exc:
         raise ContractBroken(
-            f"the retained message on {topic} is not a desired state: {_describe_errors(exc)}",
+            f"the retained message on {topic} is not a desired state: {describe_errors(exc)}",
             hint=f"inspect it (mosquitto_sub -t {topic} -C 1); clear it with "
             f"mosquitto_pub -t {topic} -r -n, then deploy every stream again",
         ) from exc
@@ -547,7 +535,7 @@ def _command_args(name: CommandName, text: str) -> dict[str, Any]:
     except ValidationError as exc:
         fields = ", ".join(model.model_fields) or "none"
         raise SettingError(
-            f"--args for {name.value}: {_describe_errors(exc)}",
+            f"--args for {name.value}: {describe_errors(exc)}",
             hint=f"{name.value} takes these arguments: {fields}",
         ) from exc
     return value
@@ -572,7 +560,7 @@ def _await_reply(broker: _Connection, request_id: str, deadline: float) -> Comma
             return CommandReply.model_validate_json(message.payload)
         except ValidationError as exc:
             raise ContractBroken(
-                f"the reply on {message.topic} is not a command reply: {_describe_errors(exc)}",
+                f"the reply on {message.topic} is not a command reply: {describe_errors(exc)}",
                 hint="the device's agent breaks the wire contract; check its version",
             ) from exc
     return None

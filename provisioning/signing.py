@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
-from edgefleet.agent.protocol import Manifest, SignedManifest
+from edgefleet.agent.protocol import Manifest, SignedManifest, describe_errors
 from edgefleet.runtime import EdgefleetError
 
 KEY_ID_HEX_DIGITS = 16
@@ -46,7 +46,6 @@ PRIVATE_KEY_MODE = 0o600
 PUBLIC_KEY_MODE = 0o644
 # A key name becomes a file name: no directory parts, no leading dot.
 KEY_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-_MAX_REPORTED_ERRORS = 3
 
 
 class SigningError(EdgefleetError):
@@ -252,16 +251,6 @@ class TrustedKeys:
             return Manifest.model_validate_json(payload)
         except ValidationError as exc:
             raise MalformedManifest(
-                f"signed payload is not a valid manifest: {_describe_errors(exc)}",
+                f"signed payload is not a valid manifest: {describe_errors(exc)}",
                 hint="the signer produced a bad manifest; fix it and sign again",
             ) from exc
-
-
-def _describe_errors(exc: ValidationError) -> str:
-    """The first few validation errors as ``field: reason``, for one message line."""
-    parts = []
-    for error in exc.errors(include_url=False)[:_MAX_REPORTED_ERRORS]:
-        field = ".".join(str(part) for part in error["loc"]) or "(payload)"
-        parts.append(f"{field}: {error['msg']}")
-    more = exc.error_count() - len(parts)
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
