@@ -1,5 +1,8 @@
 """The controller's side of an update, for tests: a fleet key, signed manifests, desired state.
 
+Also the device these tests update: its config, the probe on its topics, and what
+its health and events say.
+
 ``Fleet`` signs manifests with a real ed25519 key (the device trusts its ``.pub``),
 serves model bytes from a real HTTP server (``httpserver.ModelServer``) and
 publishes the retained ``desired`` message on a real broker. ``reported`` reads
@@ -8,15 +11,19 @@ back what the device says, parsed by the protocol's own models.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
-from broker import MqttProbe
+from broker import Mosquitto, MqttProbe
+from conftest import Assets
 from httpserver import ModelServer
 
 from edgefleet.agent.protocol import (
     DesiredState,
+    EventMessage,
+    HealthMessage,
     Manifest,
     ReportedState,
     SignedManifest,
@@ -27,6 +34,96 @@ from edgefleet.provisioning.signing import generate_signing_key, load_private_ke
 from edgefleet.runtime import ModelBytes, inspect_model
 
 DAY_S = 86400.0
+
+DEVICE = "dev-ota"
+ROOT = f"edgefleet/v1/{DEVICE}"
+STREAM = "cam"
+SMALL = "mobilenet_v1_0.25_128_quant.tflite"
+
+
+def sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def variant(content: bytes, n: int) -> bytes:
+    """The same graph with ``n`` bytes of padding after the flatbuffer: another sha256.
+
+    A rebuilt release of one model: identical tensors and speed, different bytes.
+    """
+    return content + b"\0" * n
+
+
+def agent_config(
+    workdir: Path, port: int, model: Path, source: dict[str, Any], **updates: Any
+) -> dict[str, Any]:
+    return {
+        "device_id": DEVICE,
+        "broker": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.2, "reconnect_max_s": 1},
+        "streams": [
+            {
+                "name": STREAM,
+                "source": source,
+                "model": {"path": str(model), "threads": 1},
+                "events": {"min_score": 0.0, "min_interval_s": 0.0},
+            }
+        ],
+        "outbox": {"path": str(workdir / "outbox.sqlite3")},
+        "health": {"interval_s": 1},
+        "updates": {
+            "store_dir": str(workdir / "store"),
+            "trusted_keys": [str(workdir / "keys")],
+            "probation_s": 2.0,
+            "probation_min_frames": 5,
+            "bench_runs": 5,
+            "download_attempts": 2,
+            "retry_s": 2.0,
+            **updates,
+        },
+    }
+
+
+def video(assets: Assets, *, realtime: bool = True) -> dict[str, Any]:
+    return {
+        "type": "file",
+        "path": str(assets.image("kite_pan_640x480_30fps.mp4")),
+        "loop": True,
+        "realtime": realtime,
+    }
+
+
+def device_probe(broker: Mosquitto) -> MqttProbe:
+    probe = MqttProbe(broker, "controller", timeout_s=30)
+    probe.connect()
+    probe.subscribe(f"{ROOT}/#", qos=1)
+    return probe
+
+
+def healths(probe: MqttProbe) -> list[HealthMessage]:
+    return [HealthMessage.model_validate_json(m.payload) for m in probe.messages(f"{ROOT}/health")]
+
+
+def events(probe: MqttProbe) -> list[EventMessage]:
+    return [
+        EventMessage.model_validate_json(m.payload)
+        for m in probe.messages(f"{ROOT}/events/{STREAM}")
+    ]
+
+
+def event_count(probe: MqttProbe, containing: bytes = b"") -> int:
+    """Events received so far whose payload holds ``containing``; cheap: nothing is parsed."""
+    return sum(containing in m.payload for m in probe.messages(f"{ROOT}/events/{STREAM}"))
+
+
+def processed(probe: MqttProbe) -> int:
+    latest = healths(probe)
+    return latest[-1].streams[STREAM].processed if latest else 0
+
+
+def assert_still_running(probe: MqttProbe, sha: str) -> None:
+    """The stream runs ``sha`` and keeps processing frames."""
+    before = processed(probe)
+    probe.wait_until(lambda: processed(probe) > before, "frames processed after the refusal", 20)
+    assert healths(probe)[-1].models[0].sha256 == sha
 
 
 class Fleet:
