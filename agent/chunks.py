@@ -40,7 +40,6 @@ exception.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -55,10 +54,10 @@ from pydantic import ValidationError
 
 from .download import (
     DownloadFailed,
-    DownloadHashMismatch,
     DownloadIncomplete,
     DownloadTooLarge,
     staging_failed,
+    verified_staging,
 )
 from .mqtt import Inbound
 from .protocol import (
@@ -349,18 +348,13 @@ class _Assembly:
 
     def verify(self) -> bytes:
         """The staged bytes, if their length and sha256 are the manifest's."""
-        try:
-            data = self.staging.read_bytes()
-        except OSError as exc:
-            raise staging_failed(MQTT_MODEL_URL, self.staging, "read", exc) from exc
-        got = hashlib.sha256(data).hexdigest()
-        if len(data) != self.size or got != self.sha256:
-            raise DownloadHashMismatch(
-                MQTT_MODEL_URL,
-                f"expected sha256 {self.sha256} ({self.size:,} bytes), "
-                f"got {got} ({len(data):,} bytes)",
-                hint=_REPUBLISH_HINT.format(base=self.base, sha256=self.sha256),
-            )
+        data = verified_staging(
+            MQTT_MODEL_URL,
+            self.staging,
+            size=self.size,
+            sha256=self.sha256,
+            hint=_REPUBLISH_HINT.format(base=self.base, sha256=self.sha256),
+        )
         log.info("model transfer %s: %d bytes, sha256 verified", self.sha256[:12], self.size)
         return data
 

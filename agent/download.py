@@ -61,6 +61,7 @@ __all__ = [
     "DownloadTruncated",
     "download",
     "staging_failed",
+    "verified_staging",
 ]
 
 log = logging.getLogger(__name__)
@@ -202,21 +203,19 @@ class _Transfer:
     def verify(self, sha256: str) -> bytes:
         """The staged bytes if their length and sha256 are the manifest's; else the file goes."""
         try:
-            data = self.staging.read_bytes()
-        except OSError as exc:
-            raise staging_failed(self.url, self.staging, "read", exc) from exc
-        expected = sha256.lower()
-        got = hashlib.sha256(data).hexdigest()
-        if len(data) == self.size and got == expected:
-            log.info("download %s: %d bytes, sha256 %s verified", _shown(self.url), self.size, got)
-            return data
-        self.discard()
-        raise DownloadHashMismatch(
-            self.url,
-            f"expected sha256 {expected} ({self.size:,} bytes), got {got} ({len(data):,} bytes)",
-            hint="the server's file is not the one the manifest was signed for: re-sign the "
-            "manifest for the file the server holds, or restore the file",
-        )
+            data = verified_staging(
+                self.url,
+                self.staging,
+                size=self.size,
+                sha256=sha256,
+                hint="the server's file is not the one the manifest was signed for: re-sign "
+                "the manifest for the file the server holds, or restore the file",
+            )
+        except DownloadHashMismatch:
+            self.discard()
+            raise
+        log.info("download %s: %d bytes, sha256 verified", _shown(self.url), self.size)
+        return data
 
     def make_directory(self) -> None:
         """Create the staging file's directory if missing."""
@@ -486,6 +485,23 @@ def _too_large(url: str, size: int, *, announced: int | None) -> DownloadTooLarg
         hint="the manifest or the server's file is wrong: re-sign the manifest for the file "
         "the server holds",
     )
+
+
+def verified_staging(url: str, staging: Path, *, size: int, sha256: str, hint: str) -> bytes:
+    """The bytes of a complete staging file, if their length and sha256 are the manifest's."""
+    try:
+        data = staging.read_bytes()
+    except OSError as exc:
+        raise staging_failed(url, staging, "read", exc) from exc
+    expected = sha256.lower()
+    got = hashlib.sha256(data).hexdigest()
+    if len(data) != size or got != expected:
+        raise DownloadHashMismatch(
+            url,
+            f"expected sha256 {expected} ({size:,} bytes), got {got} ({len(data):,} bytes)",
+            hint=hint,
+        )
+    return data
 
 
 def staging_failed(url: str, path: Path, action: str, exc: OSError) -> DownloadFailed:

@@ -189,14 +189,26 @@ class Fleet:
         return ReportedState.model_validate_json(messages[-1].payload) if messages else None
 
     def wait_for_update(
-        self, stream: str, version: int, states: set[str], timeout_s: float = 60
+        self,
+        stream: str,
+        version: int,
+        states: set[str],
+        timeout_s: float = 60,
+        *,
+        reason: str = "",
     ) -> ReportedState:
-        """Wait until the device reports the update to ``version`` in one of ``states``."""
+        """Wait until the device reports the update to ``version`` in one of ``states``
+        (with ``reason`` in its reason, when given)."""
 
         def reached() -> ReportedState | None:
             reported = self.reported()
             update = reported.updates.get(stream) if reported else None
-            if update is not None and update.version == version and update.state in states:
+            if (
+                update is not None
+                and update.version == version
+                and update.state in states
+                and reason in (update.reason or "")
+            ):
                 return reported
             return None
 
