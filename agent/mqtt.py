@@ -74,7 +74,6 @@ class Inbound:
 
     topic: str
     payload: bytes
-    retain: bool
     response_topic: str | None = None
     correlation_data: bytes | None = None
 
@@ -345,7 +344,6 @@ class MqttLink:
             Inbound(
                 topic=message.topic,
                 payload=bytes(message.payload),
-                retain=bool(message.retain),
                 response_topic=response_topic or None,
                 correlation_data=bytes(correlation) if correlation is not None else None,
             )
