@@ -9,7 +9,10 @@ bytes) beside the running one, and ``swap`` it in between two frames.
 Baseline: the median gap between two results outside any swap. Measured: the
 longest gap from the start of each load to 0.2 s after its swap, as a multiple
 of that median. Twice: with the loader at the agent's normal priority, and at
-nice 10 as the agent's ``updates`` thread runs it. Target: <= 2x.
+nice 10 as the agent's ``updates`` thread runs it. Target: <= 2x, for the
+typical swap (the median of the swaps) and for the worst. The end-to-end test
+(tests/test_updates.py) asserts only that no frame is lost across a swap: this
+ratio depends on what else the machine runs, so it is measured here.
 
     python benchmarks/bench_swap.py [--swaps 10]
 """
@@ -36,6 +39,7 @@ ASSETS = Path(os.environ.get("EDGEFLEET_ASSETS", REPO.parent / "shared" / "asset
 MODEL = ASSETS / "models" / "mobilenet_v2_1.0_224_quant.tflite"
 VIDEO = ASSETS / "images" / "kite_pan_640x480_30fps.mp4"
 _AFTER_SWAP_S = 0.2
+_TARGET = 2.0
 
 
 class _Discard:
@@ -100,15 +104,22 @@ def main() -> int:
     sys.setswitchinterval(0.001)  # as edgefleet-agent runs (agent/cli.py)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
     print(f"backend: {select_backend().label}; model {MODEL.name}, 1 thread; {args.swaps} swaps")
-    print("loader   median gap   longest around a swap (median of swaps / worst)   worst / median")
+    print(
+        "loader   median gap   longest around a swap (median of swaps / worst)"
+        f"   typical / worst vs median (target <= {_TARGET:g}x)"
+    )
     for nice in (0, 10):
         median, longest = run(args.swaps, nice)
-        worst = max(longest)
+        typical, worst = statistics.median(longest), max(longest)
         print(
-            f"nice {nice:<3} {median:8.2f} ms   {statistics.median(longest):8.2f} / {worst:.2f} ms"
-            f"{'':26}{worst / median:.2f}x"
+            f"nice {nice:<3} {median:8.2f} ms   {typical:8.2f} / {worst:.2f} ms{'':26}"
+            f"{_verdict(typical / median)} / {_verdict(worst / median)}"
         )
     return 0
+
+
+def _verdict(ratio: float) -> str:
+    return f"{ratio:.2f}x {'PASS' if ratio <= _TARGET else 'MISS'}"
 
 
 if __name__ == "__main__":
