@@ -69,7 +69,8 @@ ef keys generate "$work/keys"
 "$bin/edgefleet-agent" check-config "$work/agent.yaml"
 "$bin/edgefleet-agent" run --config "$work/agent.yaml" 2> "$work/agent.log" &
 agent_pid=$!
-ef watch --port "$port" --seconds 10
+echo "(each event line: stream, model, then what it saw; '#N' is the track id, one per object followed across frames)" >&2
+ef watch --host 127.0.0.1 --port "$port" --seconds 10
 
 say "3. an over-the-air update of the shelf stream: mobilenet_v1 0.25 -> mobilenet_v2"
 http_port=$("$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -79,7 +80,8 @@ ef manifest create "$m/mobilenet_v2_1.0_224_quant.tflite" --model-id shelf-class
   --url "http://127.0.0.1:$http_port/mobilenet_v2_1.0_224_quant.tflite" --key "$work/keys/fleet.key" \
   --out "$work/shelf-v2.json"
 ef deploy demo-pi shelf "$work/shelf-v2.json" --host 127.0.0.1 --port "$port"
-ef watch --port "$port" --seconds 12 | grep -E 'reported:|/shelf event' || true
+echo "(the update's states: verifying, downloading, validating, activating, probation, then committed, refused or rolled_back)" >&2
+ef watch --host 127.0.0.1 --port "$port" --seconds 12 | grep -E 'reported:|/shelf event' || true
 ef cmd demo-pi list_models --host 127.0.0.1 --port "$port"
 kill -TERM "$agent_pid"
 wait "$agent_pid" && echo "agent stopped cleanly (SIGTERM, exit 0)" >&2
