@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from edgefleet.runtime import (
@@ -305,8 +305,10 @@ class StreamRunner:
 
     def health(self) -> StreamHealth:
         """Counters and latency percentiles, for the health message."""
+        # The counters downstream first, then the source's: each frame is counted captured
+        # before inference can take it, so processed never appears above captured.
+        c = replace(self._counters)
         stats = self.capture.stats
-        c = self._counters
         now = time.monotonic()
         recent = [t for t in tuple(self._done_at) if now - t <= _FPS_WINDOW_S]
         fps = len(recent) / _FPS_WINDOW_S

@@ -23,6 +23,7 @@ from edgefleet.agent.protocol import EventMessage, HealthMessage, StatusMessage
 
 DEVICE = "dev-e2e"
 ROOT = f"edgefleet/v1/{DEVICE}"
+SCRAPES = 50
 
 
 def agent_config(
@@ -56,6 +57,15 @@ def agent_config(
     }
     config.update(overrides)
     return config
+
+
+def stream_counter(metrics: str, name: str, stream: str = "kite") -> float:
+    """The value of ``edgefleet_stream_<name>_total`` for ``stream`` on a /metrics page."""
+    found = re.search(
+        rf'^edgefleet_stream_{name}_total\{{stream="{stream}"\}} (\S+)$', metrics, re.M
+    )
+    assert found is not None, metrics
+    return float(found.group(1))
 
 
 def untracked(config: dict[str, Any]) -> dict[str, Any]:
@@ -362,11 +372,14 @@ def test_prometheus_endpoint_serves_the_health_figures(
                 return None
 
         metrics = wait_until(scrape, "a /metrics page", 30)
+        pages = [metrics] + [page for page in (scrape() for _ in range(SCRAPES)) if page]
     processed = re.search(
         r'^edgefleet_stream_processed_total\{stream="kite"\} (\S+)$', metrics, re.M
     )
     assert processed is not None, metrics
     assert float(processed.group(1)) > 0
+    for page in pages:  # each scrape is one moment: never more frames processed than captured
+        assert stream_counter(page, "processed") <= stream_counter(page, "captured"), page
     assert "edgefleet_outbox_depth " in metrics
     assert "edgefleet_mqtt_connected 1.0" in metrics
     probe.disconnect()

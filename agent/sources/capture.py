@@ -179,9 +179,11 @@ class Capture:
                 self._flowing()
                 attempt = 0
                 self.last_frame = frame
-                self.slot.put(frame, wait=not self.source.live, stop=self._stop)
+                # Counted before the hand-over: a frame inference holds is always counted, so
+                # no reader ever sees more frames processed than captured.
                 with self._lock:
                     self._stats.captured += 1
+                self.slot.put(frame, wait=not self.source.live, stop=self._stop)
         finally:
             self.source.close()
             with self._lock:
