@@ -415,9 +415,17 @@ ARTIFACT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 
 class TensorSpec(_Frozen):
-    """What a model's input or output must look like."""
+    """What a model's input or output must look like.
 
-    shape: tuple[int, ...] = Field(description="Tensor shape, e.g. [1, 224, 224, 3].")
+    ``shape`` null says the model file fixes no shape for the tensor: an op sets it when
+    the interpreter allocates or runs (the outputs of ``TFLite_Detection_PostProcess``, for
+    one). Validation then checks only the dtype; ``[]`` would promise a scalar.
+    """
+
+    shape: tuple[int, ...] | None = Field(
+        description="Tensor shape, e.g. [1, 224, 224, 3]; null: set at run time (the model file "
+        "gives none), so only the dtype is checked."
+    )
     dtype: str = Field(description="Element type: uint8, int8, float32, ...")
 
 

@@ -26,7 +26,8 @@ Refusals (``ValidationRefused.code``)::
 
     load_failed        the runtime could not load the model: corrupt bytes, an Edge TPU model
                        without a TPU, a missing delegate, an unresolvable custom op, ...
-    input_mismatch     an input's shape or dtype differs from the manifest
+    input_mismatch     an input's shape or dtype differs from the manifest (a null shape
+                       in the manifest is set at run time: only the dtype is checked)
     output_mismatch    an output's shape or dtype differs from the manifest (when it lists them)
     inference_failed   the smoke inference or the benchmark raised
     too_slow           the median invoke time is over the manifest's max_latency_ms
@@ -87,6 +88,10 @@ _MAX_HEADER_BYTES = 1 << 20  # a manifest is at most 64 KiB of JSON
 _REAP_TIMEOUT_S = 5.0  # after a kill, for the pipes to close
 _STDERR_TAIL_LINES = 5
 _GREY = 128  # the synthetic smoke frame when no camera frame is given
+_RUN_TIME_SHAPE_HINT = (
+    "the manifest promises a scalar ([]): a tensor whose shape is set at run time is written "
+    "with shape null; sign the manifest again with `edgefleet manifest create`, which does so"
+)
 
 
 @dataclass(frozen=True)
@@ -361,13 +366,21 @@ def _check_tensors(
             code, f"expected {len(expected)} {kind}(s), found {len(found)}", hint=hint
         )
     for position, (want, have) in enumerate(zip(expected, found, strict=True)):
-        if tuple(want.shape) != have.shape or want.dtype != have.dtype:
+        if not _matches(want, have):
+            shape = "(shape set at run time)" if want.shape is None else list(want.shape)
             raise ValidationRefused(
                 code,
-                f"{kind} {position} ('{have.name}'): expected {list(want.shape)} {want.dtype}, "
+                f"{kind} {position} ('{have.name}'): expected {shape} {want.dtype}, "
                 f"found {list(have.shape)} {have.dtype}",
-                hint=hint,
+                hint=_RUN_TIME_SHAPE_HINT if want.shape == () and have.shape else hint,
             )
+
+
+def _matches(want: TensorSpec, have: TensorInfo) -> bool:
+    """Same dtype, and the same shape unless the manifest says it is set at run time."""
+    if want.dtype != have.dtype:
+        return False
+    return want.shape is None or tuple(want.shape) == have.shape
 
 
 def _smoke(predictor: Predictor, frame: npt.NDArray[np.uint8]) -> Prediction:

@@ -16,7 +16,7 @@ from conftest import Assets
 
 from edgefleet.agent.protocol import Manifest, TaskSpec, TensorSpec
 from edgefleet.agent.validation import ValidationRefused, ValidationReport, validate_model
-from edgefleet.runtime import BackendName, CpuDelegate, EdgeTpuDelegate
+from edgefleet.runtime import BackendName, CpuDelegate, EdgeTpuDelegate, ModelBytes
 from edgefleet.runtime.preprocess import Frame
 
 CHILD_MODULE = "edgefleet.agent.validation"
@@ -186,6 +186,44 @@ def test_output_differing_from_manifest_is_refused(
     assert refused.code == "output_mismatch"
     assert f"expected {list(expected.shape)} {expected.dtype}" in refused.message
     assert "found [1, 1001] uint8" in refused.message
+
+
+SSD_INPUT = TensorSpec(shape=(1, 300, 300, 3), dtype="uint8")
+
+
+def test_outputs_whose_shape_is_set_at_run_time_pass_when_the_manifest_says_null(
+    ssd_model: ModelBytes,
+) -> None:
+    run_time = [TensorSpec(shape=None, dtype="float32")] * 4
+    manifest = manifest_for(ssd_model.content, [SSD_INPUT], run_time)
+
+    report = validate(ssd_model.content, manifest, bench_runs=2)
+
+    assert report.task == "detection"
+    assert [o.shape for o in report.outputs] == [(1, 10, 4), (1, 10), (1, 10), (1,)]
+
+
+def test_an_output_set_at_run_time_still_has_its_dtype_checked(ssd_model: ModelBytes) -> None:
+    outputs = [TensorSpec(shape=None, dtype="uint8")] + [
+        TensorSpec(shape=None, dtype="float32")
+    ] * 3
+
+    refused = refusal(ssd_model.content, manifest_for(ssd_model.content, [SSD_INPUT], outputs))
+
+    assert refused.code == "output_mismatch"
+    assert "expected (shape set at run time) uint8, found [1, 10, 4] float32" in refused.message
+
+
+def test_a_manifest_promising_scalars_for_run_time_outputs_is_refused_saying_how_to_fix_it(
+    ssd_model: ModelBytes,
+) -> None:
+    scalars = [TensorSpec(shape=(), dtype="float32")] * 4
+
+    refused = refusal(ssd_model.content, manifest_for(ssd_model.content, [SSD_INPUT], scalars))
+
+    assert refused.code == "output_mismatch"
+    assert "expected [] float32, found [1, 10, 4] float32" in refused.message
+    assert "shape null" in refused.hint
 
 
 def test_median_over_the_latency_budget_is_refused_as_too_slow(mobilenet_v1: bytes) -> None:
