@@ -360,6 +360,9 @@ class Agent:
     def _on_connected(self) -> None:  # mqtt thread
         self._publish_birth()
         self._publish_reported()
+        if self.link.problem is not None:
+            # The other client may take the connection back before the next health interval.
+            self._publish_health()
 
     # -- status and health -------------------------------------------------------
 
@@ -422,6 +425,8 @@ class Agent:
                 connected=self.link.connected,
                 reconnects=self.link.reconnects,
                 published=self.publisher.published,
+                id_conflicts=self.link.id_conflicts,
+                problem=self.link.problem,
             ),
             system=SystemHealth(
                 cpu_percent=system.cpu_percent,
@@ -449,10 +454,13 @@ class Agent:
             self.notifier.status(self._status_line())
             if not self.link.connected:
                 continue  # health is a snapshot: nothing to keep for later
-            message = self.health()
-            self.link.publish(
-                self.topics.health, message.model_dump_json(exclude_none=True).encode(), qos=0
-            )
+            self._publish_health()
+
+    def _publish_health(self) -> None:  # health thread, or mqtt thread on connect
+        message = self.health()
+        self.link.publish(
+            self.topics.health, message.model_dump_json(exclude_none=True).encode(), qos=0
+        )
 
 
 class _FleetKeys:

@@ -79,6 +79,19 @@ class BrokerSettings(_Section):
     )
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay.")
     reconnect_max_s: float = Field(60.0, gt=0, description="Longest reconnect delay (jittered).")
+    id_conflict_backoff_s: float = Field(
+        30.0,
+        gt=0,
+        description="When another client uses this client id (the broker drops one of the two "
+        "whenever the other connects), wait this long before connecting again instead of "
+        "taking the connection back at once; doubles while the conflict goes on.",
+    )
+    id_conflict_backoff_max_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest wait of id_conflict_backoff_s's doubling; the conflict is "
+        "reported as over once a connection has held this long.",
+    )
     max_inflight: int = Field(
         200, ge=1, le=65535, description="QoS 1 messages awaiting acknowledgement at once."
     )

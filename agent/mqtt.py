@@ -11,6 +11,15 @@ Threads:
   ``seq`` order while connected, at most ``max_inflight`` unacknowledged, and
   deletes rows once the broker's PUBACK arrives.
 
+Two processes with the same client id make the broker drop one connection
+whenever the other connects. ``ClientIdWatch`` (pure, no clock of its own)
+tells it from how connections end: an MQTT 5 DISCONNECT with reason 142
+(session taken over), or, where the broker gives no reason (MQTT 3.1.1, and
+Mosquitto 2.0 on MQTT 5 too), several connections in a row closed by the broker
+within seconds of accepting them. The link then says so at ERROR and in
+health, and waits ``id_conflict_backoff_s`` (doubling) before connecting again,
+instead of reconnecting at once and knocking the other client off in turn.
+
 paho 2.x keeps unacknowledged QoS 1 messages in memory and resends them itself
 after a reconnect, so a row is handed to paho once per process; if the process
 dies, the rows are still in the outbox and are sent again at the next start
@@ -46,6 +55,13 @@ from .outbox import Outbox
 log = logging.getLogger(__name__)
 
 _LOOP_TIMEOUT_S = 0.2
+SESSION_TAKEN_OVER = 142
+"""MQTT 5 DISCONNECT reason code 0x8E: another connection with this client id took over."""
+# A connection the broker closes this soon after accepting it is "short"; this many short
+# ones in a row, with no reason given, mean another client is using the id (two clients
+# fighting reconnect within the reconnect delay, well under a second by default).
+SHORT_CONNECTION_S = 5.0
+SHORT_CONNECTIONS_IN_A_ROW = 3
 
 
 class BrokerSettingsError(EdgefleetError):
@@ -66,6 +82,86 @@ def _read_password(settings: BrokerSettings) -> str | None:
             f"broker.password_file: cannot read {path} ({exc.strerror})",
             hint="check the path, or give it to the service with LoadCredential=",
         ) from exc
+
+
+@dataclass(frozen=True)
+class IdConflict:
+    """Another client uses this client id: what to tell the operator and how long to wait."""
+
+    problem: str
+    """One line for health and the log: who, and the evidence."""
+    wait_s: float
+    """How long to stay away before connecting again."""
+    first: bool
+    """True when this starts a conflict (the ERROR line), False while it goes on."""
+
+
+class ClientIdWatch:
+    """Decides from how connections end whether another client uses this client id.
+
+    Pure: every call gets the monotonic time it is about. The mqtt thread owns it.
+    """
+
+    def __init__(self, client_id: str, *, backoff_s: float, backoff_max_s: float) -> None:
+        self.client_id = client_id
+        self.backoff_s = backoff_s
+        self.backoff_max_s = max(backoff_max_s, backoff_s)
+        self.problem: str | None = None
+        """Set while a conflict is believed to go on; cleared once a connection holds."""
+        self.conflicts = 0
+        """Connections lost to another client with this id, since start."""
+        self._connected_at: float | None = None
+        self._short_in_a_row = 0
+        self._level = 0
+
+    def connected(self, now: float) -> None:
+        """The broker accepted a connection at ``now``."""
+        self._connected_at = now
+
+    def lost(self, now: float, *, reason: int | None) -> IdConflict | None:
+        """The connection ended at ``now``; ``reason``: the broker's DISCONNECT reason code,
+        None when it closed the connection without one.
+
+        Returns the conflict when the evidence says another client took the connection,
+        None for an ordinary loss (reconnect as usual).
+        """
+        since, self._connected_at = self._connected_at, None
+        if since is None:
+            return None
+        if reason == SESSION_TAKEN_OVER:
+            evidence = "the broker said the session was taken over (MQTT 5 reason 142)"
+        elif reason is None and now - since < SHORT_CONNECTION_S:
+            self._short_in_a_row += 1
+            if self._short_in_a_row < SHORT_CONNECTIONS_IN_A_ROW:
+                return None
+            evidence = (
+                f"the broker closed {self._short_in_a_row} connections in a row within "
+                f"{SHORT_CONNECTION_S:g} s of accepting them, without giving a reason"
+            )
+        else:
+            self._short_in_a_row = 0
+            return None
+        first = self.problem is None
+        self.conflicts += 1
+        self._level += 1
+        wait_s = min(self.backoff_s * 2 ** (self._level - 1), self.backoff_max_s)
+        self.problem = f"another client uses client id {self.client_id}: {evidence}"
+        return IdConflict(problem=self.problem, wait_s=wait_s, first=first)
+
+    def holding(self, now: float) -> bool:
+        """Called while connected; True once, when a conflict is over.
+
+        Over means this connection has held for ``backoff_max_s``: longer than the other
+        client, backing off the same way, stays away.
+        """
+        if self.problem is None or self._connected_at is None:
+            return False
+        if now - self._connected_at < self.backoff_max_s:
+            return False
+        self.problem = None
+        self._short_in_a_row = 0
+        self._level = 0
+        return True
 
 
 @dataclass(frozen=True)
@@ -104,6 +200,13 @@ class MqttLink:
         self._connects = 0
         self._connack = False  # set by _on_connect, acted on by _run after paho's resend
         self._ever_connected = False
+        self._watch = ClientIdWatch(
+            settings.client_id or "",
+            backoff_s=settings.id_conflict_backoff_s,
+            backoff_max_s=settings.id_conflict_backoff_max_s,
+        )
+        # The reason code of the broker's DISCONNECT, None when it just closed the connection.
+        self._disconnect_reason: int | None = None  # set by _on_disconnect, read by _run
         # Acknowledgement tracking: mid -> callback. Every publish records its mid, so an
         # ack that arrives before publish() returned (it can: paho's network thread may
         # read the PUBACK first) waits in _early for exactly that publish.
@@ -148,6 +251,16 @@ class MqttLink:
     def reconnects(self) -> int:
         """Connections made after the first one."""
         return max(0, self._connects - 1)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the link cannot stay up, while it lasts: another client uses this client id."""
+        return self._watch.problem
+
+    @property
+    def id_conflicts(self) -> int:
+        """Connections lost to another client with this client id, since start."""
+        return self._watch.conflicts
 
     @property
     def connected(self) -> bool:
@@ -243,13 +356,38 @@ class MqttLink:
                     self._connection_made()
                 if self.connected:
                     delay = self.settings.reconnect_min_s
+                    if self._watch.holding(time.monotonic()):
+                        log.info("the client id conflict is over: the connection has held")
             if self._stop.is_set():
                 # Let the orderly shutdown drain what is in flight: keep looping briefly.
                 return
             self._connected.clear()
             self._connack = False
+            conflict = self._watch.lost(time.monotonic(), reason=self._disconnect_reason)
+            self._disconnect_reason = None
+            if conflict is not None:
+                self._back_off(conflict)
+                continue
             self._sleep_jittered(delay)
             delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    def _back_off(self, conflict: IdConflict) -> None:
+        s = self.settings
+        if conflict.first:
+            log.error(
+                "%s. The broker at %s:%s drops one of the two connections whenever the other "
+                "connects; waiting %.0f s before connecting again instead of fighting over it. "
+                "Give each device its own device_id (or broker.client_id), or stop the other "
+                "agent",
+                conflict.problem, s.host, s.port, conflict.wait_s,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "the other client with id %s took the connection again; waiting %.0f s",
+                self._watch.client_id, conflict.wait_s,
+            )  # fmt: skip
+        # Not full jitter: the point is to stay away long enough for the other to hold.
+        self._stop.wait(random.uniform(conflict.wait_s / 2, conflict.wait_s))
 
     def _connect_once(self) -> bool:
         s = self.settings
@@ -301,6 +439,7 @@ class MqttLink:
 
     def _connection_made(self) -> None:  # mqtt thread, after paho's resend
         self._connack = False
+        self._watch.connected(time.monotonic())
         self._connected.set()
         with self._routes_lock:
             routed = list(self._routes)
@@ -312,10 +451,14 @@ class MqttLink:
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
+        from_broker = bool(flags.is_disconnect_packet_from_server)
+        self._disconnect_reason = getattr(reason, "value", None) if from_broker else None
         if self._stop.is_set():
             log.info("disconnected from the broker")
+        elif self._connected.is_set() and from_broker:
+            log.warning("the broker disconnected us: %s", reason)
         elif self._connected.is_set():
-            log.warning("disconnected from the broker: %s", reason)
+            log.warning("connection to the broker lost (no reason given)")
         self._connected.clear()
 
     def _on_publish(

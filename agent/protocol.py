@@ -250,6 +250,18 @@ class MqttHealth(_Frozen):
     connected: bool = Field(description="Connected now.")
     reconnects: int = Field(description="Reconnections since start.")
     published: int = Field(description="Events acknowledged by the broker since start.")
+    id_conflicts: int = Field(
+        0,
+        description="Connections lost to another client using this device's client id "
+        "(the broker said so on MQTT 5, or connections kept being closed right after they "
+        "were accepted), since start.",
+    )
+    problem: str | None = Field(
+        None,
+        description="Set while the link cannot stay up for a reason the operator must fix: "
+        "another client uses this device's client id (the agent then waits before "
+        "reconnecting instead of fighting over it).",
+    )
 
 
 class RemoteHealth(_Frozen):
