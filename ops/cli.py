@@ -1,9 +1,14 @@
 """``edgefleet``: the operator's command line.
 
-Errors from edgefleet print as one ``edgefleet: error: ...`` line with what to
-do, and exit 1; usage errors exit 2 (argparse), and so does bad input to the
-fleet commands (``keys``, ``manifest``, ``deploy``, ``cmd``: see ``fleet``).
-No traceback for any.
+Errors print as one ``edgefleet: error: ...`` line and a ``what to do:`` line, never a
+traceback. Exit codes, the same in every command (``edgefleet.ops.errors``): 0 done; 1 the
+environment, the broker or a device failed; 2 bad input (an option, a missing file, a file
+that is not a model, key or manifest; argparse's usage errors too); 3 refused: checked and
+it would not work, nothing changed (``deploy`` without ``--force``, ``manifest verify``).
+
+``-v`` (DEBUG logging) goes before or after the command: every command's parser takes it.
+Every option's help states its default: ``HelpFormatter`` adds ``(default: ...)`` where
+the text does not say it.
 """
 
 from __future__ import annotations
@@ -11,13 +16,38 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 from importlib import metadata
 
 from edgefleet.runtime import EdgefleetError
 from edgefleet.runtime.cli import register as register_model_commands
 from edgefleet.runtime.cli import report_error
 
-from . import broker, fleet, watch
+from . import broker, commands, deploy, fleet, watch
+from .errors import exit_code
+
+_INTERRUPTED = 130
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``(default: X)`` after an option's help that does not name it; text of several lines
+    (a list of commands in an epilog) kept as written, one-line text wrapped."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if (
+            text is not None
+            and action.option_strings
+            and "default" not in text
+            and action.default not in (None, False, [], argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +56,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgefleet", description="Run TensorFlow Lite models on fleets of edge boards."
     )
     parser.add_argument("--version", action="version", version=metadata.version("edgefleet"))
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register_model_commands(commands)
-    broker.register(commands)
-    watch.register(commands)
-    fleet.register(commands)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log at DEBUG level (default: WARNING)"
+    )
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_model_commands(subcommands)
+    broker.register(subcommands)
+    watch.register(subcommands)
+    fleet.register(subcommands)
+    deploy.register(subcommands)
+    commands.register(subcommands)
+    for sub in _subparsers(parser):
+        # SUPPRESS: given before the command, -v is not reset by the command's parser.
+        sub.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log at DEBUG level (default: WARNING)",
+        )
+    for each in (parser, *_subparsers(parser)):
+        each.formatter_class = HelpFormatter
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every command's parser under ``parser``, at every depth."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                yield sub
+                yield from _subparsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except EdgefleetError as exc:
         report_error(exc)
-        return 1
+        return exit_code(exc)
     except KeyboardInterrupt:
-        return 130
+        return _INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """``edgefleet model inspect | run | bench``: the runtime as command-line tools.
 
 Only argument parsing and printing live here; the work is done by the
-library. Errors are raised as ``EdgefleetError`` and printed by the caller.
+library. Errors are raised as ``EdgefleetError`` and printed by the caller
+(``report_error``), which exits with ``exit_code``: 2 for bad input (a missing
+file, a file that is not a model, an image that cannot be read, an invalid
+option, as argparse does for usage errors), 1 for anything else (a delegate
+library missing, an inference that failed).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 from .backends import BackendName, select_backend
 from .bench import bench
 from .delegates import DELEGATE_SYNTAX, DelegateSettings, parse_delegate
-from .errors import EdgefleetError, ImageError
+from .errors import EdgefleetError, ImageError, InputError, ModelError, SettingError
 from .images import load_image
 from .labels import Labels
 from .modelfile import ModelInfo, TensorInfo, inspect_model, read_model
@@ -25,6 +29,11 @@ from .preprocess import ResizeMode
 from .tasks import TaskName
 
 Handler = Callable[[argparse.Namespace], int]
+
+EXIT_FAILED = 1
+"""Something outside the input went wrong: the environment, a device, the broker."""
+EXIT_BAD_INPUT = 2
+"""The input is at fault: an option, a missing file, a file that is not a model or an image."""
 
 
 def register(subcommands: Any) -> None:
@@ -60,11 +69,25 @@ def register(subcommands: Any) -> None:
 
     bench_cmd = commands.add_parser("bench", help="measure load time and inference latency")
     bench_cmd.add_argument("model", type=Path, help="the .tflite file")
-    bench_cmd.add_argument("--runs", type=_positive, default=100, help="measured runs")
-    bench_cmd.add_argument("--warmup", type=_non_negative, default=10, help="unmeasured runs")
+    bench_cmd.add_argument(
+        "--runs", type=_positive, default=100, help="measured runs (default: %(default)s)"
+    )
+    bench_cmd.add_argument(
+        "--warmup",
+        type=_non_negative,
+        default=10,
+        help="unmeasured runs before them (default: %(default)s)",
+    )
     _add_engine_options(bench_cmd)
     _add_json(bench_cmd)
     bench_cmd.set_defaults(handler=_bench)
+
+
+def exit_code(exc: EdgefleetError) -> int:
+    """The exit code for ``exc``: 2 when the input is at fault, else 1."""
+    if isinstance(exc, ModelError | InputError | SettingError):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
 
 
 def report_error(exc: EdgefleetError) -> None:
@@ -79,7 +102,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-cpu-fallback",
         action="store_true",
-        help="run on the CPU, with a warning, if the delegate cannot be loaded",
+        help="run on the CPU, with a warning, if the delegate cannot be loaded (default: fail)",
     )
     parser.add_argument("--threads", type=_positive, help="CPU threads (default: the runtime's)")
     parser.add_argument(
@@ -170,7 +193,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(json.dumps(record | prediction.to_dict()))
             else:
                 print(_prediction_text(image, backend, delegate, prediction))
-    return 1 if failures else 0
+    return EXIT_BAD_INPUT if failures else 0
 
 
 def _prediction_text(image: Path, backend: str, delegate: str, p: Prediction) -> str:
@@ -215,4 +238,4 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["register", "report_error"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "exit_code", "register", "report_error"]

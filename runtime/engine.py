@@ -7,13 +7,27 @@ translated here into the typed errors of ``errors.py``.
 
 An ``Engine`` is used by one thread at a time (the interpreter is not
 thread-safe); ``invoke`` releases the GIL, so other threads keep running.
+
+The interpreter's C++ code writes to file descriptor 2, below Python's
+``sys.stderr``: "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on the
+first model a process loads. ``_native_stderr_to_log`` captures that descriptor
+while an interpreter is created and allocated, sends its ``INFO:`` lines to the
+DEBUG log (``-v`` shows them) and writes every other line back to stderr, so
+warnings and errors still show. One lock serialises the capture: file descriptor
+2 is the whole process's.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -34,6 +48,11 @@ from .errors import (
 from .modelfile import EDGETPU_CUSTOM_OP, ModelBytes, ModelInfo, TensorInfo, inspect_model
 
 _UNRESOLVED_OP = re.compile(r"unresolved custom op: ([^\s.]+)")
+# What the interpreter's native logger prints at INFO severity (TFLITE_LOG_PROD).
+_NATIVE_INFO = re.compile(rb"^INFO: ")
+_STDERR_FD = 2
+_native_stderr_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -68,14 +87,16 @@ class Engine:
         kwargs: dict[str, Any] = {"model_content": self.model.content, "num_threads": self.threads}
         if self.delegate.handle is not None:
             kwargs["experimental_delegates"] = [self.delegate.handle]
-        try:
-            interpreter = self.backend.interpreter(**kwargs)
-        except (RuntimeError, ValueError) as exc:
-            raise self._translate_load_error(exc) from exc
-        try:
-            interpreter.allocate_tensors()
-        except RuntimeError as exc:
-            raise self._translate_load_error(exc, allocating=True) from exc
+        with _native_stderr_to_log():
+            try:
+                interpreter = self.backend.interpreter(**kwargs)
+            except (RuntimeError, ValueError) as exc:
+                raise self._translate_load_error(exc) from exc
+            try:
+                # XNNPACK is applied here, and says so once per process.
+                interpreter.allocate_tensors()
+            except RuntimeError as exc:
+                raise self._translate_load_error(exc, allocating=True) from exc
         return interpreter
 
     def _translate_load_error(self, exc: Exception, *, allocating: bool = False) -> ModelError:
@@ -160,6 +181,38 @@ class Engine:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Capture file descriptor 2 meanwhile: ``INFO:`` lines to the DEBUG log, the rest back."""
+    with _native_stderr_lock, tempfile.TemporaryFile() as capture:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(_STDERR_FD)
+        except (OSError, ValueError):  # no stderr at all (closed): nothing to keep quiet
+            yield
+            return
+        os.dup2(capture.fileno(), _STDERR_FD)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()  # what Python wrote meanwhile belongs in the capture too
+            os.dup2(saved, _STDERR_FD)
+            os.close(saved)
+            capture.seek(0)
+            _replay(capture.read())
+
+
+def _replay(captured: bytes) -> None:
+    kept = []
+    for line in captured.splitlines(keepends=True):
+        if _NATIVE_INFO.match(line):
+            log.debug("interpreter: %s", line.decode(errors="replace").strip())
+        else:
+            kept.append(line)
+    if kept:
+        os.write(_STDERR_FD, b"".join(kept))
 
 
 def _tensor_info(detail: dict[str, Any]) -> TensorInfo:

@@ -13,6 +13,8 @@ from conftest import Assets
 pytestmark = pytest.mark.backend
 
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
+BAD_INPUT = 2  # the model, an image or an option is at fault
+FAILED = 1  # this machine lacks something
 
 
 def edgefleet(*args: object) -> subprocess.CompletedProcess[str]:
@@ -25,8 +27,10 @@ def json_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines()]
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
-    assert result.returncode == 1, result.stderr
+def assert_clean_failure(
+    result: subprocess.CompletedProcess[str], *phrases: str, code: int = BAD_INPUT
+) -> None:
+    assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     assert "edgefleet: error:" in result.stderr
     for phrase in phrases:
@@ -152,7 +156,7 @@ def test_run_missing_edgetpu_library_fails_cleanly(assets: Assets) -> None:
         "model", "run", assets.mobilenet_v2, assets.image("cat.bmp"), "--delegate", "edgetpu:usb"
     )
 
-    assert_clean_failure(result, "libedgetpu.so.1", "install the Edge TPU runtime")
+    assert_clean_failure(result, "libedgetpu.so.1", "install the Edge TPU runtime", code=FAILED)
 
 
 def test_bad_image_is_reported_and_the_other_images_still_run(assets: Assets) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -16,11 +17,13 @@ import paho.mqtt.client as mqtt
 from broker import Mosquitto, MqttProbe, free_port
 from conftest import Assets
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgefleet.agent.protocol import (
+    COMMAND_ARGS,
     CommandReply,
     CommandRequest,
     DesiredState,
@@ -54,7 +57,13 @@ def assert_clean_failure(
         assert phrase in result.stderr
 
 
-def signed_manifest_file(path: Path, model_id: str, *, expires_in_s: float = DAY_S) -> Path:
+def signed_manifest_file(
+    path: Path,
+    model_id: str,
+    *,
+    expires_in_s: float = DAY_S,
+    key: Ed25519PrivateKey | None = None,
+) -> Path:
     """A signed manifest for a made-up release, written where `deploy` reads it."""
     now = time.time()
     manifest = Manifest(
@@ -63,7 +72,8 @@ def signed_manifest_file(path: Path, model_id: str, *, expires_in_s: float = DAY
         inputs=[TensorSpec(shape=(1, 128, 128, 3), dtype="uint8")],
         issued_at=now, expires_at=now + expires_in_s,
     )  # fmt: skip
-    path.write_text(sign_manifest(manifest, Ed25519PrivateKey.generate()).model_dump_json())
+    signed = sign_manifest(manifest, key or Ed25519PrivateKey.generate())
+    path.write_text(signed.model_dump_json())
     return path
 
 
@@ -162,6 +172,19 @@ def test_keys_generate_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
 # -- deploy ---------------------------------------------------------------------------------
 
 
+def retained_on(broker: Mosquitto, topic: str) -> bytes | None:
+    """The retained message on ``topic`` now, or None: the broker sends a subscription's
+    retained messages before one published after it (the marker)."""
+    marker = f"test/marker/{uuid.uuid4().hex}"
+    with MqttProbe(broker) as probe:
+        probe.subscribe(topic)
+        probe.subscribe(marker)
+        probe.publish(marker, b"after")
+        probe.wait_for_message(marker)
+        held = [m.payload for m in probe.messages(topic) if m.retain]
+    return held[0] if held else None
+
+
 def retained_desired(broker: Mosquitto, device: str) -> DesiredState:
     """The retained desired state, as a late subscriber (the device coming online) sees it."""
     with MqttProbe(broker) as probe:
@@ -171,17 +194,19 @@ def retained_desired(broker: Mosquitto, device: str) -> DesiredState:
     return DesiredState.model_validate_json(message.payload)
 
 
-def test_deploys_to_two_streams_keep_both_in_the_retained_desired_state(
+def test_forced_deploys_to_two_streams_keep_both_in_the_retained_desired_state(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
     door = signed_manifest_file(tmp_path / "door.json", "ssd")
     yard = signed_manifest_file(tmp_path / "yard.json", "mobilenet")
+    options = ["--host", broker.host, "--port", broker.port, "--force"]
 
-    first = edgefleet("deploy", "dev1", "door", door, "--host", broker.host, "--port", broker.port)
-    second = edgefleet("deploy", "dev1", "yard", yard, "--host", broker.host, "--port", broker.port)
+    first = edgefleet("deploy", "dev1", "door", door, *options)
+    second = edgefleet("deploy", "dev1", "yard", yard, *options)
 
     assert first.returncode == 0, first.stderr
     assert second.returncode == 0, second.stderr
+    assert "warning: forced despite: dev1 has never connected" in first.stderr
     assert "desired revision 1" in first.stdout
     assert "desired revision 2" in second.stdout
     desired = retained_desired(broker, "dev1")
@@ -190,6 +215,19 @@ def test_deploys_to_two_streams_keep_both_in_the_retained_desired_state(
         "door": SignedManifest.model_validate_json(door.read_text()),
         "yard": SignedManifest.model_validate_json(yard.read_text()),
     }
+
+
+def test_deploy_to_a_device_that_never_connected_is_refused_with_exit_3(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    manifest = signed_manifest_file(tmp_path / "door.json", "ssd")
+
+    result = edgefleet("deploy", "nobody", "door", manifest, "--host", broker.host,
+                       "--port", broker.port)  # fmt: skip
+
+    assert_clean_failure(result, 3, "nobody has never connected to this broker", "--force")
+    assert result.stdout == ""
+    assert retained_on(broker, Topics("nobody").desired) is None
 
 
 def test_deploy_of_a_file_that_is_not_a_signed_manifest_is_refused_before_connecting(
@@ -295,9 +333,9 @@ class Responder:
         client.publish(response_topic, reply.model_dump_json(), qos=1, properties=properties)
 
 
-def test_cmd_prints_the_devices_reply_and_exits_0(broker: Mosquitto) -> None:
+def test_cmd_json_prints_the_devices_reply_and_exits_0(broker: Mosquitto) -> None:
     with Responder(broker, "dev1") as device:
-        result = edgefleet("cmd", "dev1", "snapshot", "--args", '{"stream": "door"}',
+        result = edgefleet("cmd", "dev1", "snapshot", "--args", '{"stream": "door"}', "--json",
                            "--host", broker.host, "--port", broker.port)  # fmt: skip
 
     assert result.returncode == 0, result.stderr
@@ -318,7 +356,7 @@ def test_cmd_prints_the_devices_reply_and_exits_0(broker: Mosquitto) -> None:
 def test_cmd_that_the_device_refuses_prints_the_reply_and_exits_1(broker: Mosquitto) -> None:
     with Responder(broker, "dev1", ok=False):
         result = edgefleet("cmd", "dev1", "restart_stream", "--args", '{"stream": "attic"}',
-                           "--host", broker.host, "--port", broker.port)  # fmt: skip
+                           "--json", "--host", broker.host, "--port", broker.port)  # fmt: skip
 
     assert result.returncode == 1
     assert json.loads(result.stdout)["error"] == "not_found"
@@ -352,3 +390,156 @@ def test_cmd_with_arguments_the_command_does_not_take_exits_2_before_sending(
     assert_clean_failure(missing, 2, "--args for snapshot: stream: Field required")
     assert_clean_failure(not_json, 2, "--args is not JSON")
     assert_clean_failure(extra, 2, "Extra inputs are not permitted")
+
+
+def test_cmd_set_sends_a_json_merge_patch_built_from_the_dotted_keys(broker: Mosquitto) -> None:
+    with Responder(broker, "dev1") as device:
+        result = edgefleet(
+            "cmd", "dev1", "set_config", "--set", "streams.door.events.min_score=0.6",
+            "--set", "streams.door.events.labels=[\"person\"]", "--set", "logging.level=DEBUG",
+            "--set", "streams.yard=null", "--host", broker.host, "--port", broker.port,
+        )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    ((name, request, _, _),) = device.requests
+    assert name == "set_config"
+    assert request.args == {
+        "patch": {
+            "streams": {"door": {"events": {"min_score": 0.6, "labels": ["person"]}}, "yard": None},
+            "logging": {"level": "DEBUG"},
+        }
+    }
+
+
+def test_cmd_set_that_is_not_key_value_or_not_for_set_config_exits_2_before_sending(
+    broker: Mosquitto,
+) -> None:
+    with MqttProbe(broker) as probe:
+        probe.subscribe("edgefleet/v1/dev1/cmd/#")
+
+        no_value = edgefleet("cmd", "dev1", "set_config", "--set", "streams.door",
+                             "--host", broker.host, "--port", broker.port)  # fmt: skip
+        clash = edgefleet("cmd", "dev1", "set_config", "--set", "a=1", "--set", "a.b=2",
+                          "--host", broker.host, "--port", broker.port)  # fmt: skip
+        not_config = edgefleet("cmd", "dev1", "ping", "--set", "a=1",
+                               "--host", broker.host, "--port", broker.port)  # fmt: skip
+
+        assert probe.messages() == []
+    assert_clean_failure(no_value, 2, "is not KEY=VALUE")
+    assert_clean_failure(clash, 2, "a is set to a value already")
+    assert_clean_failure(not_config, 2, "--set is for set_config")
+
+
+def test_cmd_help_names_the_command_argument_and_lists_every_command() -> None:
+    result = edgefleet("cmd", "--help")
+
+    assert result.returncode == 0
+    assert "DEVICE COMMAND" in result.stdout
+    for name, model in COMMAND_ARGS.items():
+        line = next(
+            line for line in result.stdout.splitlines() if line.startswith(f"  {name.value} ")
+        )
+        for field in model.model_fields:
+            assert field in line
+
+
+# -- keys list and manifest verify ------------------------------------------------------------
+
+
+def test_keys_list_prints_each_key_id_as_the_device_computes_it(tmp_path: Path) -> None:
+    assert edgefleet("keys", "generate", tmp_path, "--name", "fleet").returncode == 0
+    assert edgefleet("keys", "generate", tmp_path, "--name", "prod").returncode == 0
+
+    result = edgefleet("keys", "list", tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    device_ids = TrustedKeys.from_paths([tmp_path]).key_ids
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert sorted((Path(r[2]).name, r[1]) for r in rows) == [
+        ("fleet.key", "private"), ("fleet.pub", "public"),
+        ("prod.key", "private"), ("prod.pub", "public"),
+    ]  # fmt: skip
+    assert {r[0] for r in rows} == device_ids
+    by_file = {Path(r[2]).name: r[0] for r in rows}
+    assert by_file["fleet.key"] == by_file["fleet.pub"] != by_file["prod.pub"]
+
+
+def test_keys_list_marks_a_file_that_is_not_a_key_and_exits_2(tmp_path: Path) -> None:
+    assert edgefleet("keys", "generate", tmp_path).returncode == 0
+    (tmp_path / "notes.pub").write_text("not a key\n")
+
+    result = edgefleet("keys", "list", tmp_path)
+    missing = edgefleet("keys", "list", tmp_path / "nowhere")
+
+    assert result.returncode == 2
+    assert "notes.pub" in result.stdout
+    assert "not a PEM public key" in result.stdout
+    assert "fleet.pub" in result.stdout
+    assert "1 of 3 files are not usable keys" in result.stderr
+    assert_clean_failure(missing, 2, "no such folder")
+
+
+def created_manifest(assets: Assets, keys: Path, out: Path, *extra: object) -> Path:
+    result = edgefleet(
+        "manifest", "create", assets.model(MOBILENET), "--model-id", "mobilenet", "--version", 3,
+        "--url", "https://models.example/m.tflite", "--key", keys / "fleet.key", "--out", out,
+        *extra,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_manifest_verify_checks_the_signature_and_prints_what_it_says(
+    assets: Assets, tmp_path: Path
+) -> None:
+    assert edgefleet("keys", "generate", tmp_path / "keys").returncode == 0
+    signed = created_manifest(assets, tmp_path / "keys", tmp_path / "m.json", "--task",
+                              "classification")  # fmt: skip
+
+    by_key = edgefleet("manifest", "verify", signed, "--key", tmp_path / "keys" / "fleet.pub")
+    by_dir = edgefleet("manifest", "verify", signed, "--keys-dir", tmp_path / "keys", "--json")
+
+    assert by_key.returncode == 0, by_key.stderr
+    key = SignedManifest.model_validate_json(signed.read_text()).key_id
+    sha = hashlib.sha256(assets.model(MOBILENET).read_bytes()).hexdigest()
+    lines = dict(line.split(None, 1) for line in by_key.stdout.splitlines())
+    assert lines["signature"] == f"ok, key {key}"
+    assert lines["model"] == "mobilenet version 3"
+    assert lines["sha256"] == sha
+    assert lines["task"] == "classification"
+    assert lines["input"] == "[1, 128, 128, 3] uint8"
+    assert by_dir.returncode == 0, by_dir.stderr
+    assert Manifest.model_validate_json(by_dir.stdout).sha256 == sha
+
+
+def test_manifest_verify_refuses_another_key_and_an_altered_manifest_with_exit_3(
+    assets: Assets, tmp_path: Path
+) -> None:
+    assert edgefleet("keys", "generate", tmp_path / "keys").returncode == 0
+    assert edgefleet("keys", "generate", tmp_path / "other").returncode == 0
+    signed = created_manifest(assets, tmp_path / "keys", tmp_path / "m.json")
+    altered = tmp_path / "altered.json"
+    altered.write_text(signed.read_text().replace('\\"version\\":3', '\\"version\\":4'))
+    assert altered.read_text() != signed.read_text()
+
+    other = edgefleet("manifest", "verify", signed, "--keys-dir", tmp_path / "other")
+    changed = edgefleet("manifest", "verify", altered, "--keys-dir", tmp_path / "keys")
+    no_key = edgefleet("manifest", "verify", signed)
+
+    assert_clean_failure(other, 3, "not one of the keys given", "keys list")
+    assert_clean_failure(changed, 3, "signature does not verify")
+    assert_clean_failure(no_key, 2, "no public key to verify with")
+    assert other.stdout == changed.stdout == ""
+
+
+def test_manifest_verify_of_an_expired_manifest_prints_it_and_exits_3(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    (tmp_path / "fleet.pub").write_bytes(
+        key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    expired = signed_manifest_file(tmp_path / "old.json", "ssd", expires_in_s=-60, key=key)
+
+    result = edgefleet("manifest", "verify", expired, "--key", tmp_path / "fleet.pub")
+
+    assert_clean_failure(result, 3, "the signature verifies, but it expired")
+    assert "EXPIRED" in result.stdout

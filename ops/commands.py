@@ -1,0 +1,394 @@
+"""``edgefleet cmd``: send a device one command and print its reply.
+
+::
+
+    edgefleet cmd DEVICE COMMAND [--args JSON] [--set KEY=VALUE ...] [--out FILE.jpg] [--json]
+
+By default the reply is one short line for a person (``summary``); ``--json`` prints the
+reply as the device sent it. ``snapshot --out FILE.jpg`` writes the JPEG the reply carries
+(``result.jpeg_base64``). ``set_config --set streams.door.events.min_score=0.6`` (repeatable)
+builds an RFC 7396 JSON merge patch, one object level per dot, and sends it as
+``{"patch": {...}}``; a VALUE is JSON where it parses as JSON (``0.6``, ``true``, ``null``,
+which removes the key), else a string. How the device applies the patch (streams by name)
+is its side of ``set_config``.
+
+A device that answers ``ok: false`` exits 1 with its error on stderr; one that does not
+answer within ``--timeout`` exits 1 too (``NoReply``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import math
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import ValidationError
+
+from edgefleet.agent.protocol import (
+    COMMAND_ARGS,
+    CommandName,
+    CommandReply,
+    CommandRequest,
+    Topics,
+    describe_errors,
+)
+from edgefleet.runtime import SettingError
+
+from .connection import BrokerConnection, add_broker_options, broker_options
+from .deploy import check_topic_level
+from .errors import ContractBroken, NoReply
+
+DEFAULT_COMMAND_TIMEOUT_S = 10.0
+KIB = 1024
+_ARGS_HINT = 'pass an object, e.g. {"stream": "door"}'
+
+
+def register(subcommands: Any) -> None:
+    """Add ``cmd`` to the command parser."""
+    names = [c.value for c in CommandName]
+    cmd = subcommands.add_parser(
+        "cmd",
+        help="send a device a command and print its reply",
+        description="Send a device a command and print its reply: one line by default, "
+        "the reply's JSON with --json.",
+        epilog=_commands_epilog(),
+    )
+    cmd.add_argument("device", metavar="DEVICE", help="device id")
+    cmd.add_argument(
+        "name",
+        metavar="COMMAND",
+        choices=names,
+        help=f"the command, one of: {', '.join(names)} (their arguments below)",
+    )
+    cmd.add_argument(
+        "--args",
+        default="{}",
+        metavar="JSON",
+        help="the command's arguments as a JSON object (default: %(default)s)",
+    )
+    cmd.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="settings",
+        help="set_config: change one setting, e.g. streams.door.events.min_score=0.6 (a JSON "
+        "merge patch, one level per dot; VALUE is JSON or else a string; null removes it); "
+        "repeat (default: none)",
+    )
+    cmd.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE.jpg",
+        help="snapshot: write the image here (default: not saved)",
+    )
+    cmd.add_argument(
+        "--json", action="store_true", help="print the reply's JSON (default: one line)"
+    )
+    cmd.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_COMMAND_TIMEOUT_S,
+        metavar="S",
+        help="seconds to wait for the reply; the device refuses it after that too "
+        "(default: %(default)s)",
+    )
+    add_broker_options(cmd)
+    cmd.set_defaults(handler=_cmd)
+
+
+def _commands_epilog() -> str:
+    lines = ["commands and their --args (JSON keys; [key=default] is optional):"]
+    for name, model in COMMAND_ARGS.items():
+        fields = []
+        for key, info in model.model_fields.items():
+            default = info.default.value if isinstance(info.default, Enum) else info.default
+            if info.is_required():
+                fields.append(key)
+            else:
+                fields.append(f"[{key}]" if default is None else f"[{key}={default}]")
+        lines.append(f"  {name.value:<15} {' '.join(fields) or '(none)'}")
+    lines.append('e.g. edgefleet cmd pi-7 snapshot --args \'{"stream": "door"}\' --out door.jpg')
+    lines.append("     edgefleet cmd pi-7 set_config --set streams.door.events.min_score=0.6")
+    return "\n".join(lines)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    check_topic_level("device id", args.device)
+    name = CommandName(args.name)
+    command_args = _command_args(name, args.args, args.settings)
+    if args.out is not None and name is not CommandName.SNAPSHOT:
+        raise SettingError(f"--out is for snapshot, not {name.value}", hint="leave out --out")
+    topics = Topics(args.device, args.topic_root)
+    request_id = uuid.uuid4().hex
+    # Under the device's own subtree: the generated ACL lets a device write only there.
+    reply_topic = f"{topics.base}/reply/{request_id}"
+    request = CommandRequest(
+        id=request_id,
+        expires_at=time.time() + args.timeout,
+        args=command_args,
+        reply_to=reply_topic,  # for a device on MQTT 3.1.1, which gets no response topic
+    )
+    deadline = time.monotonic() + args.timeout
+    with BrokerConnection(args.host, args.port) as broker:
+        broker.subscribe(reply_topic)
+        broker.publish(
+            topics.command(name.value),
+            request.model_dump_json(),
+            properties=_request_properties(reply_topic, request.id, args.timeout),
+        )
+        reply = _await_reply(broker, request.id, deadline)
+    if reply is None:
+        watch = " ".join(
+            filter(None, ["edgefleet watch --device", args.device, broker_options(args)])
+        )
+        raise NoReply(
+            f"no reply from {args.device} to {name.value} within {args.timeout:g} s",
+            hint=f"check that {args.device} is online ({watch}) and runs an agent that "
+            "answers commands, or raise --timeout",
+        )
+    if not reply.ok:
+        if args.json:
+            print(reply.model_dump_json(indent=2))
+        error = reply.error.value if reply.error else "error"
+        print(
+            f"edgefleet: {args.device} did not carry out {name.value}: {error}: {reply.message}",
+            file=sys.stderr,
+        )
+        return 1
+    saved = ""
+    if args.out is not None:
+        jpeg = _save_snapshot(reply, args.out)
+        saved = f"saved {len(jpeg) / KIB:.0f} KiB to {args.out}"
+        if args.json:
+            print(saved, file=sys.stderr)
+    if args.json:
+        print(reply.model_dump_json(indent=2))
+    elif args.out is not None:
+        print(f"{args.device} snapshot: {_image(reply.result or {})}; {saved}")
+    else:
+        print(summary(args.device, reply))
+    return 0
+
+
+def _command_args(name: CommandName, text: str, settings: list[str]) -> dict[str, Any]:
+    """``--args`` (with ``--set`` as its ``patch``), checked against the command's model."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingError(f"--args is not JSON: {exc}", hint=_ARGS_HINT) from exc
+    if not isinstance(value, dict):
+        raise SettingError("--args must be a JSON object", hint=_ARGS_HINT)
+    if settings:
+        if name is not CommandName.SET_CONFIG:
+            raise SettingError(f"--set is for set_config, not {name.value}", hint="use --args")
+        value["patch"] = merge_patch(settings, value.get("patch"))
+    model = COMMAND_ARGS[name]
+    try:
+        model.model_validate(value)
+    except ValidationError as exc:
+        fields = ", ".join(model.model_fields) or "none"
+        raise SettingError(
+            f"--args for {name.value}: {describe_errors(exc)}",
+            hint=f"{name.value} takes these arguments: {fields}",
+        ) from exc
+    return value
+
+
+def merge_patch(settings: list[str], base: object = None) -> dict[str, Any]:
+    """An RFC 7396 merge patch from ``KEY.SUB=VALUE`` settings, added to ``base``."""
+    patch: dict[str, Any] = dict(base) if isinstance(base, dict) else {}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise SettingError(
+                f"--set {setting!r} is not KEY=VALUE",
+                hint="name the setting with dots, e.g. --set streams.door.events.min_score=0.6",
+            )
+        level = patch
+        for i, part in enumerate(parts[:-1]):
+            child = level.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SettingError(
+                    f"--set {setting!r}: {'.'.join(parts[: i + 1])} is set to a value already",
+                    hint="set either the key or what is under it, not both",
+                )
+            level = child
+        level[parts[-1]] = _setting_value(text)
+    return patch
+
+
+def _setting_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a plain string: door, /dev/video0, rtsp://cam/1
+
+
+def _request_properties(reply_topic: str, request_id: str, timeout_s: float) -> Properties:
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.ResponseTopic = reply_topic
+    properties.CorrelationData = request_id.encode()
+    # The broker drops it for a device that comes back too late to answer in time.
+    properties.MessageExpiryInterval = math.ceil(timeout_s)
+    return properties
+
+
+def _await_reply(broker: BrokerConnection, request_id: str, deadline: float) -> CommandReply | None:
+    """The reply correlated with ``request_id``, or None once ``deadline`` (monotonic) passed."""
+    while (message := broker.receive(deadline - time.monotonic())) is not None:
+        correlation = getattr(message.properties, "CorrelationData", None)
+        if correlation is not None and correlation != request_id.encode():
+            continue  # someone else's reply on our topic: not ours to read
+        try:
+            return CommandReply.model_validate_json(message.payload)
+        except ValidationError as exc:
+            raise ContractBroken(
+                f"the reply on {message.topic} is not a command reply: {describe_errors(exc)}",
+                hint="the device's agent breaks the wire contract; check its version",
+            ) from exc
+    return None
+
+
+# -- what the reply says ------------------------------------------------------------------
+
+
+def _save_snapshot(reply: CommandReply, out: Path) -> bytes:
+    """Write the JPEG of a snapshot reply to ``out``; returns it."""
+    encoded = (reply.result or {}).get("jpeg_base64")
+    if not isinstance(encoded, str):
+        raise ContractBroken(
+            "the snapshot reply carries no image (result.jpeg_base64)",
+            hint="the device's agent breaks the wire contract; check its version",
+        )
+    try:
+        jpeg = base64.b64decode(encoded, validate=True)
+    except binascii.Error as exc:
+        raise ContractBroken(
+            f"the snapshot's image is not base64: {exc}",
+            hint="the device's agent breaks the wire contract; check its version",
+        ) from exc
+    try:
+        out.write_bytes(jpeg)
+    except OSError as exc:
+        raise SettingError(
+            f"cannot write {out}: {exc.strerror or exc}", hint="check --out"
+        ) from exc
+    return jpeg
+
+
+def summary(device: str, reply: CommandReply) -> str:
+    """One line for a person about a reply that is ok."""
+    result = reply.result or {}
+    describe = _SUMMARIES.get(reply.command)
+    try:
+        text = describe(result) if describe is not None else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        text = None  # a result of another shape: say what the device said
+    return f"{device} {reply.command}: {text or reply.message}"
+
+
+def _ping(result: dict[str, Any]) -> str:
+    return f"pong, agent up {_duration(float(result['uptime_s']))}"
+
+
+def _get_status(result: dict[str, Any]) -> str:
+    health = result["health"]
+    streams = ", ".join(
+        f"{name} {s['state']} {float(s['fps']):.1f} fps" for name, s in health["streams"].items()
+    )
+    return f"{streams or 'no streams'}; up {_duration(float(health['uptime_s']))}"
+
+
+def _get_config(result: dict[str, Any]) -> str:
+    config = result["config"]
+    names = ", ".join(s["name"] for s in config.get("streams", []))
+    return f"device {config['device_id']}, streams: {names or 'none'}"
+
+
+def _set_config(result: dict[str, Any]) -> str:
+    return f"written to {result['written']} and applied" if "written" in result else "applied"
+
+
+def _snapshot(result: dict[str, Any]) -> str:
+    return f"{_image(result)}; save it with --out FILE.jpg"
+
+
+def _image(result: dict[str, Any]) -> str:
+    size = len(str(result.get("jpeg_base64", ""))) * 3 // 4
+    return (
+        f"{result['stream']} {result['width']}x{result['height']} JPEG, {size / KIB:.0f} KiB "
+        f"(quality {result['quality']})"
+    )
+
+
+def _restart_stream(result: dict[str, Any]) -> str:
+    return f"stream {result['stream']} restarted"
+
+
+def _list_models(result: dict[str, Any]) -> str:
+    running = "; ".join(
+        f"{name} runs {s['running']['id']} {s['running']['version']}"
+        for name, s in result["streams"].items()
+    )
+    return f"{running or 'no streams'}; {len(result['stored'])} model(s) stored"
+
+
+def _bench_model(result: dict[str, Any]) -> str:
+    return (
+        f"{result['stream']}: p50 {float(result['latency_p50_ms']):.2f} ms, p90 "
+        f"{float(result['latency_p90_ms']):.2f} ms over {result['runs']} runs "
+        f"({result['backend']}, {result['delegate']})"
+    )
+
+
+def _rollback_model(result: dict[str, Any]) -> str:
+    return f"stream {result['stream']} rolled back to {str(result['sha256'])[:12]}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+_SUMMARIES: dict[str, Callable[[dict[str, Any]], str]] = {
+    CommandName.PING.value: _ping,
+    CommandName.GET_STATUS.value: _get_status,
+    CommandName.GET_CONFIG.value: _get_config,
+    CommandName.SET_CONFIG.value: _set_config,
+    CommandName.SNAPSHOT.value: _snapshot,
+    CommandName.RESTART_STREAM.value: _restart_stream,
+    CommandName.LIST_MODELS.value: _list_models,
+    CommandName.BENCH_MODEL.value: _bench_model,
+    CommandName.ROLLBACK_MODEL.value: _rollback_model,
+}
+
+__all__ = ["merge_patch", "register", "summary"]
