@@ -1,13 +1,17 @@
 """Which inference results become events: label and score filters, zones, intervals, tracking.
 
 Pure decisions, no I/O: no threads, no clock reads, no sockets. Every call
-receives the time it is about (a frame's capture time), so tests drive the
-filter frame by frame and a replayed recording behaves like the live camera.
+receives the times it is about: a frame's capture time (wall clock, reported
+in events) and the monotonic time every decision is made on (track ends,
+updates, intervals), so a stepped wall clock (NTP on a board without a
+real-time clock) changes nothing, tests drive the filter frame by frame, and
+a replayed recording behaves like the live camera.
 
 Threads: one ``EventFilter`` per stream and model, owned by that stream's
-infer thread, which calls ``process()`` once per inferred frame and ``flush()``
+events thread, which calls ``process()`` once per inferred frame and ``flush()``
 on an orderly shutdown or before a model swap. The class holds no lock and is
-not shared between threads.
+not shared between threads, except ``status``: a frozen value replaced whole
+after each frame, which the health thread may read.
 
 What becomes an event, per frame:
 
@@ -17,7 +21,11 @@ What becomes an event, per frame:
   continues the open track of the same label it overlaps most (greedy by IoU,
   highest first) and otherwise opens a new track: one ``start`` event, an
   ``update`` at most every ``update_interval_s``, one ``end`` once the track
-  has been unseen for ``end_after_s``. Without tracking, every passing
+  has been unseen for ``end_after_s``. Unset (the default), ``end_after_s``
+  follows the stream's measured frame interval (``end_after_frames`` of them,
+  never under 1 s), so a slow board (SSD at 0.2 fps) still sees a track again
+  before it ends; ``status`` carries a warning when explicit settings cannot
+  be met at the measured rate. Without tracking, every passing
   detection is an event, at most one per label per ``min_interval_s``;
 - classification: the best class passing the label filter and ``min_score``,
   at most one event per label per ``min_interval_s``;
@@ -35,6 +43,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -55,6 +65,14 @@ Lifecycle = Literal["start", "update", "end"]
 _EDGE_EPSILON = 1e-9
 
 _Coordinate = Annotated[float, Field(ge=0.0, le=1.0)]
+
+# The frame interval is the median of this many recent ones: one stall does not move it.
+_INTERVAL_SAMPLES = 15
+# end_after_s when unset never goes below the fixed default it replaces (right at 3 fps and up).
+MIN_AUTO_END_AFTER_S = 1.0
+# An explicit end_after_s under this many frame intervals ends tracks between two frames
+# (or at the first late one): tracking cannot work as set.
+MIN_END_AFTER_FRAMES = 1.5
 
 
 class Zone(BaseModel):
@@ -114,12 +132,21 @@ class TrackingSettings(BaseModel):
         description="A detection continues an open track of the same label when their boxes' "
         "intersection over union is at least this (0..1].",
     )
-    end_after_s: float = Field(
-        1.0,
+    end_after_s: float | None = Field(
+        None,
         gt=0.0,
         allow_inf_nan=False,
-        description="A track unseen for this many seconds ends with one 'end' event; keep it "
-        "well above the time between two inferred frames.",
+        description="A track unseen for this many seconds ends with one 'end' event. Unset: "
+        "end_after_frames times the stream's measured interval between inferred frames, and "
+        "at least 1 s (1 s at 3 fps and faster, 15 s at 0.2 fps). Set, it must stay well "
+        "above that interval; health warns when it does not.",
+    )
+    end_after_frames: float = Field(
+        3.0,
+        gt=1.0,
+        allow_inf_nan=False,
+        description="When end_after_s is unset, a track ends once unseen for this many frame "
+        "intervals (so an object missed in one or two frames keeps its track).",
     )
     update_interval_s: float = Field(
         10.0,
@@ -133,7 +160,8 @@ class TrackingSettings(BaseModel):
         ge=1,
         description="A track starts (its 'start' event) once seen in this many frames; an "
         "object that flickers in and out for fewer frames makes no event at all (1 = start "
-        "on the first sighting).",
+        "on the first sighting). Counted in frames, it scales with the frame rate by itself: "
+        "at 0.2 fps a track starts once the object was in view for 10 s.",
     )
 
 
@@ -202,6 +230,18 @@ class EventDraft:
     event that is when the object was last seen, which ``capture_ts`` is not."""
 
 
+@dataclass(frozen=True)
+class TrackingStatus:
+    """How tracking runs at the stream's measured rate, for health."""
+
+    frame_interval_s: float | None = None
+    """Median time between recent frames (monotonic clock); None before two frames."""
+    end_after_s: float = MIN_AUTO_END_AFTER_S
+    """The end_after_s in effect: the configured one, or the one that follows the rate."""
+    warning: str | None = None
+    """Why the tracking settings cannot be met at the measured rate; None when they can."""
+
+
 @dataclass
 class _Track:
     track_id: int
@@ -210,7 +250,8 @@ class _Track:
     zones: tuple[str, ...]
     first_seen_ts: float
     last_seen_ts: float
-    last_event_ts: float
+    last_seen_at: float  # the decision clock (monotonic) from here on
+    last_event_at: float
     hits: int = 1
     confirmed: bool = False
 
@@ -238,26 +279,40 @@ class EventFilter:
         self._tracks: list[_Track] = []
         self._track_ids = itertools.count(1)
         self._last_emitted: dict[tuple[EventKind, str | None], float] = {}
-        self._latest_ts: float | None = None
+        self._latest_at: float | None = None
+        self._intervals: deque[float] = deque(maxlen=_INTERVAL_SAMPLES)
+        self.status = self._status(None)
+        """Replaced whole after each frame; any thread may read it."""
 
-    def process(self, results: Sequence[Result], capture_ts: float) -> list[EventDraft]:
-        """The events of one frame's ``results``, captured at ``capture_ts`` (seconds)."""
+    def process(
+        self, results: Sequence[Result], capture_ts: float, monotonic_ts: float | None = None
+    ) -> list[EventDraft]:
+        """The events of one frame's ``results``, captured at ``capture_ts`` (Unix seconds).
+
+        ``monotonic_ts`` is the frame's time on the monotonic clock, which every decision
+        uses; it defaults to ``capture_ts`` (a replayed recording, tests).
+        """
+        now = capture_ts if monotonic_ts is None else monotonic_ts
         events: list[EventDraft] = []
-        if self._latest_ts is not None and capture_ts < self._latest_ts:
+        if self._latest_at is not None and now < self._latest_at:
             log.debug(
-                "capture time went back from %s to %s: ending %d tracks",
-                self._latest_ts,
-                capture_ts,
+                "frame time went back from %s to %s: ending %d tracks",
+                self._latest_at,
+                now,
                 len(self._tracks),
             )
             events.extend(self.flush(capture_ts))
             self._last_emitted.clear()
-        self._latest_ts = capture_ts
+            self._intervals.clear()
+        elif self._latest_at is not None:
+            self._intervals.append(now - self._latest_at)
+        self._latest_at = now
+        self.status = self._status(statistics.median(self._intervals) if self._intervals else None)
         frame = _split(results)
-        events.extend(self._detection_events(frame.detections, capture_ts))
-        events.extend(self._classification_events(frame.classifications, capture_ts))
-        events.extend(self._pose_events(frame.keypoints, capture_ts))
-        events.extend(self._raw_events(frame.raw, capture_ts))
+        events.extend(self._detection_events(frame.detections, capture_ts, now))
+        events.extend(self._classification_events(frame.classifications, capture_ts, now))
+        events.extend(self._pose_events(frame.keypoints, capture_ts, now))
+        events.extend(self._raw_events(frame.raw, capture_ts, now))
         return events
 
     def flush(self, now_ts: float) -> list[EventDraft]:
@@ -266,12 +321,33 @@ class EventFilter:
         self._tracks.clear()
         return events
 
+    # Tracking at the measured rate
+
+    def _status(self, interval_s: float | None) -> TrackingStatus:
+        tracking = self._settings.tracking
+        if tracking.end_after_s is not None:
+            end_after_s = tracking.end_after_s
+        elif interval_s is None:
+            end_after_s = MIN_AUTO_END_AFTER_S
+        else:
+            end_after_s = max(MIN_AUTO_END_AFTER_S, tracking.end_after_frames * interval_s)
+        warning = None
+        if (
+            tracking.enabled
+            and interval_s is not None
+            and end_after_s < MIN_END_AFTER_FRAMES * interval_s
+        ):
+            warning = _unmet_warning(tracking, end_after_s, interval_s)
+        return TrackingStatus(interval_s, end_after_s, warning)
+
     # Detections
 
-    def _detection_events(self, detections: list[Detection], ts: float) -> list[EventDraft]:
+    def _detection_events(
+        self, detections: list[Detection], ts: float, now: float
+    ) -> list[EventDraft]:
         passing = [p for p in map(self._passing, detections) if p is not None]
         if self._settings.tracking.enabled:
-            return self._tracked_events(passing, ts)
+            return self._tracked_events(passing, ts, now)
         passing.sort(key=lambda p: p.detection.score, reverse=True)
         return [
             _untracked(
@@ -283,7 +359,7 @@ class EventFilter:
                 zones=p.zones,
             )
             for p in passing
-            if self._gate("detection", p.detection.label, ts)
+            if self._gate("detection", p.detection.label, now)
         ]
 
     def _passing(self, detection: Detection) -> _Passing | None:
@@ -296,17 +372,18 @@ class EventFilter:
         zones = tuple(zone.name for zone in self._settings.zones if zone.contains(x, y))
         return _Passing(detection, zones) if zones else None
 
-    def _tracked_events(self, passing: list[_Passing], ts: float) -> list[EventDraft]:
-        events = self._end_unseen_tracks(ts)
+    def _tracked_events(self, passing: list[_Passing], ts: float, now: float) -> list[EventDraft]:
+        events = self._end_unseen_tracks(ts, now)
         matched, unmatched = self._match(passing)
         update_interval_s = self._settings.tracking.update_interval_s
         for track, seen in matched:
-            track.detection, track.zones, track.last_seen_ts = seen.detection, seen.zones, ts
+            track.detection, track.zones = seen.detection, seen.zones
+            track.last_seen_ts, track.last_seen_at = ts, now
             track.hits += 1
             if not track.confirmed:
-                events.extend(self._confirm_if_seen_enough(track, ts))
-            elif update_interval_s > 0 and ts - track.last_event_ts >= update_interval_s:
-                track.last_event_ts = ts
+                events.extend(self._confirm_if_seen_enough(track, ts, now))
+            elif update_interval_s > 0 and now - track.last_event_at >= update_interval_s:
+                track.last_event_at = now
                 events.append(self._track_event(track, "update", ts))
         for seen in unmatched:
             track = _Track(
@@ -316,27 +393,28 @@ class EventFilter:
                 zones=seen.zones,
                 first_seen_ts=ts,
                 last_seen_ts=ts,
-                last_event_ts=ts,
+                last_seen_at=now,
+                last_event_at=now,
             )
             self._tracks.append(track)
-            events.extend(self._confirm_if_seen_enough(track, ts))
+            events.extend(self._confirm_if_seen_enough(track, ts, now))
         return events
 
-    def _confirm_if_seen_enough(self, track: _Track, ts: float) -> list[EventDraft]:
+    def _confirm_if_seen_enough(self, track: _Track, ts: float, now: float) -> list[EventDraft]:
         if track.hits < self._settings.tracking.min_hits:
             return []
         track.confirmed = True
         track.track_id = next(self._track_ids)
-        track.last_event_ts = ts
+        track.last_event_at = now
         log.debug("track %d (%s) started", track.track_id, track.label)
         return [self._track_event(track, "start", ts)]
 
-    def _end_unseen_tracks(self, ts: float) -> list[EventDraft]:
-        end_after_s = self._settings.tracking.end_after_s
-        ended = [t for t in self._tracks if ts - t.last_seen_ts >= end_after_s]
+    def _end_unseen_tracks(self, ts: float, now: float) -> list[EventDraft]:
+        end_after_s = self.status.end_after_s
+        ended = [t for t in self._tracks if now - t.last_seen_at >= end_after_s]
         if not ended:
             return []
-        self._tracks = [t for t in self._tracks if ts - t.last_seen_ts < end_after_s]
+        self._tracks = [t for t in self._tracks if now - t.last_seen_at < end_after_s]
         # A track never confirmed was a flicker: it ends as silently as it began.
         return [self._track_event(track, "end", ts) for track in ended if track.confirmed]
 
@@ -383,7 +461,7 @@ class EventFilter:
     # Classification, pose, raw
 
     def _classification_events(
-        self, classifications: list[Classification], ts: float
+        self, classifications: list[Classification], ts: float, now: float
     ) -> list[EventDraft]:
         passing = sorted(
             (
@@ -394,21 +472,21 @@ class EventFilter:
             key=lambda c: c.score,
             reverse=True,
         )
-        if not passing or not self._gate("classification", passing[0].label, ts):
+        if not passing or not self._gate("classification", passing[0].label, now):
             return []
         top = passing[0]
         return [_untracked("classification", tuple(passing), ts, label=top.label, score=top.score)]
 
-    def _pose_events(self, keypoints: list[Keypoint], ts: float) -> list[EventDraft]:
+    def _pose_events(self, keypoints: list[Keypoint], ts: float, now: float) -> list[EventDraft]:
         if not keypoints:
             return []
         mean_score = sum(k.score for k in keypoints) / len(keypoints)
-        if mean_score < self._settings.min_score or not self._gate("pose", None, ts):
+        if mean_score < self._settings.min_score or not self._gate("pose", None, now):
             return []
         return [_untracked("pose", tuple(keypoints), ts, score=mean_score)]
 
-    def _raw_events(self, tensors: list[RawTensor], ts: float) -> list[EventDraft]:
-        if not tensors or not self._gate("raw", None, ts):
+    def _raw_events(self, tensors: list[RawTensor], ts: float, now: float) -> list[EventDraft]:
+        if not tensors or not self._gate("raw", None, now):
             return []
         return [_untracked("raw", tuple(tensors), ts)]
 
@@ -417,16 +495,33 @@ class EventFilter:
     def _label_wanted(self, label: str) -> bool:
         return self._labels is None or label in self._labels
 
-    def _gate(self, kind: EventKind, label: str | None, ts: float) -> bool:
-        """Whether an untracked ``kind``/``label`` event may go out at ``ts``; if so, note it."""
+    def _gate(self, kind: EventKind, label: str | None, now: float) -> bool:
+        """Whether an untracked ``kind``/``label`` event may go out at ``now``; if so, note it."""
         interval_s = self._settings.min_interval_s
         if interval_s <= 0:
             return True
         last = self._last_emitted.get((kind, label))
-        if last is not None and ts - last < interval_s:
+        if last is not None and now - last < interval_s:
             return False
-        self._last_emitted[(kind, label)] = ts
+        self._last_emitted[(kind, label)] = now
         return True
+
+
+def _unmet_warning(tracking: TrackingSettings, end_after_s: float, interval_s: float) -> str:
+    """Why ``end_after_s`` cannot work at ``interval_s`` between frames, and what to do."""
+    if tracking.min_hits > 1:
+        outcome = (
+            f"so no track is seen min_hits ({tracking.min_hits}) times and no detection "
+            "becomes an event"
+        )
+    else:
+        outcome = "so every sighting is a track of its own (a start and an end per frame)"
+    return (
+        f"tracking.end_after_s {end_after_s:g} s cannot be met at this stream's rate "
+        f"({interval_s:.2g} s between frames): a track ends before the next frame can continue "
+        f"it, {outcome}; unset end_after_s so it follows the frame rate, or set it to "
+        f"{MIN_END_AFTER_FRAMES * interval_s:.2g} s or more"
+    )
 
 
 def _untracked(

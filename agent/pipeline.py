@@ -67,6 +67,7 @@ class _Results:
 
     results: list[Any]
     capture_ts: float
+    taken_at: float  # monotonic: when inference took the frame, what tracking decides on
     inference_ts: float
     inference_ms: float
     model: ModelRef
@@ -193,6 +194,7 @@ class StreamRunner:
         self._pending: LoadedModel | None = None
         self._swapped = threading.Event()
         self._filter = EventFilter(settings.events)
+        self._warned: str | None = None  # the tracking warning last logged (events thread)
         self._slot = FrameSlot()
         self._source = make_source(settings.source)
         inputs = self.predictor.engine.inputs[0].shape
@@ -218,6 +220,11 @@ class StreamRunner:
         """The most recent frame the source delivered (for snapshots and validation)."""
         frame = self.capture.last_frame
         return frame.pixels.copy() if frame is not None else None
+
+    @property
+    def _tracks_detections(self) -> bool:
+        """Tracking applies: the model detects (its warnings mean nothing otherwise)."""
+        return self.model.task == TaskName.DETECTION.value
 
     @property
     def captured_by_model(self) -> int:
@@ -313,6 +320,8 @@ class StreamRunner:
         recent = [t for t in tuple(self._done_at) if now - t <= _FPS_WINDOW_S]
         fps = len(recent) / _FPS_WINDOW_S
         latency, inference = self.latency.percentiles(), self.inference.percentiles()
+        tracking = self._filter.status
+        interval_s = tracking.frame_interval_s
         return StreamHealth(
             state=stats.state,
             captured=stats.captured,
@@ -328,6 +337,8 @@ class StreamRunner:
             inference_p99_ms=inference["p99_ms"],
             source_failures=stats.failures,
             last_error=c.last_error or stats.last_error,
+            frame_interval_s=None if interval_s is None else round(interval_s, 3),
+            warnings=[tracking.warning] if self._tracks_detections and tracking.warning else [],
         )
 
     # -- the infer-<stream> thread ---------------------------------------------
@@ -339,6 +350,7 @@ class StreamRunner:
             frame = self._slot.get(_FRAME_WAIT_S)
             if frame is None:
                 continue
+            taken_at = time.monotonic()
             stats = self.model_stats
             try:
                 prediction = self.predictor.predict(frame.pixels)
@@ -352,7 +364,12 @@ class StreamRunner:
             stats.processed += 1
             stats.inference.add(prediction.latency_ms)
             handed = _Results(
-                prediction.results, frame.capture_ts, done, prediction.latency_ms, self.model
+                prediction.results,
+                frame.capture_ts,
+                taken_at,
+                done,
+                prediction.latency_ms,
+                self.model,
             )
             while not self._stop.is_set():
                 try:
@@ -375,7 +392,8 @@ class StreamRunner:
                 continue  # stop() ends this thread with a None after the last result
             if item is None:
                 return
-            drafts = self._filter.process(item.results, item.capture_ts)
+            drafts = self._filter.process(item.results, item.capture_ts, item.taken_at)
+            self._log_tracking_warning()
             if drafts:
                 self._emit(
                     drafts,
@@ -383,6 +401,12 @@ class StreamRunner:
                     inference_ms=item.inference_ms,
                     model=item.model,
                 )
+
+    def _log_tracking_warning(self) -> None:  # events thread
+        warning = self._filter.status.warning if self._tracks_detections else None
+        if warning is not None and self._warned is None:  # once: its figures may wobble
+            log.warning("stream %s: %s", self.name, warning, extra={"stream": self.name})
+        self._warned = warning
 
     def _failed(self, exc: EdgefleetError) -> None:
         c = self._counters

@@ -235,6 +235,17 @@ class StreamHealth(_Frozen):
     inference_p99_ms: float | None = Field(None, description="Invoke time, 99th percentile.")
     source_failures: int = Field(description="Source outages since start.")
     last_error: str | None = Field(None, description="Most recent source or inference error.")
+    frame_interval_s: float | None = Field(
+        None,
+        description="Median time between recent inferred frames (monotonic clock); tracking's "
+        "end_after_s follows it when unset.",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Settings that cannot work at the measured rate, each with what to do: "
+        "tracking.end_after_s shorter than the time between frames ends every track before "
+        "it is confirmed, so no detection becomes an event.",
+    )
 
 
 class OutboxHealth(_Frozen):

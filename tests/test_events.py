@@ -24,6 +24,8 @@ FPS = 30.0
 UNTRACKED = TrackingSettings(enabled=False)
 # Start on the first sighting, so each test sees its track at once (min_hits has its own tests).
 IMMEDIATE = TrackingSettings(min_hits=1)
+# The same with a fixed end_after_s, for tests whose few frames would otherwise set the rate.
+IMMEDIATE_END_1S = TrackingSettings(min_hits=1, end_after_s=1.0)
 # A person-shaped box in the middle of the frame, for tests where its place is beside the point.
 STANDING_BOX = (0.2, 0.4, 0.8, 0.6)
 
@@ -261,7 +263,7 @@ def test_matching_takes_the_highest_overlap_first() -> None:
 
 
 def test_object_back_within_end_after_s_keeps_its_track() -> None:
-    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))  # ends after 1 s
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE_END_1S))
 
     events = run(event_filter, [([person()], 0.0), ([], 0.5), ([person()], 0.9)])
 
@@ -269,7 +271,7 @@ def test_object_back_within_end_after_s_keeps_its_track() -> None:
 
 
 def test_object_back_after_end_after_s_is_a_new_track() -> None:
-    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))  # ends after 1 s
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE_END_1S))
 
     events = run(event_filter, [([person()], 0.0), ([person()], 1.5)])
 
@@ -277,7 +279,7 @@ def test_object_back_after_end_after_s_is_a_new_track() -> None:
 
 
 def test_end_event_carries_the_last_detection_and_when_it_was_seen() -> None:
-    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE_END_1S))
     last = person(span(0.05, 0.35), score=0.7)
     run(event_filter, [([person(span(0.0, 0.3))], 10.0), ([last], 10.5)])
 
@@ -289,7 +291,7 @@ def test_end_event_carries_the_last_detection_and_when_it_was_seen() -> None:
 
 def test_object_leaving_every_zone_ends_its_track() -> None:
     door = Zone(name="door", polygon=[(0.0, 0.0), (0.5, 0.0), (0.5, 1.0), (0.0, 1.0)])
-    event_filter = EventFilter(EventFilterSettings(zones=[door], tracking=IMMEDIATE))
+    event_filter = EventFilter(EventFilterSettings(zones=[door], tracking=IMMEDIATE_END_1S))
     inside, outside = standing_at(0.45, 0.9), standing_at(0.55, 0.9)
 
     events = run(event_filter, [([inside], 0.0), ([outside], 0.5), ([outside], 1.0)])
@@ -312,6 +314,135 @@ def test_flush_ends_every_open_track() -> None:
         (2, "end", 0.1),
     ]
     assert after == []
+
+
+# Tracking on a slow board: the defaults follow the measured frame interval
+
+SLOW_INTERVAL_S = 5.0  # SSD on an emulated board: 0.2 fps
+WALL_T0 = 1_790_000_000.0  # capture times are Unix seconds; decisions run on the monotonic clock
+
+
+def slow_frames(
+    seen: list[bool], *, mono_t0: float = 1000.0
+) -> list[tuple[list[Result], float, float]]:
+    """(results, capture time, monotonic time) every 5 s; a person where ``seen`` says so."""
+    return [
+        (
+            [person()] if present else [],
+            WALL_T0 + i * SLOW_INTERVAL_S,
+            mono_t0 + i * SLOW_INTERVAL_S,
+        )
+        for i, present in enumerate(seen)
+    ]
+
+
+def run_timed(
+    event_filter: EventFilter, frames: Iterable[tuple[Sequence[Result], float, float]]
+) -> list[EventDraft]:
+    """Every event of ``frames``, each (results, capture time, monotonic time), in order."""
+    return [e for results, ts, mono in frames for e in event_filter.process(results, ts, mono)]
+
+
+def test_at_0_2_fps_the_default_tracking_still_makes_events() -> None:
+    event_filter = EventFilter(EventFilterSettings())  # min_hits 3, end_after_s unset
+    frames = slow_frames([True] * 4 + [False] * 4)
+
+    events = run_timed(event_filter, frames)
+
+    assert lifecycles(events) == [(1, "start"), (1, "end")]
+    start, end = events
+    assert start.capture_ts == WALL_T0 + 2 * SLOW_INTERVAL_S  # the third sighting
+    assert start.first_seen_ts == WALL_T0
+    assert end.last_seen_ts == WALL_T0 + 3 * SLOW_INTERVAL_S
+    assert end.capture_ts == WALL_T0 + 6 * SLOW_INTERVAL_S  # unseen for 3 intervals
+    assert event_filter.status.frame_interval_s == SLOW_INTERVAL_S
+    assert event_filter.status.end_after_s == 3 * SLOW_INTERVAL_S
+    assert event_filter.status.warning is None
+
+
+def test_at_0_2_fps_the_old_fixed_end_after_s_makes_no_event_and_says_why() -> None:
+    tracking = TrackingSettings(end_after_s=1.0)  # the default before it followed the rate
+    event_filter = EventFilter(EventFilterSettings(tracking=tracking))
+
+    events = run_timed(event_filter, slow_frames([True] * 8))
+
+    assert events == []
+    warning = event_filter.status.warning
+    assert warning is not None
+    assert "tracking.end_after_s 1 s cannot be met" in warning
+    assert "5 s between frames" in warning
+    assert "no track is seen min_hits (3) times" in warning
+    assert "7.5 s or more" in warning
+
+
+def test_with_min_hits_1_the_warning_says_every_sighting_is_its_own_track() -> None:
+    tracking = TrackingSettings(end_after_s=1.0, min_hits=1)
+    event_filter = EventFilter(EventFilterSettings(tracking=tracking))
+
+    events = run_timed(event_filter, slow_frames([True] * 3))
+
+    assert lifecycles(events) == [(1, "start"), (1, "end"), (2, "start"), (2, "end"), (3, "start")]
+    assert event_filter.status.warning is not None
+    assert "every sighting is a track of its own" in event_filter.status.warning
+
+
+def test_tracking_settings_that_fit_the_rate_raise_no_warning() -> None:
+    cases = {
+        "30 fps, defaults": (EventFilterSettings(), 1 / FPS),
+        "30 fps, end after 1 s": (EventFilterSettings(tracking=IMMEDIATE_END_1S), 1 / FPS),
+        "0.2 fps, end after 8 s": (
+            EventFilterSettings(tracking=TrackingSettings(end_after_s=8.0)),
+            SLOW_INTERVAL_S,
+        ),
+        "0.2 fps, untracked": (EventFilterSettings(tracking=UNTRACKED), SLOW_INTERVAL_S),
+    }
+    for what, (filter_settings, interval_s) in cases.items():
+        event_filter = EventFilter(filter_settings)
+        for i in range(5):
+            event_filter.process([person()], i * interval_s, i * interval_s)
+
+        assert event_filter.status.warning is None, what
+
+
+def test_end_after_s_unset_is_three_frame_intervals_and_at_least_one_second() -> None:
+    fast, slow = EventFilter(EventFilterSettings()), EventFilter(EventFilterSettings())
+    for i in range(10):
+        fast.process([], i / FPS)
+        slow.process([], i * SLOW_INTERVAL_S)
+
+    assert fast.status.end_after_s == 1.0
+    assert slow.status.end_after_s == 15.0
+
+
+def test_one_stall_does_not_move_the_measured_interval() -> None:
+    event_filter = EventFilter(EventFilterSettings())
+    times = [i * 0.5 for i in range(10)] + [4.5 + 20.0] + [25.0 + i * 0.5 for i in range(1, 5)]
+    for t in times:
+        event_filter.process([], t)
+
+    assert event_filter.status.frame_interval_s == 0.5
+
+
+def test_tracking_follows_the_monotonic_clock_when_the_wall_clock_steps() -> None:
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))
+    # The wall clock steps back an hour (NTP on a board without a real-time clock) mid-track.
+    frames = [([person()], WALL_T0 + i / FPS, 50.0 + i / FPS) for i in range(30)]
+    frames += [([person()], WALL_T0 - 3600 + i / FPS, 51.0 + i / FPS) for i in range(30)]
+
+    events = run_timed(event_filter, frames)
+    ends = event_filter.flush(WALL_T0)
+
+    assert lifecycles(events + ends) == [(1, "start"), (1, "end")]
+    assert ends[0].first_seen_ts == WALL_T0  # reported in wall-clock time
+    assert ends[0].last_seen_ts == WALL_T0 - 3600 + 29 / FPS
+
+
+def test_monotonic_time_going_back_ends_open_tracks() -> None:
+    event_filter = EventFilter(EventFilterSettings(tracking=IMMEDIATE))
+
+    events = run_timed(event_filter, [([person()], WALL_T0, 100.0), ([person()], WALL_T0, 5.0)])
+
+    assert lifecycles(events) == [(1, "start"), (1, "end"), (2, "start")]
 
 
 def test_capture_time_going_back_ends_open_tracks() -> None:
@@ -461,7 +592,7 @@ _frames = st.lists(
 _tracking = st.builds(
     TrackingSettings,
     iou_threshold=st.sampled_from([0.1, 0.3, 0.7]),
-    end_after_s=st.sampled_from([0.1, 1.0]),
+    end_after_s=st.sampled_from([None, 0.1, 1.0]),
     update_interval_s=st.sampled_from([0.0, 0.5]),
     min_hits=st.sampled_from([1, 3]),
 )
