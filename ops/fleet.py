@@ -316,7 +316,14 @@ def _manifest_from(args: argparse.Namespace) -> Manifest:
 
 
 def _tensor_spec(tensor: TensorInfo) -> TensorSpec:
-    return TensorSpec(shape=tensor.shape, dtype=tensor.dtype)
+    """What the manifest promises about ``tensor``, from the model file alone.
+
+    A tensor the file gives no shape (the outputs of TFLite_Detection_PostProcess: the op
+    sets them at run time) is written with shape null, which the device checks by dtype
+    only. Not the shape an interpreter here would allocate: that needs the model to load on
+    this machine (an Edge TPU model does not), and an op may resize its outputs per invoke.
+    """
+    return TensorSpec(shape=tensor.shape or None, dtype=tensor.dtype)
 
 
 def _utc(ts: float) -> str:
