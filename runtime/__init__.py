@@ -1,6 +1,6 @@
 """Everything about running a .tflite model: backends, delegates, inspection, tasks, benchmarks."""
 
-from .backends import BACKEND_ENV, Backend, BackendName, select_backend
+from .backends import BACKEND_ENV, Backend, BackendName, explain_import_failure, select_backend
 from .bench import BenchResult, bench
 from .delegates import (
     CpuDelegate,
@@ -27,6 +27,7 @@ from .errors import (
     ModelNotFound,
     NotATFLiteModel,
     SettingError,
+    SystemTooOld,
     TensorAllocationFailed,
     UnresolvedCustomOp,
     UnsupportedModel,
@@ -34,6 +35,7 @@ from .errors import (
 from .images import load_image
 from .labels import Labels
 from .modelfile import ModelBytes, ModelInfo, TensorInfo, inspect_model, read_model
+from .platforms import InterpreterFacts, RuntimeChoice, choose_runtime
 from .predictor import RESULT_KEYS, Prediction, Predictor
 from .preprocess import Preprocessor, ResizeMode, Transform
 from .tasks import Classification, Detection, Keypoint, RawTensor, TaskName, detect_task
@@ -61,6 +63,7 @@ __all__ = [
     "InferenceFailed",
     "InputError",
     "InputMismatch",
+    "InterpreterFacts",
     "Keypoint",
     "Labels",
     "LabelsError",
@@ -75,7 +78,9 @@ __all__ = [
     "Preprocessor",
     "RawTensor",
     "ResizeMode",
+    "RuntimeChoice",
     "SettingError",
+    "SystemTooOld",
     "TaskName",
     "TensorAllocationFailed",
     "TensorInfo",
@@ -83,7 +88,9 @@ __all__ = [
     "UnresolvedCustomOp",
     "UnsupportedModel",
     "bench",
+    "choose_runtime",
     "detect_task",
+    "explain_import_failure",
     "inspect_model",
     "load_image",
     "parse_delegate",

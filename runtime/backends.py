@@ -4,12 +4,19 @@ LiteRT (``ai_edge_litert``) is the maintained successor and much faster on
 quantized models (XNNPACK for uint8/int8 ops). ``tflite_runtime`` is what older
 Coral images ship and what some libedgetpu builds are linked against, so it
 stays selectable. The choice is made once per process unless forced per call.
+
+Which backend a machine can install at all is :mod:`.platforms`'s decision; this module only
+imports what is installed. An installed backend whose libraries the dynamic loader refuses
+(LiteRT's aarch64 wheel on an OS older than bookworm: ``version `GLIBC_2.34' not found``) is
+reported by :func:`explain_import_failure` as :class:`SystemTooOld`, naming the oldest OS it
+loads on, not as the loader's message alone.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
@@ -17,7 +24,8 @@ from importlib import metadata
 from types import ModuleType
 from typing import Any
 
-from .errors import BackendUnavailable, SettingError
+from .errors import BackendUnavailable, SettingError, SystemTooOld
+from .platforms import MINIMUM_OS, InterpreterFacts, choose_runtime
 
 BACKEND_ENV = "EDGEFLEET_BACKEND"
 
@@ -35,9 +43,20 @@ _MODULES = {
     BackendName.TFLITE_RUNTIME: ("tflite_runtime.interpreter", "tflite-runtime"),
 }
 _INSTALL_HINTS = {
-    BackendName.LITERT: "pip install ai-edge-litert",
+    BackendName.LITERT: "pip install 'edgefleet[litert]'",
     BackendName.TFLITE_RUNTIME: "pip install 'edgefleet[tflite-runtime]' (needs numpy<2)",
 }
+_TOO_OLD_HINTS = {
+    BackendName.LITERT: f"LiteRT's libraries load on {MINIMUM_OS} or newer (glibc 2.34, "
+    "GCC 12's libstdc++): upgrade the OS, or on Python 3.11 or older use "
+    + _INSTALL_HINTS[BackendName.TFLITE_RUNTIME],
+    BackendName.TFLITE_RUNTIME: "reinstall it so pip picks the wheel built for this system: "
+    "pip install --force-reinstall 'edgefleet[tflite-runtime]'",
+}
+# The dynamic loader's "/lib/.../libc.so.6: version `GLIBC_2.34' not found (required by X)".
+_MISSING_VERSION = re.compile(
+    r"(?P<library>\S+): version [`']?(?P<version>GLIBC(?:XX)?_[0-9.]+)'? not found"
+)
 
 
 @dataclass(frozen=True)
@@ -72,16 +91,44 @@ def _parse_name(value: str, source: str) -> BackendName:
         ) from None
 
 
+def explain_import_failure(name: BackendName, exc: ImportError | OSError) -> BackendUnavailable:
+    """The error to raise for a backend whose import failed with ``exc``.
+
+    A symbol version the dynamic loader did not find (glibc, libstdc++) becomes
+    :class:`SystemTooOld` naming the oldest OS the backend loads on; anything else says the
+    backend is not importable and how to install it.
+    """
+    missing = _MISSING_VERSION.search(str(exc))
+    if missing is None:
+        return BackendUnavailable(
+            f"backend {name.value} is not importable ({exc})", hint=_INSTALL_HINTS[name]
+        )
+    version = missing["version"]
+    library = "libstdc++" if version.startswith("GLIBCXX") else "the C library (glibc)"
+    return SystemTooOld(
+        f"backend {name.value} is installed but cannot load on this system: its libraries "
+        f"need {version}, which {library} here lacks ({missing['library']})",
+        missing=version,
+        hint=_TOO_OLD_HINTS[name],
+    )
+
+
 @cache
 def _import(name: BackendName) -> Backend:
     module_name, dist = _MODULES[name]
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BackendUnavailable(
-            f"backend {name.value} is not importable ({exc})", hint=_INSTALL_HINTS[name]
-        ) from exc
+    except (ImportError, OSError) as exc:
+        raise explain_import_failure(name, exc) from exc
     return Backend(name=name, version=metadata.version(dist), module=module)
+
+
+def _install_hint() -> str:
+    """What to install on this machine, from :func:`.platforms.choose_runtime`."""
+    choice = choose_runtime(InterpreterFacts.of_this_interpreter())
+    if choice.backend is None:
+        return choice.reason
+    return _INSTALL_HINTS[BackendName(choice.backend)]
 
 
 def select_backend(preferred: BackendName | str | None = None) -> Backend:
@@ -100,6 +147,5 @@ def select_backend(preferred: BackendName | str | None = None) -> Backend:
             failures.append(exc.message)
     raise BackendUnavailable(
         "no TensorFlow Lite interpreter is installed (" + "; ".join(failures) + ")",
-        hint=f"{_INSTALL_HINTS[BackendName.LITERT]} (64-bit boards), or "
-        f"{_INSTALL_HINTS[BackendName.TFLITE_RUNTIME]}",
+        hint=_install_hint(),
     )

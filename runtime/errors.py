@@ -21,6 +21,7 @@ what to do about it; the CLI prints both and no traceback.
     ├── SettingError                   a setting or option is invalid (bad input)
     └── EnvironmentProblem             this machine lacks something (our environment)
         ├── BackendUnavailable         no LiteRT / tflite-runtime importable
+        │   └── SystemTooOld           installed, but its libraries need a newer OS (glibc)
         ├── DelegateUnavailable        delegate library missing or failing to load
         └── InferenceFailed            the interpreter failed while running
 
@@ -154,6 +155,15 @@ class EnvironmentProblem(EdgefleetError):
 
 class BackendUnavailable(EnvironmentProblem):
     """No usable TFLite interpreter backend is installed."""
+
+
+class SystemTooOld(BackendUnavailable):
+    """A backend is installed but its libraries need a newer glibc or libstdc++ than this OS has."""
+
+    def __init__(self, message: str, *, missing: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.missing = missing
+        """The symbol version the dynamic loader did not find, e.g. ``GLIBC_2.34``."""
 
 
 class DelegateUnavailable(EnvironmentProblem):
