@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import subprocess
@@ -9,18 +10,25 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
+from agentproc import AgentProcess
 from broker import Mosquitto, MqttProbe, free_port
 from conftest import Assets
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from fleet import DEVICE, SMALL, STREAM, Fleet, agent_config, device_probe, variant, video
+from httpserver import ModelServer
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from PIL import Image
 
 from edgefleet.agent.protocol import (
     COMMAND_ARGS,
@@ -543,3 +551,209 @@ def test_manifest_verify_of_an_expired_manifest_prints_it_and_exits_3(tmp_path: 
 
     assert_clean_failure(result, 3, "the signature verifies, but it expired")
     assert "EXPIRED" in result.stdout
+
+
+# -- deploy and cmd against a real agent ------------------------------------------------------
+#
+# One agent for the module (starting one per test would cost the suite minutes): stream
+# 'cam' runs the small classifier, then version 10 of it deployed with the CLI. The last two
+# tests change the device for good (a rollback, then the agent stopped) and come last.
+
+
+@dataclass
+class Device:
+    """A real agent on a real broker, with version 10 of its classifier deployed by the CLI."""
+
+    broker: Mosquitto
+    agent: AgentProcess
+    fleet: Fleet
+    content: bytes
+    v10: Path
+    workdir: Path
+
+    def cli(self, *args: object) -> subprocess.CompletedProcess[str]:
+        """``edgefleet`` with this broker's options."""
+        return edgefleet(*args, "--host", self.broker.host, "--port", self.broker.port)
+
+    def manifest(self, version: int, padding: int, *extra: object) -> Path:
+        """A release of the classifier (``padding`` bytes more: another sha256), signed by
+        the CLI with the key the device trusts, its model served over HTTP."""
+        content = variant(self.content, padding)
+        name = f"classifier-{version}-{padding}.tflite"
+        (self.workdir / name).write_bytes(content)
+        url = self.fleet.server.add(name, content)
+        out = self.workdir / f"{name}.json"
+        created = edgefleet(
+            "manifest", "create", self.workdir / name, "--model-id", "classifier",
+            "--version", version, "--url", url, "--key", self.fleet.private_path, "--out", out,
+            *extra,
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        return out
+
+    def desired(self) -> DesiredState:
+        """The retained desired state now."""
+        held = retained_on(self.broker, Topics(DEVICE).desired)
+        assert held is not None
+        return DesiredState.model_validate_json(held)
+
+
+@pytest.fixture(scope="module")
+def device(
+    assets: Assets, mosquitto_binary: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Device]:
+    workdir = tmp_path_factory.mktemp("cli-device")
+    content = assets.model(SMALL).read_bytes()
+    with Mosquitto(workdir / "broker") as broker, ModelServer() as server:
+        probe = device_probe(broker)
+        fleet = Fleet(workdir / "keys", server, probe, DEVICE)
+        config = agent_config(workdir, broker.port, assets.model(SMALL), video(assets))
+        with AgentProcess(workdir / "agent", config) as agent:
+            probe.wait_until(fleet.reported, "the device's first reported state", 60)
+            device = Device(broker, agent, fleet, content, Path(), workdir)
+            device.v10 = device.manifest(10, 10)
+            deployed = device.cli("deploy", DEVICE, STREAM, device.v10)
+            assert deployed.returncode == 0, deployed.stderr
+            fleet.wait_for_update(STREAM, 10, {"committed"}, timeout_s=90)
+            yield device
+        probe.disconnect()
+
+
+def test_deploy_to_a_real_device_says_which_revision_it_set(device: Device) -> None:
+    reported = device.fleet.reported()
+    assert reported is not None
+    assert reported.models[STREAM].version == "10"
+    assert device.desired().models[STREAM] == SignedManifest.model_validate_json(
+        device.v10.read_text()
+    )
+
+
+def test_deploy_to_a_stream_the_device_does_not_run_is_refused_and_changes_nothing(
+    device: Device,
+) -> None:
+    before = device.desired()
+
+    result = device.cli("deploy", DEVICE, "attic", device.v10)
+
+    assert_clean_failure(result, 3, f"{DEVICE} does not run stream 'attic' (its streams: cam)")
+    assert device.desired() == before
+
+
+def test_forced_deploy_to_a_stream_not_run_warns_and_undeploy_removes_the_entry(
+    device: Device,
+) -> None:
+    forced = device.cli("deploy", DEVICE, "attic", device.v10, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "warning: forced despite: dev-ota does not run stream 'attic'" in forced.stderr
+    assert "attic" in device.desired().models
+    # Every later deploy points at the stale entry.
+    again = device.cli("deploy", DEVICE, STREAM, device.v10)
+    assert "names stream 'attic', which it does not run" in again.stderr
+    assert f"edgefleet undeploy {DEVICE} attic" in again.stderr
+    revision = device.desired().revision
+
+    removed = device.cli("undeploy", DEVICE, "attic")
+    twice = device.cli("undeploy", DEVICE, "attic")
+
+    assert removed.returncode == 0, removed.stderr
+    assert "keeps running the model it has" in removed.stdout
+    desired = device.desired()
+    assert desired.revision == revision + 1
+    assert set(desired.models) == {STREAM}
+    assert_clean_failure(
+        twice,
+        3,
+        "names no model for stream 'attic'",
+    )
+
+
+def test_deploy_of_the_deployed_and_running_manifest_changes_nothing(device: Device) -> None:
+    before = device.desired()
+
+    result = device.cli("deploy", DEVICE, STREAM, device.v10)
+
+    assert result.returncode == 0, result.stderr
+    assert "already runs this model" in result.stderr
+    assert f"is the desired model already (revision {before.revision}); nothing changed" in (
+        result.stdout
+    )
+    assert device.desired() == before
+
+
+def test_deploy_of_a_version_not_newer_than_the_installed_one_is_refused(device: Device) -> None:
+    older = device.manifest(9, 9)
+    before = device.desired()
+
+    result = device.cli("deploy", DEVICE, STREAM, older)
+
+    assert_clean_failure(result, 3, "version 9 is not newer than version 10", "--rollback")
+    assert device.desired() == before
+
+
+def test_deploy_needing_a_newer_agent_is_refused(device: Device) -> None:
+    future = device.manifest(11, 11, "--min-agent-version", "999.0")
+
+    result = device.cli("deploy", DEVICE, STREAM, future)
+
+    assert_clean_failure(result, 3, "the manifest needs agent 999.0 or newer")
+
+
+def test_cmd_prints_one_line_for_a_person_by_default(device: Device) -> None:
+    ping = device.cli("cmd", DEVICE, "ping")
+    models = device.cli("cmd", DEVICE, "list_models")
+
+    assert ping.returncode == 0, ping.stderr
+    assert ping.stdout.startswith(f"{DEVICE} ping: pong, agent up ")
+    assert len(ping.stdout.splitlines()) == 1
+    assert models.stdout.startswith(f"{DEVICE} list_models: cam runs classifier 10; ")
+
+
+def test_cmd_snapshot_out_saves_the_image_the_reply_carries(device: Device) -> None:
+    out = device.workdir / "cam.jpg"
+
+    result = device.cli("cmd", DEVICE, "snapshot", "--args", '{"stream": "cam"}',
+                        "--out", out, "--json")  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    reply = CommandReply.model_validate_json(result.stdout)
+    assert reply.result is not None
+    assert out.read_bytes() == base64.b64decode(reply.result["jpeg_base64"])
+    with Image.open(out) as image:
+        assert image.format == "JPEG"
+        assert image.size == (reply.result["width"], reply.result["height"])
+    assert f"saved {len(out.read_bytes()) / 1024:.0f} KiB to {out}" in result.stderr
+
+
+def test_deploy_of_the_manifest_the_device_rolled_back_is_refused(device: Device) -> None:
+    # Changes the device: cam goes back to the config's model. Runs after the tests above.
+    rolled = device.cli("cmd", DEVICE, "rollback_model", "--args", '{"stream": "cam"}')
+    assert rolled.returncode == 0, rolled.stderr
+    assert rolled.stdout.startswith(f"{DEVICE} rollback_model: stream cam rolled back to ")
+    device.fleet.wait_for_update(STREAM, 10, {"rolled_back"})
+
+    result = device.cli("deploy", DEVICE, STREAM, device.v10)
+    forced = device.cli("deploy", DEVICE, STREAM, device.v10, "--force")
+
+    # Seeing the same manifest again, the device may report it refused (it was rolled back):
+    # the CLI refuses on either.
+    assert_clean_failure(result, 3, "dev-ota/cam ", " classifier version 10 before: ")
+    assert "it does not try the same manifest again" in result.stderr
+    assert forced.returncode == 0, forced.stderr
+    assert "forced despite: dev-ota/cam " in forced.stderr
+
+
+def test_deploy_to_a_device_gone_offline_warns_and_sets_it(device: Device) -> None:
+    # Stops the agent: the last test of the module.
+    assert device.agent.terminate() == 0
+    status = Topics(DEVICE).status
+    device.fleet.probe.wait_until(
+        lambda: b'"offline"' in (retained_on(device.broker, status) or b""), "offline status", 30
+    )
+    newer = device.manifest(12, 12)
+
+    result = device.cli("deploy", DEVICE, STREAM, newer)
+
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {DEVICE} is offline since " in result.stderr
+    assert "it acts on this when it reconnects" in result.stderr
+    assert device.desired().models[STREAM] == SignedManifest.model_validate_json(newer.read_text())
