@@ -18,6 +18,13 @@ any instant resumes from a known state::
     refused      any check failed: the old model never stopped
     rolled_back  probation failed, or an operator asked: the previous model runs
 
+A manifest that ended ``refused`` or ``rolled_back`` is settled: it is never tried again.
+A newer desired revision that names it again gets it reported ``refused`` once more, with
+why (a rolled-back one: that it was rolled back), and a WARNING; the record keeps the
+revision it was decided at (``_Record.revision``) so that a restart does not repeat it.
+The same bytes as the running model under a version that is not newer are refused as a
+replay, not reported ``committed``.
+
 The store's pointer is switched only after a complete, verified model is in
 the store, and the pointer is what the agent loads at start: so a power cut
 leaves each stream on the old or the new model. A crash loop during probation
@@ -109,6 +116,7 @@ class _Record(BaseModel):
     ts: float
     starts: int = 0
     untrusted_key: bool = False
+    revision: int | None = None  # the desired revision that last asked for this manifest
     validated_p50_ms: float | None = None
     probation_started: float | None = None
 
@@ -140,7 +148,8 @@ def refusal(
     if installed is not None and manifest.version <= installed.version and not manifest.rollback:
         return (
             f"version {manifest.version} is not newer than the installed {installed.version} "
-            "(a replayed manifest?); sign a rollback manifest to go back"
+            "(a replayed manifest?); give a new release a higher version, or sign a rollback "
+            "manifest to go back"
         )
     if _version_tuple(agent_version) < _version_tuple(manifest.min_agent_version):
         return f"needs agent {manifest.min_agent_version} or newer; this is {agent_version}"
@@ -151,6 +160,43 @@ def refusal(
 
 def _usable(url: str) -> bool:
     return url.startswith(("http://", "https://")) or url == MQTT_MODEL_URL
+
+
+def in_sync(manifest: Manifest, *, running_sha256: str | None, installed: Manifest | None) -> bool:
+    """Whether the stream already runs what ``manifest`` releases, so nothing is to do. Pure.
+
+    The same bytes are not enough: under a version that is not newer than the installed
+    one (a replay, or the same model signed again with its old number) the manifest is
+    refused like any other, and ``refusal`` says why. The installed manifest itself (an
+    update resumed after its switch) and a first release of a model the config file
+    supplied are in sync.
+    """
+    if running_sha256 != manifest.sha256:
+        return False
+    if installed is None or manifest == installed:
+        return True
+    return manifest.version > installed.version or manifest.rollback
+
+
+def refused_again(
+    state: UpdateState, reason: str | None, *, decided_at: int | None, revision: int
+) -> str | None:
+    """Why a manifest that is settled as refused or rolled back stays refused, when a newer
+    desired ``revision`` than the one it was ``decided_at`` names it again; else None. Pure.
+
+    Such a manifest is never tried again (a rolled-back model would be reinstalled), but the
+    controller that deployed it again is told so, instead of silence.
+    """
+    if decided_at is None or revision <= decided_at:
+        return None
+    if state is UpdateState.ROLLED_BACK:
+        return (
+            f"this manifest was rolled back on this device ({reason or 'no reason recorded'}); "
+            "sign a new manifest to try the model again"
+        )
+    if state is UpdateState.REFUSED:
+        return reason or "refused before"
+    return None
 
 
 @dataclass(frozen=True)
@@ -437,35 +483,60 @@ class Updater:
             if runner is None:
                 log.warning("desired state names stream %s, which this device does not run", name)
                 continue
-            if not self._wanted(name, signed):
-                continue
-            with self._lock:
-                self._update(runner, signed)
+            with self._lock:  # the record may change under an operator's rollback
+                record = self._record(name)
+                if self._wanted(record, signed):
+                    self._update(runner, signed, desired.revision)
+                elif record is not None:
+                    self._settled_again(name, record, desired.revision)
 
-    def _wanted(self, name: str, signed: SignedManifest) -> bool:
+    def _wanted(self, record: _Record | None, signed: SignedManifest) -> bool:
         """Whether ``signed`` still needs work: new, unfinished, or refused for a key that
         this device has come to trust since."""
-        record = self._record(name)
         if record is None or record.signed != signed:
             return True
         if record.state is UpdateState.REFUSED and record.untrusted_key:
             return signed.key_id in self._keys().key_ids
         return record.state in _IN_PROGRESS
 
-    def _update(self, runner: StreamRunner, signed: SignedManifest) -> None:
+    def _settled_again(self, name: str, record: _Record, revision: int) -> None:
+        """A settled manifest named by a desired revision: a refused or rolled-back one that
+        a newer revision deploys again is reported refused, with why, once per revision."""
+        if record.revision is None:  # a record from before revisions were kept: from now
+            self._write(name, record, revision=revision)
+            return
+        reason = refused_again(
+            record.state, record.reason, decided_at=record.revision, revision=revision
+        )
+        if reason is None:
+            return
+        log.warning(
+            "stream %s: desired revision %d names %s v%d again, which stays refused: %s",
+            name,
+            revision,
+            record.model_id,
+            record.version,
+            reason,
+            extra={"stream": name},
+        )
+        self._write(name, record, state=UpdateState.REFUSED, reason=reason, revision=revision)
+
+    def _update(self, runner: StreamRunner, signed: SignedManifest, revision: int) -> None:
         name = runner.name
         try:
-            manifest = self._verify(name, signed)
+            manifest = self._verify(name, signed, revision)
             content = self._download(name, signed, manifest)
             validated_p50_ms = self._validate(runner, signed, manifest, content)
             self._activate(runner, signed, manifest, content, validated_p50_ms)
         except _InSync:
+            log.info("stream %s: the desired model runs already", name, extra={"stream": name})
             self._progress(name, signed, UpdateState.COMMITTED)
         except UpdateRefused as exc:
-            self._refuse(name, signed, exc.message, untrusted_key=isinstance(exc, _UntrustedKey))
+            untrusted = isinstance(exc, _UntrustedKey)
+            self._refuse(name, signed, exc.message, revision=revision, untrusted_key=untrusted)
         except (DownloadFailed, DownloadIncomplete) as exc:
             if isinstance(exc, DownloadFailed) and exc.permanent:
-                self._refuse(name, signed, f"download failed: {exc.message}")
+                self._refuse(name, signed, f"download failed: {exc.message}", revision=revision)
                 return
             # A flaky link or a server that is down: what is staged stays, the next try
             # resumes it (every retry_s, and at every start while the update is desired).
@@ -477,17 +548,18 @@ class Updater:
                 reason=f"{exc.message}; retrying in {self.settings.retry_s:.0f} s",
             )
 
-    def _verify(self, name: str, signed: SignedManifest) -> Manifest:
+    def _verify(self, name: str, signed: SignedManifest, revision: int) -> Manifest:
         try:
             manifest = self._keys().verify(signed)
         except UnknownSigningKey as exc:
             raise _UntrustedKey(f"manifest rejected: {exc.message}") from exc
         except SigningError as exc:
             raise UpdateRefused(f"manifest rejected: {exc.message}") from exc
-        self._write_new(name, signed, manifest)
+        self._write_new(name, signed, manifest, revision)
         pointer = self.store.current(name)
         installed = _parse_installed(self.store.manifest(pointer.sha256)) if pointer else None
-        if pointer is not None and pointer.sha256 == manifest.sha256:
+        running = pointer.sha256 if pointer else None
+        if in_sync(manifest, running_sha256=running, installed=installed):
             raise _InSync
         reason = refusal(
             manifest, now=time.time(), installed=installed, agent_version=self._agent_version
@@ -707,7 +779,9 @@ class Updater:
         self._on_change()
         return updated
 
-    def _write_new(self, name: str, signed: SignedManifest, manifest: Manifest) -> None:
+    def _write_new(
+        self, name: str, signed: SignedManifest, manifest: Manifest, revision: int
+    ) -> None:
         record = _Record(
             state=UpdateState.VERIFYING,
             signed=signed,
@@ -719,7 +793,7 @@ class Updater:
         current = self._record(name)
         if current is not None and current.signed == signed:
             record = current  # a resumed update keeps its history
-        self._write(name, record, state=UpdateState.VERIFYING, reason=None)
+        self._write(name, record, state=UpdateState.VERIFYING, reason=None, revision=revision)
 
     def _progress(
         self, name: str, signed: SignedManifest, state: UpdateState, **changes: Any
@@ -729,9 +803,16 @@ class Updater:
             self._write(name, record, state=state, **changes)
 
     def _refuse(
-        self, name: str, signed: SignedManifest, reason: str, *, untrusted_key: bool = False
+        self,
+        name: str,
+        signed: SignedManifest,
+        reason: str,
+        *,
+        revision: int,
+        untrusted_key: bool = False,
     ) -> None:
-        log.error("stream %s: update refused: %s", name, reason, extra={"stream": name})
+        # WARNING, not ERROR: the device is fine and keeps its model; the release is at fault.
+        log.warning("stream %s: update refused: %s", name, reason, extra={"stream": name})
         record = self._record(name)
         if record is None or record.signed != signed:
             claimed = _claims(signed)
@@ -744,5 +825,10 @@ class Updater:
                 ts=time.time(),
             )
         self._write(
-            name, record, state=UpdateState.REFUSED, reason=reason, untrusted_key=untrusted_key
+            name,
+            record,
+            state=UpdateState.REFUSED,
+            reason=reason,
+            untrusted_key=untrusted_key,
+            revision=revision,
         )

@@ -6,8 +6,8 @@ import pytest
 
 from edgefleet.agent.config import UpdateSettings
 from edgefleet.agent.pipeline import ModelStats
-from edgefleet.agent.protocol import Manifest
-from edgefleet.agent.updates import probation_verdict, refusal
+from edgefleet.agent.protocol import Manifest, UpdateState
+from edgefleet.agent.updates import in_sync, probation_verdict, refusal, refused_again
 
 NOW = 1_800_000_000.0
 
@@ -72,6 +72,69 @@ def test_a_manifest_without_a_usable_url_is_refused() -> None:
     )
     assert reason is not None
     assert "URL" in reason
+
+
+RUNNING = "a" * 64  # the sha256 every manifest() names unless told otherwise
+
+
+def test_the_installed_manifest_is_in_sync_with_the_model_it_installed() -> None:
+    installed = manifest()
+    assert in_sync(installed, running_sha256=RUNNING, installed=installed)
+
+
+def test_a_first_release_of_the_config_files_model_is_in_sync() -> None:
+    assert in_sync(manifest(version=1), running_sha256=RUNNING, installed=None)
+
+
+def test_a_manifest_for_other_bytes_than_the_running_ones_is_not_in_sync() -> None:
+    other = manifest(sha256="b" * 64, version=9)
+    assert not in_sync(other, running_sha256=RUNNING, installed=manifest())
+
+
+@pytest.mark.parametrize("version", [4, 5], ids=["older", "same-version-signed-again"])
+def test_the_running_bytes_under_a_version_not_newer_are_a_replay_not_in_sync(
+    version: int,
+) -> None:
+    installed = manifest()
+    replay = manifest(version=version, issued_at=NOW)  # signed anew: another manifest
+    assert not in_sync(replay, running_sha256=RUNNING, installed=installed)
+    reason = refusal(replay, now=NOW, installed=installed, agent_version="0.1.0")
+    assert reason is not None
+    assert f"version {version} is not newer than the installed 5" in reason
+
+
+def test_the_running_bytes_as_a_signed_rollback_or_a_newer_version_are_in_sync() -> None:
+    installed = manifest()
+    for release in (manifest(version=4, rollback=True), manifest(version=6)):
+        assert in_sync(release, running_sha256=RUNNING, installed=installed)
+
+
+def test_a_rolled_back_manifest_deployed_again_is_refused_naming_the_rollback() -> None:
+    reason = refused_again(
+        UpdateState.ROLLED_BACK, "probation failed: error rate 10%", decided_at=3, revision=4
+    )
+    assert reason is not None
+    assert "rolled back on this device (probation failed: error rate 10%)" in reason
+    assert "sign a new manifest" in reason
+
+
+def test_a_refused_manifest_deployed_again_is_refused_with_its_first_reason() -> None:
+    first = "version 5 is not newer than the installed 10"
+    assert refused_again(UpdateState.REFUSED, first, decided_at=3, revision=7) == first
+
+
+@pytest.mark.parametrize("state", [UpdateState.ROLLED_BACK, UpdateState.REFUSED])
+def test_a_settled_manifest_at_the_revision_it_was_decided_at_is_left_as_it_is(
+    state: UpdateState,
+) -> None:
+    # Reconciled again every retry_s, or after a restart: not a new deploy.
+    assert refused_again(state, "why", decided_at=4, revision=4) is None
+    assert refused_again(state, "why", decided_at=None, revision=4) is None
+
+
+@pytest.mark.parametrize("state", [UpdateState.COMMITTED, UpdateState.PROBATION])
+def test_a_manifest_that_runs_deployed_again_is_not_refused(state: UpdateState) -> None:
+    assert refused_again(state, None, decided_at=3, revision=4) is None
 
 
 def stats(processed: int, failed: int, latency_ms: float = 5.0) -> ModelStats:

@@ -31,7 +31,7 @@ from fleet import (
 from httpserver import ModelServer
 
 from edgefleet.agent.modelstore import ModelStore
-from edgefleet.agent.protocol import SignedManifest
+from edgefleet.agent.protocol import CommandReply, CommandRequest, ReportedState, SignedManifest
 from edgefleet.provisioning.signing import generate_signing_key, load_private_key, sign_manifest
 
 # -- the refusals: one agent, one baseline update, then one bad manifest per test -----------
@@ -209,3 +209,92 @@ def test_malformed_desired_state_is_counted_and_the_model_keeps_running(device: 
     )
     assert_still_running(device.probe, device.installed_sha)
     assert "desired state ignored, it is malformed" in device.agent.log()
+
+
+# -- manifests settled before: reported refused, with why, never committed ------------------
+
+
+def warning_with(agent: AgentProcess, text: str) -> str:
+    """The agent's WARNING line containing ``text``; fails with the log when there is none."""
+    lines = [line for line in agent.log().splitlines() if " WARNING " in line and text in line]
+    assert lines, f"no WARNING with {text!r} in the agent log:\n{agent.log()}"
+    return lines[-1]
+
+
+@pytest.mark.parametrize("version", [9, 10], ids=["older", "same-version-signed-again"])
+def test_the_running_model_signed_again_under_a_version_not_newer_is_refused_not_committed(
+    device: Device, version: int
+) -> None:
+    # The installed release's own bytes: the device used to call this "committed".
+    release = variant(device.content, 10)
+    manifest = device.fleet.manifest(release, version=version, name=f"again-{version}.tflite")
+
+    reason = refused(device, device.fleet.sign(manifest), version)
+
+    assert f"version {version} is not newer than the installed 10" in reason
+    warning_with(device.agent, reason)
+
+
+def test_a_rolled_back_manifest_deployed_again_is_reported_refused_naming_the_rollback(
+    device: Device,
+) -> None:
+    release = variant(device.content, 30)
+    signed = device.fleet.sign(device.fleet.manifest(release, version=30))
+    device.fleet.deploy(STREAM, signed)
+    device.fleet.wait_for_update(STREAM, 30, {"committed"}, timeout_s=90)
+    ask_rollback(device, "operator test")
+    device.fleet.wait_for_update(STREAM, 30, {"rolled_back"}, reason="operator test")
+
+    reason = refused(device, signed, 30)  # the same signed manifest, a new desired revision
+
+    assert "rolled back on this device" in reason
+    assert "operator test" in reason
+    assert "again, which stays refused" in warning_with(device.agent, reason)
+    assert len(device.server.requests_for("classifier-30.tflite")) == 1, "downloaded again"
+
+
+def test_a_refused_manifest_deployed_again_is_reported_refused_again(device: Device) -> None:
+    manifest = device.fleet.manifest(
+        variant(device.content, 31), version=31, expires_at=time.time() - 60
+    )
+    signed = device.fleet.sign(manifest)
+    first = refused(device, signed, 31)
+    first_report = device.fleet.reported()
+    assert first_report is not None
+
+    revision = device.fleet.deploy(STREAM, signed)
+
+    def reported_again() -> ReportedState | None:
+        reported = device.fleet.reported()
+        if reported is None or reported.desired_revision != revision:
+            return None
+        update = reported.updates[STREAM]
+        return reported if update.ts > first_report.updates[STREAM].ts else None
+
+    again = device.probe.wait_until(reported_again, f"a report for revision {revision}", 30)
+    update = again.updates[STREAM]
+    print(f"\nrefused version 31 again: {update.reason}")
+    assert (update.state.value, update.version, update.reason) == ("refused", 31, first)
+    assert "expired" in first
+    assert f"desired revision {revision} names classifier v31 again" in warning_with(
+        device.agent, first
+    )
+    assert_still_running(device.probe, device.installed_sha)
+
+
+def ask_rollback(device: Device, reason: str) -> None:
+    """The operator's ``rollback_model`` command, answered ok."""
+    replies = "test-replies/rollback"
+    device.probe.subscribe(replies)
+    request = CommandRequest(
+        id=f"rollback-{time.time_ns()}",
+        expires_at=time.time() + 60,
+        args={"stream": STREAM, "reason": reason},
+        reply_to=replies,
+    )
+    device.probe.publish(f"{ROOT}/cmd/rollback_model", request.model_dump_json())
+    message = device.probe.wait_until(
+        lambda: next(iter(device.probe.messages(replies)), None), "the rollback's reply", 30
+    )
+    reply = CommandReply.model_validate_json(message.payload)
+    assert reply.ok, reply.message
