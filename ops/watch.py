@@ -1,149 +1,404 @@
-"""``edgefleet watch``: print what devices publish, one line per message, as they arrive.
+"""``edgefleet watch``: what devices publish, one line a message, for a person to read.
 
-Runs paho's network loop in its own thread (``loop_start``); the main thread
-waits for the deadline or Ctrl-C. Payloads are parsed with the wire contract's
-models; a payload that does not parse is printed as such, never fatal.
+Every line starts with the time it arrived (UTC, ISO 8601) and the device it is about::
+
+    2026-12-02T06:10:05Z shop-7/door event start #7: person 0.81 (20 ms after capture, model ssd 3)
+    2026-12-02T06:10:05Z shop-7 status: online, agent 0.1.0 [retained, 4 min old]
+    2026-12-02T06:10:05Z fleet model 4f3a0c1d2e5b: 2.4 MiB in 39 chunks of 64 KiB [retained, ...]
+
+A retained message (the broker's stored copy, sent when the subscription starts) says so,
+and how old it is from its own time field (``ts``; an event's inference time), or that it
+carries none. The fleet-wide models published over the broker (``<root>/_models/``) show
+as ``fleet``: their meta is one line; their chunks, raw bytes, are not even subscribed to
+unless ``--chunks``. A payload that does not parse is printed as such, never fatal.
+
+``--host``, ``--port`` and ``--topic-root`` are the broker options of every command
+(``connection.add_broker_options``).
+
+Threads: paho's network thread (``loop_start``) runs the callbacks, which only put what
+arrived on a queue (and resubscribe after a reconnect); the main thread takes it from the
+queue and prints, until the deadline, the event count or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import queue
+import re
 import sys
-import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
 from edgefleet.agent.protocol import (
+    MODEL_META_LEVEL,
+    MODELS_LEVEL,
+    TOPIC_LEVEL_PATTERN,
     TOPIC_ROOT,
+    ChunkedModelMeta,
+    CommandReply,
+    CommandRequest,
     DesiredState,
     EventMessage,
     HealthMessage,
     ReportedState,
     StatusMessage,
+    describe_errors,
 )
-from edgefleet.runtime import EdgefleetError
+from edgefleet.runtime import SettingError
+
+from .connection import KEEPALIVE_S, add_broker_options
+from .errors import BrokerError
+
+FLEET = "fleet"
+"""How a line about the fleet-wide models (``<root>/_models/...``) names its device."""
+
+_POLL_S = 0.2
+_SHA_SHOWN = 12  # hex digits of a model's sha256 in a line
 
 
 def register(subcommands: Any) -> None:
     """Add ``watch`` to the top-level command parser."""
-    watch = subcommands.add_parser("watch", help="print device status, events and health")
-    watch.add_argument("--host", default="localhost", help="broker host (default: localhost)")
-    watch.add_argument("--port", type=int, default=1883, help="broker port (default: 1883)")
-    watch.add_argument("--device", default="+", help="one device id (default: every device)")
-    watch.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
-    watch.add_argument("--count", type=int, help="stop after this many events")
+    watch = subcommands.add_parser(
+        "watch",
+        help="print what devices publish (status, events, health, updates), one line a message",
+        description="Print what devices publish, one line a message: the time it arrived "
+        "(UTC), the device, what it says; retained messages say so, and how old they are.",
+    )
+    add_broker_options(watch)
+    watch.add_argument("--device", default="+", help="only this device id (default: every device)")
+    watch.add_argument(
+        "--seconds", type=_positive, help="stop after this many seconds (default: at Ctrl-C)"
+    )
+    watch.add_argument("--count", type=int, help="stop after this many events (default: at Ctrl-C)")
+    watch.add_argument(
+        "--chunks",
+        action="store_true",
+        help="also print the retained chunks of models published over the broker "
+        "(default: only each model's meta)",
+    )
     watch.set_defaults(handler=_watch)
 
 
-def describe(topic: str, payload: bytes) -> str:
-    """One human line for one message."""
-    kind = topic.split("/")[3] if topic.count("/") >= 3 else ""
-    describer = _DESCRIBERS.get(kind)
-    if describer is None or not payload:
-        return f"{topic}: {len(payload)} bytes"
+@dataclass(frozen=True)
+class Described:
+    """What one message says: about which device, in words, and when it was made."""
+
+    device: str
+    text: str
+    sent_ts: float | None = None  # the message's own time field, when it has one
+
+
+def describe(topic: str, payload: bytes, *, topic_root: str = TOPIC_ROOT) -> Described:
+    """What the message on ``topic`` says, for one line. Pure."""
+    levels = topic.removeprefix(f"{topic_root}/").split("/")
+    device, rest = levels[0], levels[1:]
+    if device == MODELS_LEVEL:
+        return _model_transfer(rest, payload)
+    kind = "/".join(rest)
+    describer = _DESCRIBERS.get(rest[0] if rest else "")
+    if not payload:
+        return Described(device, f"{kind}: empty (clears the retained message)")
+    if describer is None:
+        return Described(device, f"{kind}: {len(payload)} bytes")
     try:
-        return describer(payload)
+        return describer(device, rest, payload)
     except ValidationError as exc:
-        return f"{topic}: payload does not match the contract ({exc.error_count()} errors)"
+        return Described(device, f"{kind}: does not match the contract: {describe_errors(exc)}")
 
 
-def _event(payload: bytes) -> str:
+def line(described: Described, *, received_ts: float, retained: bool) -> str:
+    """The printed line: arrival time, device, text, and for a retained message its age."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(received_ts))
+    text = f"{stamp} {described.device} {described.text}"
+    if retained:
+        text += f" [retained, {_age(described.sent_ts, received_ts)}]"
+    return text
+
+
+def _age(sent_ts: float | None, now: float) -> str:
+    if sent_ts is None:
+        return "no time in the message"
+    seconds = now - sent_ts
+    if seconds < 0:
+        return f"stamped {_duration(-seconds)} ahead of this clock"
+    return f"{_duration(seconds)} old"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{hours // 24} days"
+
+
+def _event(device: str, rest: list[str], payload: bytes) -> Described:
     e = EventMessage.model_validate_json(payload)
     life = f" {e.lifecycle}" if e.lifecycle else ""
     track = f" #{e.track_id}" if e.track_id is not None else ""
     score = f" {e.score:.2f}" if e.score is not None else ""
-    return (
-        f"{e.device_id}/{e.stream} event{life}{track}: {e.label or e.kind}{score} "
-        f"({e.latency_ms:.0f} ms after capture, model {e.model.id} {e.model.version})"
+    stream = rest[1] if len(rest) > 1 else e.stream
+    return Described(
+        f"{device}/{stream}",
+        f"event{life}{track}: {e.label or e.kind}{score} "
+        f"({e.latency_ms:.0f} ms after capture, model {e.model.id} {e.model.version})",
+        e.inference_ts,
     )
 
 
-def _status(payload: bytes) -> str:
+def _status(device: str, rest: list[str], payload: bytes) -> Described:
     s = StatusMessage.model_validate_json(payload)
     reason = f" ({s.reason})" if s.reason else ""
-    return f"{s.device_id} {s.state}{reason}, agent {s.agent_version or '?'}"
+    streams = f", streams {', '.join(s.streams)}" if s.streams else ""
+    return Described(
+        device, f"status: {s.state}{reason}, agent {s.agent_version or '?'}{streams}", s.ts
+    )
 
 
-def _health(payload: bytes) -> str:
+def _health(device: str, rest: list[str], payload: bytes) -> Described:
     h = HealthMessage.model_validate_json(payload)
     streams = ", ".join(
         f"{name} {sh.state} {sh.fps:.1f} fps p50 {sh.latency_p50_ms or 0:.0f} ms"
         for name, sh in h.streams.items()
     )
-    return (
-        f"{h.device_id} health: {streams}; outbox {h.outbox.depth} "
+    return Described(
+        device,
+        f"health: {streams or 'no stream'}; outbox {h.outbox.depth} "
         f"(dropped {h.outbox.dropped}); cpu {h.system.cpu_percent:.0f}% "
-        f"rss {h.system.rss_mb:.0f} MiB"
+        f"rss {h.system.rss_mb:.0f} MiB",
+        h.ts,
     )
 
 
-def _reported(payload: bytes) -> str:
+def _reported(device: str, rest: list[str], payload: bytes) -> Described:
     r = ReportedState.model_validate_json(payload)
     parts = []
     for name, model in r.models.items():
-        line = f"{name} runs {model.id} {model.version}"
+        part = f"{name} runs {model.id} {model.version}"
         update = r.updates.get(name)
         if update is not None:
-            line += f", update to {update.model_id} {update.version}: {update.state.value}"
+            part += f", update to {update.model_id} {update.version}: {update.state.value}"
             if update.reason:
-                line += f" ({update.reason})"
-        parts.append(line)
-    return f"{r.device_id} reported: {'; '.join(parts) or 'no stream'}"
+                part += f" ({update.reason})"
+        parts.append(part)
+    return Described(device, f"reported: {'; '.join(parts) or 'no stream'}", r.ts)
 
 
-def _desired(payload: bytes) -> str:
+def _desired(device: str, rest: list[str], payload: bytes) -> Described:
     d = DesiredState.model_validate_json(payload)
-    streams = ", ".join(f"{name}" for name in sorted(d.models)) or "no model"
-    return f"desired revision {d.revision}: {streams}"
+    streams = ", ".join(sorted(d.models)) or "no model"
+    return Described(device, f"desired revision {d.revision}: {streams}")
 
 
-_DESCRIBERS: dict[str, Callable[[bytes], str]] = {
+def _command(device: str, rest: list[str], payload: bytes) -> Described:
+    c = CommandRequest.model_validate_json(payload)
+    name = rest[1] if len(rest) > 1 else "?"
+    return Described(device, f"command {name} asked (id {c.id})")
+
+
+def _reply(device: str, rest: list[str], payload: bytes) -> Described:
+    r = CommandReply.model_validate_json(payload)
+    outcome = "ok" if r.ok else f"not done ({r.error.value if r.error else 'error'})"
+    return Described(device, f"reply to {r.command}: {outcome}: {r.message}", r.ts)
+
+
+def _model_transfer(rest: list[str], payload: bytes) -> Described:
+    sha = rest[0][:_SHA_SHOWN] if rest else "?"
+    if len(rest) != 2:
+        return Described(FLEET, f"model {sha} {'/'.join(rest[1:])}: {len(payload)} bytes")
+    if rest[1] != MODEL_META_LEVEL:
+        return Described(FLEET, f"model {sha} chunk {rest[1]}: {len(payload)} bytes")
+    if not payload:
+        return Described(FLEET, f"model {sha}: removed from the broker")
+    try:
+        meta = ChunkedModelMeta.model_validate_json(payload)
+    except ValidationError as exc:
+        problem = describe_errors(exc)
+        return Described(FLEET, f"model {sha} meta: does not match the contract: {problem}")
+    return Described(
+        FLEET,
+        f"model {sha}: {_bytes(meta.size)} in {meta.chunks} chunks of {_bytes(meta.chunk_bytes)}",
+    )
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{n} bytes"
+
+
+_DESCRIBERS: dict[str, Callable[[str, list[str], bytes], Described]] = {
     "events": _event,
     "status": _status,
     "health": _health,
     "reported": _reported,
     "desired": _desired,
+    "cmd": _command,
+    "reply": _reply,
 }
 
 
+def topic_filters(topic_root: str, device: str, *, chunks: bool) -> list[str]:
+    """What ``watch`` subscribes to: a device's topics, and the models' meta unless ``chunks``.
+
+    MQTT cannot subscribe to everything but the chunks, so without ``chunks`` the filters
+    name each kind of topic a device has (one and two levels below it).
+    """
+    if chunks:
+        return [f"{topic_root}/{device}/#"]
+    base = f"{topic_root}/{device}"
+    filters = [f"{base}/+", f"{base}/events/+", f"{base}/cmd/+", f"{base}/reply/+"]
+    if device == "+":
+        filters.append(f"{topic_root}/{MODELS_LEVEL}/+/{MODEL_META_LEVEL}")
+    return filters
+
+
+@dataclass(frozen=True)
+class _Arrived:
+    topic: str
+    payload: bytes
+    retained: bool
+    received_ts: float
+
+
+class _Watcher:
+    """The MQTT side: subscribe on every (re)connect, queue what arrives. Network thread."""
+
+    def __init__(self, filters: list[str]) -> None:
+        self.filters = filters
+        self.arrived: queue.Queue[_Arrived | str] = queue.Queue()  # str: a note for stderr
+        self.refused: str | None = None
+        self.events = 0  # counted by the main thread
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self.client = client
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self.refused = str(reason_code)
+            self.arrived.put(f"the broker refused the connection: {reason_code}")
+            return
+        client.subscribe([(topic_filter, 1) for topic_filter in self.filters])
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [
+            f for f, code in zip(self.filters, reason_codes, strict=False) if code.is_failure
+        ]
+        if refused:
+            self.arrived.put(f"the broker refused the subscription to {', '.join(refused)}")
+        else:
+            self.arrived.put(f"watching {', '.join(self.filters)} (Ctrl-C stops)")
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self.refused is None:
+            self.arrived.put(f"lost the broker ({reason_code}); reconnecting")
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        self.arrived.put(
+            _Arrived(message.topic, bytes(message.payload), bool(message.retain), time.time())
+        )
+
+
 def _watch(args: argparse.Namespace) -> int:
-    events = 0
-    enough = threading.Event()
-
-    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        nonlocal events
-        print(describe(message.topic, bytes(message.payload)), flush=True)
-        if "/events/" in message.topic:
-            events += 1
-            if args.count and events >= args.count:
-                enough.set()
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = on_message
+    if args.device != "+" and not re.fullmatch(TOPIC_LEVEL_PATTERN, args.device):
+        raise SettingError(
+            f"--device {args.device!r} is not a device id",
+            hint="device ids are up to 64 letters, digits, '_', '.' and '-', starting with a "
+            "letter or digit",
+        )
+    if args.count is not None and args.count < 1:
+        raise SettingError(f"--count must be at least 1, not {args.count}")
+    watcher = _Watcher(topic_filters(args.topic_root, args.device, chunks=args.chunks))
     try:
-        client.connect(args.host, args.port)
+        watcher.client.connect(args.host, args.port, keepalive=KEEPALIVE_S)
     except OSError as exc:
-        raise EdgefleetError(
+        raise BrokerError(
             f"cannot reach the broker at {args.host}:{args.port} ({exc})",
             hint="check --host and --port, and that the broker runs",
         ) from exc
-    client.subscribe(f"{TOPIC_ROOT}/{args.device}/#", qos=1)
-    client.loop_start()
-    deadline = time.monotonic() + args.seconds if args.seconds else None
+    watcher.client.loop_start()
     try:
-        while not enough.is_set():
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            enough.wait(0.2)
+        _print_until_done(watcher, args)
     except KeyboardInterrupt:
-        pass
+        pass  # the usual way to stop
     finally:
-        client.disconnect()
-        client.loop_stop()
-    print(f"{events} event(s)", file=sys.stderr)
+        watcher.client.disconnect()
+        watcher.client.loop_stop()
+    if watcher.refused is not None:
+        raise BrokerError(
+            f"the broker at {args.host}:{args.port} refused the connection: {watcher.refused}",
+            hint="check that the broker lets this client in (its ACL, anonymous access)",
+        )
+    print(f"{watcher.events} event(s)", file=sys.stderr)
     return 0
+
+
+def _print_until_done(watcher: _Watcher, args: argparse.Namespace) -> None:
+    """Print what arrives until the deadline, the event count, or a refusal."""
+    deadline = time.monotonic() + args.seconds if args.seconds else None
+    while watcher.refused is None:
+        wait = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+        if wait <= 0:
+            break
+        try:
+            arrived = watcher.arrived.get(timeout=wait)
+        except queue.Empty:
+            continue
+        if isinstance(arrived, str):
+            print(f"edgefleet watch: {arrived}", file=sys.stderr, flush=True)
+            continue
+        described = describe(arrived.topic, arrived.payload, topic_root=args.topic_root)
+        is_event = "/events/" in arrived.topic and not arrived.retained
+        watcher.events += is_event  # before the print, so a Ctrl-C after it counts it
+        print(
+            line(described, received_ts=arrived.received_ts, retained=arrived.retained), flush=True
+        )
+        if is_event and args.count and watcher.events >= args.count:
+            break
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
