@@ -164,11 +164,12 @@ class Fleet:
         }
         if "inputs" not in fields:  # a broken model cannot be inspected: the test says
             info = inspect_model(model)
+            # As `edgefleet manifest create` writes them: no shape in the file, shape null.
             values["inputs"] = [
-                TensorSpec(shape=tuple(t.shape), dtype=t.dtype) for t in info.inputs
+                TensorSpec(shape=t.shape or None, dtype=t.dtype) for t in info.inputs
             ]
             values["outputs"] = [
-                TensorSpec(shape=tuple(t.shape), dtype=t.dtype) for t in info.outputs
+                TensorSpec(shape=t.shape or None, dtype=t.dtype) for t in info.outputs
             ]
         return Manifest.model_validate({**values, **fields})
 
