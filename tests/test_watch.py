@@ -106,11 +106,12 @@ class Watch:
                 lines.append(text.rstrip("\n"))
                 self._changed.notify_all()
 
-    def wait_for(self, lines: list[str], text: str) -> str:
-        """The first line of ``lines`` (``self.out`` or ``self.err``) that contains ``text``."""
+    def wait_for(self, lines: list[str], text: str, nth: int = 1) -> str:
+        """The ``nth`` line of ``lines`` (``self.out`` or ``self.err``) that contains ``text``."""
 
         def found() -> str | None:
-            return next((entry for entry in lines if text in entry), None)
+            having = [entry for entry in lines if text in entry]
+            return having[nth - 1] if len(having) >= nth else None
 
         with self._changed:
             if not self._changed.wait_for(lambda: found() is not None, _WAIT_S):
@@ -345,6 +346,19 @@ def test_host_names_the_broker(broker: Mosquitto, probe: MqttProbe) -> None:
         assert watch.finish() == 0, watch.err
 
     assert "person" in watch.out[0]
+
+
+def test_watch_carries_on_across_a_broker_restart(broker: Mosquitto) -> None:
+    with Watch(broker, "--count", "1") as watch:
+        watch.watching()
+        broker.restart()
+        watch.wait_for(watch.err, "lost the broker")
+        watch.wait_for(watch.err, "watching", nth=2)  # subscribed again after reconnecting
+        with MqttProbe(broker) as probe:
+            probe.publish(f"{ROOT}/dev1/events/door", event("after the restart"))
+        assert watch.finish() == 0, watch.err
+
+    assert "after the restart" in watch.out[0]
 
 
 def test_ctrl_c_stops_watch_cleanly_with_the_event_count(
