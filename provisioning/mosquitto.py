@@ -5,7 +5,9 @@ production config (packaging, the provisioning CLI) and the one the tests run a 
 with. Everything rendered is valid for Mosquitto 2.0 (``listener PORT ADDRESS``, limits in
 ``max_packet_size``, ``per_listener_settings false``), and overrides two defaults that bite a
 fleet: ``max_queued_messages`` (1000, past which Mosquitto silently drops messages for an
-offline persistent client) and the packet size (unlimited).
+offline persistent client) and the packet size (unlimited). Persistence is on by default, in
+:data:`DEFAULT_PERSISTENCE_DIR`: a broker restart must not drop the retained desired states
+that tell every device which model to run.
 
 Security model (design.md): devices connect over TLS with a client certificate from the
 fleet CA; ``use_identity_as_username`` makes the certificate's CN the MQTT username, and the
@@ -36,6 +38,10 @@ from edgefleet.runtime.errors import SettingError
 
 TOPIC_ROOT = "edgefleet/v1"
 """The versioned topic root of the wire contract."""
+
+DEFAULT_PERSISTENCE_DIR = Path("/var/lib/mosquitto")
+"""Where the broker keeps mosquitto.db unless told otherwise: the directory Debian's mosquitto
+package creates, owned by the ``mosquitto`` user the broker switches to when started as root."""
 
 CONTROLLER_IDENTITY = "controller"
 """Default username (certificate CN) of the fleet controller."""
@@ -167,15 +173,21 @@ class MosquittoSettings(BaseModel):
         min_length=1, description="Ports the broker listens on (at least one)."
     )
     persistence_dir: ConfPath | None = Field(
-        description="Directory for mosquitto.db (sessions, queued and retained messages), "
-        "writable by the broker's user; None keeps everything in memory only, so a broker "
-        "restart loses queued commands and retained state."
+        DEFAULT_PERSISTENCE_DIR,
+        description="Directory for mosquitto.db (sessions, queued and retained messages, so "
+        "every device's desired state), which must exist and be writable by the broker's "
+        "user (run_as_user). The default is Debian's, owned by its 'mosquitto' user. None "
+        "keeps everything in memory only: a broker restart then loses queued commands and "
+        "retained state.",
     )
     autosave_interval_s: int = Field(
         60,
         ge=0,
-        description="Seconds between saves of the persistence database while running (it is "
-        "also saved on a clean stop); what a broker crash can lose. 0 saves on stop only.",
+        description="Seconds between saves of the persistence database while running. A "
+        "clean stop (SIGTERM: systemctl stop, a reboot) saves everything; a crash, kill -9 "
+        "or power cut loses what changed since the last save. Each save rewrites the whole "
+        "database, retained model chunks included, so a shorter interval loses less and "
+        "writes the SD card more. 0 saves on stop only.",
     )
     max_queued_messages: int = Field(
         100_000,
@@ -311,7 +323,8 @@ def _persistence(settings: MosquittoSettings) -> list[str]:
     else:
         lines += [
             "persistence true",
-            f"persistence_location {settings.persistence_dir}",
+            # Mosquitto 1.x joins location and file without a separator; 2.x adds one.
+            f"persistence_location {settings.persistence_dir}/",
             "persistence_file mosquitto.db",
             f"autosave_interval {settings.autosave_interval_s}",
         ]

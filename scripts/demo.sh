@@ -30,7 +30,8 @@ say "2. the agent: kite video -> SSD -> events over MQTT"
 work=$(mktemp -d)
 port=$("$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-ef broker config --port "$port" --allow-anonymous > "$work/mosquitto.conf"
+# A throwaway broker: memory only (a fleet's keeps retained state in /var/lib/mosquitto).
+ef broker config --port "$port" --allow-anonymous --no-persistence > "$work/mosquitto.conf"
 "$mosquitto" -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
 broker_pid=$!
 agent_pid= http_pid=

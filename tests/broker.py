@@ -133,6 +133,17 @@ class Mosquitto:
             self.settings.persistence_dir.mkdir(parents=True, exist_ok=True)
         self.conf_path.write_text(render_mosquitto_conf(self.settings))
 
+    @classmethod
+    def from_conf(cls, workdir: Path, conf: str, port: int) -> Mosquitto:
+        """A broker running ``conf`` as given (``edgefleet broker config``'s output, say).
+
+        ``conf`` must listen on loopback ``port`` and log 'information' to stderr;
+        ``settings`` then describes the fixture's default, not what runs.
+        """
+        broker = cls(workdir, port=port)
+        broker.conf_path.write_text(conf)
+        return broker
+
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<Mosquitto {self.host}:{self.port} {state} conf={self.conf_path}>"

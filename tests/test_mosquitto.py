@@ -8,11 +8,15 @@ made here by the openssl CLI.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pwd
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from broker import (
 )
 from pydantic import ValidationError
 
+from edgefleet.agent.protocol import DesiredState, Manifest, TensorSpec
 from edgefleet.provisioning.mosquitto import (
     BrokerListener,
     MosquittoSettings,
@@ -35,6 +40,7 @@ from edgefleet.provisioning.mosquitto import (
     render_acl,
     render_mosquitto_conf,
 )
+from edgefleet.provisioning.signing import generate_signing_key, load_private_key, sign_manifest
 from edgefleet.runtime import SettingError
 
 ROOT = "edgefleet/v1"
@@ -282,6 +288,117 @@ def test_broker_with_two_listeners_serves_both(tmp_path: Path, mosquitto_binary:
         first.subscribe("hello")
         second.publish("hello", b"across listeners")
         assert first.wait_for_message("hello").payload == b"across listeners"
+
+
+# The broker as `edgefleet broker config` writes it: retained desired state survives.
+
+EDGEFLEET = Path(sys.executable).with_name("edgefleet")
+DESIRED = f"{ROOT}/dev1/desired"
+
+
+def test_conf_keeps_retained_state_in_debians_directory_by_default() -> None:
+    settings = MosquittoSettings(listeners=[BrokerListener()], allow_anonymous=True)
+
+    lines = _lines(render_mosquitto_conf(settings))
+
+    assert "persistence true" in lines
+    assert "persistence_location /var/lib/mosquitto/" in lines
+    assert "persistence_file mosquitto.db" in lines
+
+
+def test_broker_config_keeps_memory_only_when_asked() -> None:
+    conf = _broker_config("--port", "1883", "--no-persistence")
+
+    assert "persistence false" in _lines(conf)
+    assert not [line for line in _lines(conf) if line.startswith("persistence_location")]
+
+
+def test_broker_config_keeps_every_devices_desired_state_across_a_restart(
+    tmp_path: Path, mosquitto_binary: Path
+) -> None:
+    port = free_port()
+    conf = _broker_config("--port", str(port), *_persistence_in(tmp_path / "db"))
+    desired = _desired_state(tmp_path)
+
+    with Mosquitto.from_conf(tmp_path / "broker", conf, port) as broker:
+        with MqttProbe(broker, "controller") as controller:
+            controller.publish(DESIRED, desired, retain=True)
+
+        broker.stop()  # SIGTERM, as systemctl stop and a reboot send: the database is saved
+        broker.start()
+
+        with MqttProbe(broker, "dev1") as device:
+            device.subscribe(DESIRED)
+            kept = device.wait_for_message(DESIRED)
+    assert (kept.payload, kept.retain) == (desired, True)
+    assert DesiredState.model_validate_json(kept.payload).revision == 4
+
+
+def test_broker_config_saves_desired_state_at_its_autosave_so_a_crash_keeps_it(
+    tmp_path: Path, mosquitto_binary: Path
+) -> None:
+    port = free_port()
+    persistence = tmp_path / "db"
+    options = ("--port", str(port), *_persistence_in(persistence), "--autosave-interval", "1")
+    conf = _broker_config(*options)
+    desired = _desired_state(tmp_path)
+
+    with Mosquitto.from_conf(tmp_path / "broker", conf, port) as broker:
+        with MqttProbe(broker, "controller") as controller:
+            controller.publish(DESIRED, desired, retain=True)
+        _wait_until_saved(persistence / "mosquitto.db", desired)
+
+        broker.kill()  # no save on the way down: only the autosave has it
+        broker.start()
+
+        with MqttProbe(broker, "dev1") as device:
+            device.subscribe(DESIRED)
+            assert device.wait_for_message(DESIRED).payload == desired
+
+
+def _broker_config(*options: str) -> str:
+    """``edgefleet broker config --allow-anonymous OPTIONS``, run as the console script."""
+    command = [str(EDGEFLEET), "broker", "config", "--allow-anonymous", *options]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def _persistence_in(directory: Path) -> tuple[str, ...]:
+    """Options keeping the database in ``directory``, written by this test's own user.
+
+    Started as root, mosquitto would switch to the 'mosquitto' user, which cannot write a
+    test's private tmp_path.
+    """
+    directory.mkdir()
+    return ("--persistence-dir", str(directory), "--user", pwd.getpwuid(os.geteuid()).pw_name)
+
+
+def _desired_state(tmp_path: Path) -> bytes:
+    """A controller's retained desired state: one stream's signed manifest, revision 4."""
+    content = b"TFL3 model bytes"
+    manifest = Manifest(
+        model_id="detector",
+        version=2,
+        sha256=hashlib.sha256(content).hexdigest(),
+        size=len(content),
+        artifact="detector-2.tflite",
+        urls=["https://models.example/detector-2.tflite"],
+        inputs=[TensorSpec(shape=(1, 300, 300, 3), dtype="uint8")],
+        issued_at=time.time(),
+        expires_at=time.time() + 86400,
+    )
+    private, _ = generate_signing_key(tmp_path / "keys")
+    signed = sign_manifest(manifest, load_private_key(private))
+    return DesiredState(revision=4, models={"entrance": signed}).model_dump_json().encode()
+
+
+def _wait_until_saved(database: Path, payload: bytes, timeout_s: float = 30) -> None:
+    """Wait for an autosave to write ``payload`` into the broker's database file."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if database.exists() and payload in database.read_bytes():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{database} did not get the retained message within {timeout_s} s")
 
 
 # The ACL, with usernames standing in for certificate identities.
