@@ -11,6 +11,7 @@ import base64
 import io
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -19,7 +20,8 @@ from PIL import Image
 from edgefleet.runtime import EdgefleetError
 
 from .commands import CommandFailed, Handler
-from .config import ConfigError, apply_environment, check_files, parse_config
+from .config import AgentConfig, ConfigError, apply_environment, check_files, parse_config
+from .configfile import ConfigFileError, apply_patch, replace_config
 from .durable import write_atomically
 from .modelstore import NothingToRollBack
 from .pipeline import StreamRunner
@@ -31,8 +33,10 @@ from .protocol import (
     RollbackModelArgs,
     SetConfigArgs,
     SnapshotArgs,
+    SnapshotSize,
     StreamArgs,
 )
+from .sources import SourceError
 from .updates import UpdateBusy
 from .validation import ValidationRefused, validate_model
 
@@ -40,6 +44,9 @@ if TYPE_CHECKING:
     from .app import Agent
 
 _JPEG_QUALITIES = (90, 75, 60, 45, 30, 15)
+# A snapshot too large at the lowest quality is halved, at most this often, never below this.
+_MAX_HALVINGS = 3
+_MIN_SIDE = 64
 
 
 def handlers(agent: Agent) -> dict[CommandName, Handler]:
@@ -85,53 +92,61 @@ class _Handlers:
         path = self.agent.config_path
         if path is None:
             raise CommandFailed(ErrorCode.REFUSED, "this agent runs without a config file")
-        data = dict(args.config)
-        written = yaml.safe_dump(data, sort_keys=False)
-        problems = apply_environment(data, os.environ)
+        current = _read_config_file(path, whole=args.config is not None)
         try:
-            if problems:
-                raise ConfigError("set_config", problems)
-            new = parse_config(data, "set_config", base_dir=path.parent)
-            problems = check_files(new)
-            if problems:
-                raise ConfigError("set_config", problems)
-        except ConfigError as exc:
-            raise CommandFailed(ErrorCode.INVALID_ARGS, exc.message, hint=exc.hint) from exc
-        try:
-            write_atomically(path, written.encode())
-        except OSError as exc:  # not applied: the file and the running config stay as they were
-            raise CommandFailed(
-                ErrorCode.FAILED,
-                f"cannot write {path}: {exc.strerror or exc}",
-                hint="check the disk and the file's permissions",
-            ) from exc
+            if args.patch is not None:
+                written = apply_patch(current, args.patch)
+            else:
+                written = replace_config(current, args.config or {})
+        except ConfigFileError as exc:
+            raise CommandFailed(ErrorCode.REFUSED, f"{path}: {exc.message}", hint=exc.hint) from exc
+        new = _validated(written, base_dir=path.parent)
+        changed = written != current
+        if changed:
+            try:
+                write_atomically(path, written.encode())
+            except OSError as exc:  # not applied: the file and the running config stay as they were
+                raise CommandFailed(
+                    ErrorCode.FAILED,
+                    f"cannot write {path}: {exc.strerror or exc}",
+                    hint="check the disk and the file's permissions",
+                ) from exc
         applied = self.agent.apply_config(new)
-        return {"written": str(path), **applied}
+        return {"written": str(path), "changed": changed, **applied}
 
     def snapshot(self, args: SnapshotArgs) -> dict[str, Any]:
         runner = self._stream(args.stream)
         frame = runner.capture.last_frame
         if frame is None:
             raise CommandFailed(ErrorCode.REFUSED, f"stream {args.stream} has no frame yet")
-        image = Image.fromarray(frame.pixels)
-        for quality in _JPEG_QUALITIES:
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=quality)
-            if buffer.tell() <= args.max_bytes:
-                return {
-                    "stream": args.stream,
-                    "capture_ts": frame.capture_ts,
-                    "width": image.width,
-                    "height": image.height,
-                    "quality": quality,
-                    "jpeg_base64": base64.b64encode(buffer.getvalue()).decode(),
-                }
-        raise CommandFailed(
-            ErrorCode.REFUSED,
-            f"the frame does not fit in {args.max_bytes} bytes even at quality "
-            f"{_JPEG_QUALITIES[-1]}",
-            hint="ask with a larger max_bytes",
-        )
+        pixels = frame.pixels
+        if args.size is SnapshotSize.FRAME and frame.full is not None:
+            try:
+                pixels = frame.full()
+            except SourceError as exc:
+                raise CommandFailed(
+                    ErrorCode.FAILED, f"no full-size frame: {exc.message}", hint=exc.hint
+                ) from exc
+        image = Image.fromarray(pixels)
+        jpeg, quality, scaled = _jpeg_within(image, args.max_bytes)
+        if jpeg is None:
+            raise CommandFailed(
+                ErrorCode.REFUSED,
+                f"the frame does not fit in {args.max_bytes} bytes even at quality "
+                f"{_JPEG_QUALITIES[-1]} and {scaled.width}x{scaled.height}",
+                hint="ask with a larger max_bytes",
+            )
+        return {
+            "stream": args.stream,
+            "capture_ts": frame.capture_ts,
+            "size": args.size.value,
+            "frame_width": image.width,
+            "frame_height": image.height,
+            "width": scaled.width,
+            "height": scaled.height,
+            "quality": quality,
+            "jpeg_base64": base64.b64encode(jpeg).decode(),
+        }
 
     def restart_stream(self, args: StreamArgs) -> dict[str, Any]:
         self._stream(args.stream)
@@ -191,3 +206,62 @@ class _Handlers:
         except UpdateBusy as exc:
             raise CommandFailed(ErrorCode.REFUSED, exc.message, hint=exc.hint) from exc
         return {"stream": args.stream, "sha256": sha}
+
+
+def _read_config_file(path: Path, *, whole: bool) -> str:
+    """The config file's text, to patch; a whole new config replaces one that cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        if whole:
+            return ""  # only its comments are lost: the new config says everything
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CommandFailed(
+            ErrorCode.FAILED,
+            f"cannot read {path}, so there is nothing to patch: {reason}",
+            hint="restore the file, or send the whole configuration (config) instead of a patch",
+        ) from exc
+
+
+def _validated(text: str, *, base_dir: Path) -> AgentConfig:
+    """The config ``text`` says, read as the agent reads its file, or INVALID_ARGS naming why."""
+    try:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            problem = f"the result does not read back as YAML ({exc})"
+            raise ConfigError("set_config", [problem]) from exc
+        if not isinstance(data, dict):
+            raise ConfigError("set_config", ["the top level must be a mapping of fields"])
+        problems = apply_environment(data, os.environ)
+        if problems:
+            raise ConfigError("set_config", problems)
+        new = parse_config(data, "set_config", base_dir=base_dir)
+        problems = check_files(new)
+        if problems:
+            raise ConfigError("set_config", problems)
+    except ConfigError as exc:
+        raise CommandFailed(
+            ErrorCode.INVALID_ARGS,
+            f"{exc.message}\n(the config file is left as it was)",
+            hint=exc.hint,
+        ) from exc
+    return new
+
+
+def _jpeg_within(image: Image.Image, max_bytes: int) -> tuple[bytes | None, int, Image.Image]:
+    """The best JPEG of ``image`` within ``max_bytes``: quality drops first, then size halves.
+
+    Returns the JPEG (None when even the smallest try is too large), its quality, and the
+    image it encodes.
+    """
+    for _ in range(_MAX_HALVINGS + 1):
+        for quality in _JPEG_QUALITIES:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=quality)
+            if buffer.tell() <= max_bytes:
+                return buffer.getvalue(), quality, image
+        if min(image.size) < 2 * _MIN_SIDE:
+            break
+        image = image.reduce(2)
+    return None, _JPEG_QUALITIES[-1], image

@@ -31,7 +31,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgefleet/v1"
@@ -373,10 +381,61 @@ class NoArgs(_Frozen):
     """A command without arguments."""
 
 
-class SetConfigArgs(_Frozen):
-    """``set_config``: the whole new agent configuration."""
+CONFIG_PATCH_MAX_DEPTH = 16
+"""Deepest nesting a ``set_config`` patch may have: no config field is nearly that deep."""
 
-    config: dict[str, Any] = Field(description="The agent configuration, as in the YAML file.")
+
+class SetConfigArgs(_Frozen):
+    """``set_config``: a change to the agent's config file, or the whole new file.
+
+    The device applies either to the YAML file it runs from and writes it back keeping the
+    comments and layout of everything that did not change.
+    """
+
+    patch: dict[str, Any] | None = Field(
+        None,
+        description="A JSON merge patch (RFC 7396) of the config file: an object merges into "
+        "the section of the same name, null removes the field, anything else replaces it. "
+        "A list of named items (streams) also takes an object keyed by name: "
+        '{"streams": {"door": {"events": {"min_score": 0.6}}}} changes one stream, '
+        '{"streams": {"door": null}} removes it, a new name adds one.',
+    )
+    config: dict[str, Any] | None = Field(
+        None,
+        description="The whole new configuration, as in the YAML file: fields it leaves out "
+        "are removed from the file.",
+    )
+
+    @field_validator("patch")
+    @classmethod
+    def _shallow(cls, patch: dict[str, Any] | None) -> dict[str, Any] | None:
+        if patch is not None and _nests_deeper_than(patch, CONFIG_PATCH_MAX_DEPTH):
+            raise ValueError(f"nests deeper than {CONFIG_PATCH_MAX_DEPTH} levels")
+        return patch
+
+    @model_validator(mode="after")
+    def _one_of_patch_or_config(self) -> SetConfigArgs:
+        if (self.patch is None) == (self.config is None):
+            raise PydanticCustomError(
+                "patch_or_config",
+                "give either patch (a merge patch of the config file) or config (the whole "
+                "file), not both or neither",
+            )
+        return self
+
+
+def _nests_deeper_than(value: object, limit: int) -> bool:
+    """Whether objects and lists nest more than ``limit`` levels in ``value``; no recursion."""
+    level, depth = [value], 0
+    while level:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            return False
+        depth += 1
+        if depth > limit:
+            return True
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+    return False
 
 
 class StreamArgs(_Frozen):
@@ -385,11 +444,27 @@ class StreamArgs(_Frozen):
     stream: str = Field(pattern=TOPIC_LEVEL_PATTERN, description="Stream name.")
 
 
+class SnapshotSize(str, Enum):
+    """At which resolution a snapshot is taken."""
+
+    FRAME = "frame"  # the source's own: the decoded frame, the camera's main stream
+    MODEL = "model"  # the frame as handed to the model (its input size when it is stretched)
+
+
 class SnapshotArgs(StreamArgs):
     """``snapshot``: a JPEG of the latest frame of a stream."""
 
     max_bytes: int = Field(
-        200_000, ge=1_000, le=2_000_000, description="Largest JPEG to send; quality drops to fit."
+        200_000,
+        ge=1_000,
+        le=2_000_000,
+        description="Largest JPEG to send; quality drops to fit, then the size halves.",
+    )
+    size: SnapshotSize = Field(
+        SnapshotSize.FRAME,
+        description="frame: at the source's own resolution (the decoded video frame, the "
+        "camera's full-size stream); model: the frame as the model gets it, at its input size "
+        "when frames are stretched to it.",
     )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import av
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
@@ -46,11 +47,13 @@ from edgefleet.agent.protocol import (
     HealthMessage,
     Topics,
 )
+from edgefleet.runtime import inspect_model, read_model
 
 DEVICE = "dev-cmd"
 TOPICS = Topics(DEVICE)
 STREAM = "kite"
 MODEL = "mobilenet_v1_0.25_128_quant.tflite"
+VIDEO = "kite_pan_640x480_30fps.mp4"
 # Small, so oversize requests are cheap to send; large enough for a 4,301-digit number.
 MAX_PAYLOAD = 8192
 REPLIES = "test/replies"
@@ -92,6 +95,10 @@ def refused(name: str, payload: bytes) -> CommandReply:
     """The error reply ``payload`` gets on ``cmd/<name>``."""
     return refusal(name, payload).reply
 
+
+NESTED_17: Any = 1
+for _ in range(17):
+    NESTED_17 = {"x": NESTED_17}
 
 GOOD_ARGS: dict[CommandName, dict[str, Any]] = {
     CommandName.PING: {},
@@ -208,12 +215,14 @@ def test_parse_answers_an_unknown_command_with_its_id_on_its_reply_to() -> None:
     [
         ("ping", {"verbose": True}, "verbose"),
         ("get_status", {"streams": ["kite"]}, "streams"),
-        ("set_config", {}, "config"),
         ("set_config", {"config": ["device_id", "d"]}, "config"),
         ("set_config", {"config": {}, "restart": True}, "restart"),
+        ("set_config", {"patch": [{"device_id": "d"}]}, "patch"),
+        ("set_config", {"patch": {"streams": NESTED_17}}, "patch"),
         ("snapshot", {"stream": 7}, "stream"),
         ("snapshot", {"stream": "kite", "max_bytes": 10**9}, "max_bytes"),
         ("snapshot", {"stream": "kite", "max_bytes": 999}, "max_bytes"),
+        ("snapshot", {"stream": "kite", "size": "huge"}, "size"),
         ("restart_stream", {"stream": "a/b"}, "stream"),
         ("restart_stream", {}, "stream"),
         ("bench_model", {"stream": "kite", "runs": -1}, "runs"),
@@ -229,6 +238,25 @@ def test_parse_names_the_field_of_invalid_args(name: str, args: dict[str, Any], 
     assert reply.error is ErrorCode.INVALID_ARGS
     assert reply.id == "a-1"
     assert reply.message.startswith(f"{field}:")
+
+
+@pytest.mark.parametrize("args", [{}, {"patch": {}, "config": {}}, {"patch": None, "config": None}])
+def test_parse_refuses_set_config_without_exactly_one_of_patch_and_config(
+    args: dict[str, Any],
+) -> None:
+    reply = refused("set_config", encode(request(id_="sc-1", args=args)))
+
+    assert reply.error is ErrorCode.INVALID_ARGS
+    assert "give either patch" in reply.message
+
+
+def test_parse_accepts_a_set_config_patch() -> None:
+    patch = {"streams": {"door": {"events": {"min_score": 0.6}}}, "health": None}
+
+    parsed = parse("set_config", encode(request(id_="sc-2", args={"patch": patch})))
+
+    assert isinstance(parsed, ParsedCommand), parsed
+    assert parsed.args.model_dump(exclude_none=True) == {"patch": patch}
 
 
 @pytest.mark.parametrize("name", list(CommandName))
@@ -508,7 +536,7 @@ def device_config(assets: Assets, port: int, workdir: Path) -> dict[str, Any]:
                 "name": STREAM,
                 "source": {
                     "type": "file",
-                    "path": str(assets.image("kite_pan_640x480_30fps.mp4")),
+                    "path": str(assets.image(VIDEO)),
                     "loop": True,
                     "realtime": True,
                 },
@@ -639,6 +667,64 @@ def test_snapshot_returns_a_jpeg_of_the_latest_frame_within_max_bytes(device: De
     assert asked_at - 5 < reply.result["capture_ts"] <= reply.ts
 
 
+def jpeg_of(reply: CommandReply) -> Image.Image:
+    assert reply.ok, reply.message
+    assert reply.result is not None
+    image = Image.open(io.BytesIO(base64.b64decode(reply.result["jpeg_base64"], validate=True)))
+    image.load()
+    assert image.format == "JPEG"
+    assert image.size == (reply.result["width"], reply.result["height"])
+    return image
+
+
+def video_size(path: Path) -> tuple[int, int]:
+    with av.open(str(path)) as container:
+        codec = container.streams.video[0].codec_context
+        return codec.width, codec.height
+
+
+def model_input_size(path: Path) -> tuple[int, int]:
+    _, height, width, _ = inspect_model(read_model(path)).inputs[0].shape
+    return width, height
+
+
+def test_snapshot_is_at_the_videos_resolution_not_the_models_input_size(
+    device: Device, assets: Assets
+) -> None:
+    size = video_size(assets.image(VIDEO))
+    assert size != model_input_size(device.model)  # else this would show nothing
+
+    reply = device.ask("snapshot", {"stream": STREAM, "max_bytes": 2_000_000})
+
+    image = jpeg_of(reply)
+    assert reply.result is not None
+    assert image.size == size
+    assert (reply.result["frame_width"], reply.result["frame_height"]) == size
+    assert reply.result["size"] == "frame"
+
+
+def test_snapshot_at_the_model_input_size_when_asked(device: Device) -> None:
+    reply = device.ask("snapshot", {"stream": STREAM, "size": "model", "max_bytes": 2_000_000})
+
+    image = jpeg_of(reply)
+    assert image.size == model_input_size(device.model)
+
+
+def test_snapshot_too_large_at_the_lowest_quality_is_halved_to_fit(
+    device: Device, assets: Assets
+) -> None:
+    width, height = video_size(assets.image(VIDEO))
+
+    # 4000 bytes: under every frame of the video at quality 15 and full size (8 kB and up).
+    reply = device.ask("snapshot", {"stream": STREAM, "max_bytes": 4000})
+
+    image = jpeg_of(reply)
+    assert reply.result is not None
+    assert (reply.result["frame_width"], reply.result["frame_height"]) == (width, height)
+    halvings = [k for k in range(1, 4) if image.size == (width >> k, height >> k)]
+    assert halvings, f"{image.size} is not {width}x{height} halved"
+
+
 def test_snapshot_of_an_unknown_stream_is_not_found(device: Device) -> None:
     reply = device.ask("snapshot", {"stream": "attic"}, id_="snap-attic")
 
@@ -727,6 +813,77 @@ def test_set_config_with_a_valid_change_rewrites_the_file_and_keeps_running(
     assert running_config(device)["streams"][0]["events"]["min_score"] == 0.01
     assert device.stream_starts() == starts + 1
     wait_until(lambda: device.events_after(reply.ts) >= 2, "events after set_config", 30)
+
+
+def with_comments(text: str) -> str:
+    """``text`` with the notes a person leaves in a config file: a header, a section, a value."""
+    lines = ["# The test device; notes written by hand.", ""]
+    for line in text.splitlines():
+        if line.startswith("streams:"):
+            lines.append("# The cameras.")
+        note = "   # tuned on site" if line.strip().startswith("min_score:") else ""
+        lines.append(line + note)
+    return "\n".join(lines) + "\n"
+
+
+def changed_lines(before: str, after: str) -> list[tuple[str, str]]:
+    """The (before, after) pairs of lines that differ; both texts must have as many lines."""
+    old, new = before.splitlines(), after.splitlines()
+    assert len(old) == len(new), f"line count changed:\n{after}"
+    return [(a, b) for a, b in zip(old, new, strict=True) if a != b]
+
+
+def test_set_config_patch_changes_one_value_and_keeps_the_files_comments(device: Device) -> None:
+    path = device.agent.config_path
+    commented = with_comments(path.read_text())
+    path.write_text(commented)
+    old = running_config(device)["streams"][0]["events"]["min_score"]
+    new = 0.04 if old != 0.04 else 0.05
+    starts = device.stream_starts()
+
+    reply = device.ask(
+        "set_config", {"patch": {"streams": {STREAM: {"events": {"min_score": new}}}}}
+    )
+
+    assert reply.ok, reply.message
+    assert reply.result is not None
+    assert (reply.result["changed"], reply.result["restarted"]) == (True, [STREAM])
+    [(before_line, after_line)] = changed_lines(commented, path.read_text())
+    assert before_line.split(":")[0].strip() == "min_score"
+    assert after_line == before_line.replace(f"min_score: {old}", f"min_score: {new}")
+    assert after_line.endswith("# tuned on site")
+    assert running_config(device)["streams"][0]["events"]["min_score"] == new
+    assert device.stream_starts() == starts + 1
+    wait_until(lambda: device.events_after(reply.ts) >= 2, "events after the patch", 30)
+
+
+def test_set_config_patch_with_an_invalid_value_names_the_field_and_keeps_the_file(
+    device: Device,
+) -> None:
+    before = device.agent.config_path.read_bytes()
+
+    reply = device.ask("set_config", {"patch": {"streams": {STREAM: {"events": {"min_score": 7}}}}})
+
+    assert (reply.ok, reply.error) == (False, ErrorCode.INVALID_ARGS)
+    assert "streams[0].events.min_score" in reply.message
+    assert "left as it was" in reply.message
+    assert device.agent.config_path.read_bytes() == before
+    assert running_config(device)["streams"][0]["events"]["min_score"] != 7
+
+
+def test_set_config_patch_that_changes_nothing_leaves_the_file_and_the_streams_alone(
+    device: Device,
+) -> None:
+    before = device.agent.config_path.read_bytes()
+    starts = device.stream_starts()
+
+    reply = device.ask("set_config", {"patch": {"device_id": DEVICE}})
+
+    assert reply.ok, reply.message
+    assert reply.result is not None
+    assert (reply.result["changed"], reply.result["restarted"]) == (False, [])
+    assert device.agent.config_path.read_bytes() == before
+    assert device.stream_starts() == starts
 
 
 def test_set_config_that_cannot_write_the_file_fails_and_changes_nothing(device: Device) -> None:

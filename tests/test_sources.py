@@ -601,3 +601,74 @@ def test_picamera2_missing_library_is_a_source_error_with_an_install_hint():
         Picamera2Source(Picamera2SourceSettings()).open(None)
 
     assert "python3-picamera2" in raised.value.hint
+
+
+# --- full-size frames for snapshots ---------------------------------------------------------------
+
+
+def test_file_frame_scaled_to_the_model_offers_the_decoded_frame_at_the_video_size(video, opened):
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        size = (stream.codec_context.width, stream.codec_context.height)
+    source = open_source(
+        opened, FileSource(FileSourceSettings(path=video, realtime=False)), (128, 128)
+    )
+
+    frame = source.read()
+    source.read()  # the decoder moved on; the frame keeps its own decoded picture
+
+    assert frame.pixels.shape == (128, 128, 3)
+    assert frame.full is not None
+    full = frame.full()
+    assert full.shape == (size[1], size[0], 3)
+    # The same picture: scaled down, it matches what the model got.
+    small = np.asarray(Image.fromarray(full).resize((128, 128), Image.Resampling.BILINEAR))
+    assert np.abs(small.astype(int) - frame.pixels.astype(int)).mean() < 8
+
+
+def test_file_frame_at_the_video_size_offers_no_second_copy(video, opened):
+    source = open_source(opened, FileSource(FileSourceSettings(path=video, realtime=False)))
+
+    assert source.read().full is None
+
+
+def test_image_frame_scaled_to_the_model_offers_the_image_at_its_own_size(tmp_path, opened):
+    save(tmp_path / "a.png", (10, 200, 30), size=(640, 480))
+    source = open_source(opened, folder_source(tmp_path), (300, 300))
+
+    frame = source.read()
+
+    assert frame.full is not None
+    full = frame.full()
+    assert full.shape == (480, 640, 3)
+    assert tuple(full[0, 0]) == (10, 200, 30)
+
+
+def test_synthetic_frame_scaled_to_the_model_offers_the_configured_size(opened):
+    source = open_source(opened, SyntheticSource(SyntheticSourceSettings(fps=0)), (96, 96))
+    unscaled = open_source(opened, SyntheticSource(SyntheticSourceSettings(fps=0)))
+
+    frame = source.read()
+    same_frame = unscaled.read()
+
+    assert frame.full is not None
+    assert np.array_equal(frame.full(), same_frame.pixels)
+    assert same_frame.full is None
+
+
+def test_picamera2_lores_frame_offers_the_main_stream_as_its_full_frame():
+    camera = FakePicamera2("PISP")
+    main = np.random.default_rng(2).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+    camera.frames["main"] = main
+    camera.frames["lores"] = np.zeros((300, 300, 3), np.uint8)
+    source = Picamera2Source(Picamera2SourceSettings(), camera_factory=camera)
+    source.open((300, 300))
+    try:
+        frame = source.read()
+        assert frame.full is not None
+        full = frame.full()
+    finally:
+        source.close()
+
+    assert frame.pixels.shape == (300, 300, 3)
+    assert np.array_equal(full, main)

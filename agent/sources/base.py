@@ -39,11 +39,18 @@ class SourceError(EdgefleetError):
 
 @dataclass(frozen=True)
 class CapturedFrame:
-    """One frame as captured: RGB pixels, wall-clock capture time, number since open."""
+    """One frame as captured: RGB pixels, wall-clock capture time, number since open.
+
+    ``full``, when the source scaled ``pixels`` to the model's size, makes the same frame at
+    the source's own resolution on request (a snapshot), from what the source still holds:
+    the decoded picture, the image file, the camera's full-size stream. It may raise
+    ``SourceError`` and may be called from any thread. None: ``pixels`` is full size.
+    """
 
     pixels: Frame
     capture_ts: float
     index: int
+    full: Callable[[], Frame] | None = None
 
 
 class BaseSourceSettings(BaseModel):

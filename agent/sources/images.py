@@ -4,11 +4,13 @@ The folder is scanned again at the start of every cycle, so images dropped
 into it (by an FTP upload from a trail camera, a cron job) are picked up. An
 image that cannot be read is skipped with one warning per version of the file;
 a folder that is missing, empty or holds no readable image is a
-``SourceError``. Runs on the capture thread of its stream.
+``SourceError``. Runs on the capture thread of its stream; a frame's ``full()`` (a
+snapshot at the image's own size, read from the file again) on any thread.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -50,6 +52,15 @@ class ImageFolderSourceSettings(BaseSourceSettings):
 
 
 _FileVersion = tuple[Path, int, int]
+
+
+def _full_image(source: str, path: Path, hint: str) -> Frame:
+    """The image at ``path`` at its own size, decoded again (any thread)."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
+        raise SourceError(source, f"cannot read {path.name} again ({exc})", hint=hint) from exc
 
 
 class ImageFolderSource(Source):
@@ -96,7 +107,10 @@ class ImageFolderSource(Source):
         self._readable_this_cycle += 1
         if self.live:
             self._pacer.wait_for(self._index * self.settings.interval_s)
-        frame = CapturedFrame(pixels=pixels, capture_ts=time.time(), index=self._index)
+        full = None
+        if self._output_size is not None:
+            full = functools.partial(_full_image, self.name, path, self._hint())
+        frame = CapturedFrame(pixels=pixels, capture_ts=time.time(), index=self._index, full=full)
         self._index += 1
         return frame
 

@@ -18,7 +18,8 @@ picamera2's "BGR888" is laid out R, G, B in memory (and "RGB888" is B, G, R).
 RGB frames are therefore asked for as "BGR888".
 
 ``open``/``read``/``close`` run on the capture thread of the stream;
-``snapshot()`` may run on any thread (picamera2 serialises captures).
+``snapshot()`` may run on any thread (picamera2 serialises captures). A frame read from
+``lores`` offers it as its ``full()``: the ``main`` frame of the moment it is asked for.
 """
 
 from __future__ import annotations
@@ -251,7 +252,12 @@ class Picamera2Source(Source):
             pixels = yuv420_to_rgb(array, *self._lores_size, self._encoding)
         else:
             pixels = _rgb_from_rgb_stream(array)
-        frame = CapturedFrame(pixels=pixels, capture_ts=time.time(), index=self._index)
+        frame = CapturedFrame(
+            pixels=pixels,
+            capture_ts=time.time(),
+            index=self._index,
+            full=self.snapshot if self._stream == "lores" else None,
+        )
         self._index += 1
         return frame
 

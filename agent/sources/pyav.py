@@ -13,11 +13,13 @@ the capture thread forever. A stream or camera that reaches end of input is
 a lost source (an error to retry), a file that ends is finished (or loops).
 
 Everything here runs on the capture thread of the stream, except
-``Source.interrupt()``.
+``Source.interrupt()`` and a frame's ``full()`` (a snapshot at the decoded size, made from
+the decoded picture the frame keeps a reference to).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -28,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import av
 from av.container import InputContainer
+from av.video.reformatter import VideoReformatter
 from av.video.stream import VideoStream
 from pydantic import Field, field_validator
 
@@ -156,6 +159,15 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
+def _full_rgb(frame: av.VideoFrame, source: str) -> Frame:
+    """``frame`` as RGB at its decoded size; any thread (its own reformatter, not the frame's)."""
+    try:
+        rgb = VideoReformatter().reformat(frame, format="rgb24")
+    except av.FFmpegError as exc:
+        raise SourceError(source, f"cannot convert the frame ({_reason(exc)})") from exc
+    return cast(Frame, rgb.to_ndarray())
+
+
 class _AvSource(Source):
     """The demux/decode/convert loop shared by files, streams and cameras."""
 
@@ -226,7 +238,14 @@ class _AvSource(Source):
             width=width, height=height, format="rgb24", interpolation=self._interpolation
         )
         pixels = cast(Frame, rgb.to_ndarray())  # rgb24 is always HxWx3 uint8
-        captured = CapturedFrame(pixels=pixels, capture_ts=time.time(), index=self._index)
+        scaled = (width, height) != (frame.width, frame.height)
+        captured = CapturedFrame(
+            pixels=pixels,
+            capture_ts=time.time(),
+            index=self._index,
+            # Holds the decoded picture (no copy); converted only if a snapshot asks.
+            full=functools.partial(_full_rgb, frame, self.name) if scaled else None,
+        )
         self._index += 1
         return captured
 

@@ -8,6 +8,7 @@ thread of its stream.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Literal
 
@@ -68,6 +69,11 @@ def _frame(strip: Frame, index: int) -> Frame:
     return frame
 
 
+def _pattern(width: int, height: int, index: int) -> Frame:
+    """Frame ``index`` of the pattern at ``width`` x ``height``, made from scratch."""
+    return _frame(_strip(width, height), index)
+
+
 class SyntheticSource(Source):
     """The test pattern, paced at ``fps`` (unpaced and not live when fps is 0)."""
 
@@ -93,8 +99,13 @@ class SyntheticSource(Source):
             return None
         if self.live:
             self._pacer.wait_for(self._index / self.settings.fps)
+        size = (self.settings.width, self.settings.height)
+        scaled = self._strip.shape[:2] != (size[1], size[0] * 2)
         frame = CapturedFrame(
-            pixels=_frame(self._strip, self._index), capture_ts=time.time(), index=self._index
+            pixels=_frame(self._strip, self._index),
+            capture_ts=time.time(),
+            index=self._index,
+            full=functools.partial(_pattern, *size, self._index) if scaled else None,
         )
         self._index += 1
         return frame
