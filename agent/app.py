@@ -87,6 +87,8 @@ class Agent:
         self._ready = False
         self.streams: list[StreamRunner] = []
         self._streams_lock = threading.RLock()
+        # Why each stream that is not running could not start: the degraded status says it.
+        self._stream_failures: dict[str, str] = {}
         # Off while the streams are being set up: a report then would list no model.
         self._reporting = False
         self._system = SystemMetrics()
@@ -167,13 +169,19 @@ class Agent:
                 )
                 steps.callback(stop_serving)
             if not self.streams:
+                log.error(
+                    "no stream could start (%s): the agent stays connected and reports "
+                    "'degraded' so the config can be fixed (set_config) without a visit",
+                    self._failures_line(),
+                    extra={"device": self.config.device_id},
+                )
                 self.notifier.ready("no stream could start; see the log")
             self._running = steps.pop_all()
         log.info(
-            "agent %s started: device %s, %d stream(s), broker %s:%s",
+            "agent %s started: device %s, %s, broker %s:%s",
             AGENT_VERSION,
             self.config.device_id,
-            len(self.streams),
+            f"{len(self.streams)} stream(s)" if self.streams else "degraded (no stream runs)",
             self.config.broker.host,
             self.config.broker.port,
             extra={"device": self.config.device_id},
@@ -202,7 +210,11 @@ class Agent:
                 streams.append(self._make_stream(s, initial=True))
             except EdgefleetError as exc:
                 log.error("stream %s cannot start: %s", s.name, exc, extra={"stream": s.name})
+                self._stream_failures[s.name] = exc.message
         return streams
+
+    def _failures_line(self) -> str:
+        return "; ".join(f"{name}: {why}" for name, why in self._stream_failures.items())
 
     def stream(self, name: str) -> StreamRunner | None:
         """The running stream called ``name``."""
@@ -271,7 +283,10 @@ class Agent:
                     refused.append(settings.name)
                     if running is not None:
                         kept.append(running)
+                    else:
+                        self._stream_failures[settings.name] = exc.message
                     continue
+                self._stream_failures.pop(settings.name, None)
                 if running is not None:
                     running.stop()
                 replacement.start()
@@ -279,6 +294,10 @@ class Agent:
             for removed in old.values():
                 removed.stop()
             self.streams = kept + started
+            configured = {s.name for s in new.streams}
+            self._stream_failures = {
+                n: why for n, why in self._stream_failures.items() if n in configured
+            }
             # Topics and the broker session are built from these: they apply at the next start.
             self.config = new.model_copy(
                 update={"broker": self.config.broker, "device_id": self.config.device_id}
@@ -375,8 +394,11 @@ class Agent:
 
     def _status(self, state: Literal["online", "offline"], *, reason: str | None = None) -> bytes:
         online = state == "online"
+        shown: Literal["online", "degraded", "offline"] = state
+        if online and not self.streams:
+            shown, reason = "degraded", f"no stream could start: {self._failures_line()}"
         message = StatusMessage(
-            state=state,
+            state=shown,
             device_id=self.config.device_id,
             ts=time.time(),
             reason=reason,

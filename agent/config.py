@@ -10,25 +10,55 @@ simple.
 
 Every error names the file and the field (``agent.yaml: streams[0].model.path:
 field required``); ``ConfigError.problems`` lists them all at once.
+``check_config`` goes further, as ``edgefleet-agent check-config`` does: every
+schema problem, and for every part that is valid on its own (even when others
+are not) what the agent would open: each model file parses as a TFLite model
+(inspected, never invoked), label files read, file and folder sources and
+camera nodes exist, TLS files are there.
 """
 
 from __future__ import annotations
 
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from edgefleet.runtime import BackendName, CpuDelegate, DelegateSettings, EdgefleetError, ResizeMode
+from edgefleet.runtime import (
+    BackendName,
+    CpuDelegate,
+    DelegateSettings,
+    EdgefleetError,
+    Labels,
+    LabelsError,
+    ModelCompiledForEdgeTPU,
+    ModelError,
+    ResizeMode,
+    inspect_model,
+    read_model,
+)
 
 from .events import EventFilterSettings
 from .outbox import OutboxSettings
 from .protocol import TOPIC_LEVEL_PATTERN, TOPIC_ROOT
-from .sources import SourceSettings
+from .sources import (
+    FileSourceSettings,
+    ImageFolderSourceSettings,
+    SourceSettings,
+    V4l2SourceSettings,
+)
 
 ENV_PREFIX = "EDGEFLEET_"
 _ENV_SKIP = {"EDGEFLEET_BACKEND", "EDGEFLEET_ASSETS", "EDGEFLEET_CONFIG"}
@@ -257,6 +287,30 @@ class AgentConfig(_Section):
 def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read, apply the environment, validate; relative paths resolve against the file."""
     path = Path(path)
+    data = _read_data(path, os.environ if environ is None else environ)
+    return parse_config(data, str(path), base_dir=path.parent)
+
+
+def check_config(path: Path | str, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Every problem of the config file at once, as ``check-config`` reports them.
+
+    Returns the config when it is valid and everything it names is usable; raises
+    ``ConfigError`` with the schema problems and, beside them, the file problems of
+    every part that is valid on its own.
+    """
+    path = Path(path)
+    data = _read_data(path, os.environ if environ is None else environ)
+    try:
+        config = parse_config(data, str(path), base_dir=path.parent)
+    except ConfigError as exc:
+        raise ConfigError(str(path), exc.problems + _partial_problems(data, path.parent)) from None
+    problems = check_files(config)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config
+
+
+def _read_data(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -268,10 +322,10 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> A
         raise ConfigError(source, [f"not valid YAML: {_yaml_reason(exc)}"]) from exc
     if not isinstance(data, dict):
         raise ConfigError(source, ["the top level must be a mapping of fields"])
-    problems = apply_environment(data, os.environ if environ is None else environ)
+    problems = apply_environment(data, environ)
     if problems:
         raise ConfigError(source, problems)
-    return parse_config(data, source, base_dir=path.parent)
+    return data
 
 
 def parse_config(data: dict[str, Any], source: str, *, base_dir: Path) -> AgentConfig:
@@ -355,28 +409,119 @@ def _resolve_paths(config: AgentConfig, base_dir: Path) -> None:
         stream.model.path = resolve(stream.model.path)
         if stream.model.labels is not None:
             stream.model.labels = resolve(stream.model.labels)
-        for attr in ("path", "folder"):
-            value = getattr(stream.source, attr, None)
-            if isinstance(value, Path):  # source settings are frozen: replace, don't mutate
-                stream.source = stream.source.model_copy(update={attr: resolve(value)})
+        stream.source = _resolved_source(stream.source, resolve)
 
 
 def check_files(config: AgentConfig) -> list[str]:
-    """Problems a valid config can still have on this machine: files that are not there."""
+    """Problems a valid config can still have on this machine: what the agent would open.
+
+    Each model must parse as a TFLite model (inspected, not invoked), each label file
+    read, each file or folder source and camera node exist, each TLS file be there.
+    """
     problems = []
     for i, stream in enumerate(config.streams):
-        if not stream.model.path.is_file():
-            problems.append(f"streams[{i}].model.path: no such file {stream.model.path}")
-        labels = stream.model.labels
-        if labels is not None and not labels.is_file():
-            problems.append(f"streams[{i}].model.labels: no such file {labels}")
-    tls = config.broker.tls
-    if tls is not None:
-        for name in ("cafile", "certfile", "keyfile"):
-            value = getattr(tls, name)
-            if value is not None and not value.is_file():
-                problems.append(f"broker.tls.{name}: no such file {value}")
+        problems += _model_problems(f"streams[{i}].model", stream.model)
+        problems += _source_problems(f"streams[{i}].source", stream.source)
+    if config.broker.tls is not None:
+        problems += _tls_problems(config.broker.tls)
     return problems
+
+
+def _model_problems(where: str, model: ModelSettings) -> list[str]:
+    if not model.path.is_file():
+        what = "is not a file" if model.path.exists() else "no such file"
+        return [f"{where}.path: {what} {model.path}"]
+    problems = []
+    try:
+        info = inspect_model(read_model(model.path))
+        if info.edgetpu_compiled and model.delegate.type == "cpu":
+            raise ModelCompiledForEdgeTPU(model.path)
+    except ModelError as exc:
+        problems.append(f"{where}.path: {exc}")
+    if model.labels is not None:
+        if not model.labels.is_file():
+            problems.append(f"{where}.labels: no such file {model.labels}")
+        else:
+            try:
+                Labels.from_file(model.labels)
+            except LabelsError as exc:
+                problems.append(f"{where}.labels: {exc}")
+    return problems
+
+
+def _source_problems(where: str, source: SourceSettings) -> list[str]:
+    if isinstance(source, FileSourceSettings) and not source.path.is_file():
+        what = "is not a file" if source.path.exists() else "no such file"
+        return [f"{where}.path: {what} {source.path}"]
+    if isinstance(source, ImageFolderSourceSettings) and not source.folder.is_dir():
+        what = "is not a folder" if source.folder.exists() else "no such folder"
+        return [f"{where}.folder: {what} {source.folder}"]
+    if isinstance(source, V4l2SourceSettings) and not Path(source.device).exists():
+        return [
+            f"{where}.device: no such device {source.device}; check the camera is plugged in "
+            "(v4l2-ctl --list-devices)"
+        ]
+    return []
+
+
+def _tls_problems(tls: TlsSettings) -> list[str]:
+    problems = []
+    for name in ("cafile", "certfile", "keyfile"):
+        value = getattr(tls, name)
+        if value is not None and not value.is_file():
+            problems.append(f"broker.tls.{name}: no such file {value}")
+    return problems
+
+
+_SOURCE: TypeAdapter[SourceSettings] = TypeAdapter(SourceSettings)
+_Resolve = Callable[[Path], Path]
+
+
+def _partial_problems(data: dict[str, Any], base_dir: Path) -> list[str]:
+    """The file problems of the parts that are valid on their own, in a config that is not."""
+
+    def resolve(p: Path) -> Path:
+        return p if p.is_absolute() else (base_dir / p)
+
+    problems = []
+    streams = data.get("streams")
+    for i, stream in enumerate(streams if isinstance(streams, list) else []):
+        if not isinstance(stream, dict):
+            continue
+        model = _valid_part(ModelSettings, stream.get("model"))
+        if model is not None:
+            model.path = resolve(model.path)
+            model.labels = resolve(model.labels) if model.labels is not None else None
+            problems += _model_problems(f"streams[{i}].model", model)
+        try:
+            source = _SOURCE.validate_python(stream.get("source"))
+        except ValidationError:
+            continue  # its schema problems are reported already
+        problems += _source_problems(f"streams[{i}].source", _resolved_source(source, resolve))
+    broker = data.get("broker")
+    tls = _valid_part(TlsSettings, broker.get("tls")) if isinstance(broker, dict) else None
+    if tls is not None:
+        problems += _tls_problems(tls)
+    return problems
+
+
+_Part = TypeVar("_Part", bound=BaseModel)
+
+
+def _valid_part(kind: type[_Part], value: Any) -> _Part | None:
+    """``value`` as a ``kind``, or None when it is not one (its problems are reported already)."""
+    try:
+        return kind.model_validate(value)
+    except ValidationError:
+        return None
+
+
+def _resolved_source(source: SourceSettings, resolve: _Resolve) -> SourceSettings:
+    for attr in ("path", "folder"):
+        value = getattr(source, attr, None)
+        if isinstance(value, Path):  # source settings are frozen: replace, don't mutate
+            source = source.model_copy(update={attr: resolve(value)})
+    return source
 
 
 def json_schema() -> dict[str, Any]:

@@ -216,10 +216,17 @@ class Capabilities(_Frozen):
 class StatusMessage(_Message):
     """Retained device status: birth (online), last will or orderly shutdown (offline)."""
 
-    state: Literal["online", "offline"] = Field(description="online or offline.")
+    state: Literal["online", "degraded", "offline"] = Field(
+        description="online; degraded: connected, but no stream could start (reason says "
+        "why; the agent still takes commands, so set_config can fix it); or offline."
+    )
     device_id: str = Field(description="Device id.")
     ts: float = Field(description="Unix seconds when the status was produced.")
-    reason: str | None = Field(None, description="Why offline: 'shutdown' or 'connection lost'.")
+    reason: str | None = Field(
+        None,
+        description="Why offline ('shutdown' or 'connection lost') or degraded (each "
+        "stream's error).",
+    )
     agent_version: str | None = Field(None, description="edgefleet version on the device.")
     capabilities: Capabilities | None = Field(None, description="Announced when online.")
     models: list[ModelRef] = Field(default_factory=list, description="Models loaded.")

@@ -383,3 +383,31 @@ def test_prometheus_endpoint_serves_the_health_figures(
     assert "edgefleet_outbox_depth " in metrics
     assert "edgefleet_mqtt_connected 1.0" in metrics
     probe.disconnect()
+
+
+def test_agent_with_no_stream_able_to_start_says_so_and_reports_degraded(
+    assets: Assets, broker: Mosquitto, tmp_path: Path
+) -> None:
+    notes = tmp_path / "model.tflite"
+    notes.write_text("not a model\n" * 10)
+    config = agent_config(assets, broker.port, tmp_path)
+    config["streams"][0]["model"]["path"] = str(notes)
+    probe = subscriber(broker)
+    with AgentProcess(tmp_path / "agent", config) as agent:
+        status = probe.wait_until(
+            lambda: next((s for s in statuses(probe) if s.state != "offline"), None),
+            "a status from the agent",
+            60,
+        )
+        agent.wait_for_log("no stream could start", 10)
+    probe.disconnect()
+
+    assert status.state == "degraded"
+    assert status.reason is not None
+    assert "kite: " in status.reason
+    assert "not a TensorFlow Lite model" in status.reason
+    assert status.streams == []
+    error = next(line for line in agent.log().splitlines() if "no stream could start" in line)
+    assert " ERROR " in error
+    assert "started: device dev-e2e, degraded (no stream runs)" in agent.log()
+    assert "0 stream(s)" not in agent.log()

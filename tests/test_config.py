@@ -11,7 +11,9 @@ import yaml
 from agentproc import AGENT
 from conftest import Assets
 
+from edgefleet.agent.cli import build_parser
 from edgefleet.agent.config import ConfigError, load_config
+from edgefleet.agent.config import check_config as check_config_file
 
 
 def valid(assets: Assets) -> dict:
@@ -33,10 +35,12 @@ def write(tmp_path: Path, data: object, name: str = "agent.yaml") -> Path:
     return path
 
 
-def check_config(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(AGENT), "check-config", str(path)], capture_output=True, text=True, check=False
-    )
+def check_config(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return agent_cli("check-config", str(path), *args)
+
+
+def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(AGENT), *args], capture_output=True, text=True, check=False)
 
 
 def test_valid_config_loads_with_defaults(assets: Assets, tmp_path: Path) -> None:
@@ -177,3 +181,197 @@ def test_packaged_example_config_is_valid_apart_from_its_files() -> None:
 
     assert config.streams[0].source.type == "v4l2"
     assert config.broker.tls is not None
+
+
+# check-config checks what the agent will open
+
+
+def problem_lines(result: subprocess.CompletedProcess[str], path: Path) -> list[str]:
+    """The ``FILE: location: reason`` lines check-config printed."""
+    return [
+        line.strip() for line in result.stderr.splitlines() if line.strip().startswith(f"{path}: ")
+    ][1:]
+
+
+def test_check_config_refuses_a_model_path_that_is_a_text_file(
+    assets: Assets, tmp_path: Path
+) -> None:
+    notes = tmp_path / "model.tflite"
+    notes.write_text("these are my notes, not a model\n" * 4)
+    data = valid(assets)
+    data["streams"][0]["model"]["path"] = str(notes)
+
+    result = check_config(write(tmp_path, data))
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "streams[0].model.path: " in result.stderr
+    assert "not a TensorFlow Lite model" in result.stderr
+    assert "ok" not in result.stdout
+
+
+def test_check_config_refuses_a_video_file_that_does_not_exist(
+    assets: Assets, tmp_path: Path
+) -> None:
+    data = valid(assets)
+    data["streams"][0]["source"] = {"type": "file", "path": "clips/door.mp4"}
+
+    result = check_config(write(tmp_path, data))
+
+    assert result.returncode == 2
+    assert f"streams[0].source.path: no such file {tmp_path / 'clips' / 'door.mp4'}" in (
+        result.stderr
+    )
+
+
+def test_check_config_lists_schema_errors_and_missing_files_in_one_run(
+    assets: Assets, tmp_path: Path
+) -> None:
+    data = valid(assets)
+    data["device_id"] = "shop/1"
+    data["broker"] = {"port": "x", "keepalive_s": 1}
+    data["logging"] = {"levle": "DEBUG"}
+    data["streams"][0]["events"] = {"min_score": 2}
+    data["streams"][0]["model"]["path"] = "missing.tflite"
+    data["streams"].append(
+        {
+            "name": "yard",
+            "source": {"type": "file", "path": "yard.mp4"},
+            "model": {"path": str(assets.ssd), "labels": "labels.txt"},
+        }
+    )
+    path = write(tmp_path, data)
+
+    result = check_config(path)
+
+    assert result.returncode == 2
+    lines = problem_lines(result, path)
+    assert [line.split(": ")[1] for line in lines] == [
+        "device_id",
+        "broker.port",
+        "broker.keepalive_s",
+        "streams[0].events.min_score",
+        "logging.levle",
+        "streams[0].model.path",
+        "streams[1].model.labels",
+        "streams[1].source.path",
+    ], result.stderr
+    assert f"streams[0].model.path: no such file {tmp_path / 'missing.tflite'}" in result.stderr
+    assert "8 problem(s) in the configuration" in result.stderr
+
+
+def test_check_config_inspects_every_model_without_running_it(
+    assets: Assets, tmp_path: Path
+) -> None:
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(assets.ssd.read_bytes()[:5000])
+    data = valid(assets)
+    data["streams"][0]["model"]["path"] = str(truncated)
+    data["streams"].append(
+        {
+            "name": "coral",
+            "source": {"type": "synthetic"},
+            "model": {"path": str(assets.edgetpu)},  # compiled for the Edge TPU, cpu delegate
+        }
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        check_config_file(write(tmp_path, data), environ={})
+
+    first, second = caught.value.problems
+    assert first.startswith("streams[0].model.path: ")
+    assert "corrupt or truncated" in first
+    assert second.startswith("streams[1].model.path: ")
+    assert "compiled for the Coral Edge TPU" in second
+
+
+def test_check_config_checks_image_folders_camera_nodes_and_label_files(
+    assets: Assets, tmp_path: Path
+) -> None:
+    not_text = tmp_path / "labels.bin"
+    not_text.write_bytes(bytes(range(128, 256)))
+    data = valid(assets)
+    data["streams"][0]["source"] = {"type": "images", "folder": "frames"}
+    data["streams"][0]["model"]["labels"] = str(not_text)
+    data["streams"].append(
+        {
+            "name": "usb",
+            "source": {"type": "v4l2", "device": "/dev/video-not-here"},
+            "model": {"path": str(assets.mobilenet_v2)},
+        }
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        check_config_file(write(tmp_path, data), environ={})
+
+    assert [p.split(": ")[0] for p in caught.value.problems] == [
+        "streams[0].model.labels",
+        "streams[0].source.folder",
+        "streams[1].source.device",
+    ]
+    assert "cannot read label file" in caught.value.problems[0]
+    assert f"no such folder {tmp_path / 'frames'}" in caught.value.problems[1]
+    assert "no such device /dev/video-not-here" in caught.value.problems[2]
+
+
+def test_check_config_verbose_lists_what_it_checked(assets: Assets, tmp_path: Path) -> None:
+    result = check_config(write(tmp_path, valid(assets)), "-v")
+
+    assert result.returncode == 0, result.stderr
+    assert f"stream front: model {assets.ssd}, synthetic source" in result.stdout
+
+
+# One command line convention
+
+
+def test_check_config_and_run_take_the_config_as_an_option_or_an_argument(
+    assets: Assets, tmp_path: Path
+) -> None:
+    path = write(tmp_path, valid(assets))
+
+    as_option = agent_cli("check-config", "--config", str(path))
+    as_argument = agent_cli("check-config", str(path))
+    verbose_first = agent_cli("-v", "check-config", "-c", str(path))
+    parsed = [
+        build_parser().parse_args(args)
+        for args in (
+            ["run", "--config", "a.yaml"],
+            ["run", "a.yaml", "-v"],
+            ["-v", "run", "-c", "a.yaml"],
+        )
+    ]
+
+    assert as_option.returncode == as_argument.returncode == 0, as_option.stderr
+    assert as_option.stdout == as_argument.stdout
+    assert verbose_first.returncode == 0, verbose_first.stderr
+    assert "stream front" in verbose_first.stdout
+    assert [(a.config or a.config_file, a.verbose) for a in parsed] == [
+        (Path("a.yaml"), False),
+        (Path("a.yaml"), True),
+        (Path("a.yaml"), True),
+    ]
+
+
+def test_a_missing_or_doubled_config_is_a_usage_error_naming_the_option(tmp_path: Path) -> None:
+    missing = agent_cli("run")
+    doubled = agent_cli("check-config", "--config", "a.yaml", "b.yaml")
+
+    assert missing.returncode == doubled.returncode == 2
+    assert "the config file is required: --config FILE" in missing.stderr
+    assert "two config files given (a.yaml and b.yaml)" in doubled.stderr
+    assert "Traceback" not in missing.stderr + doubled.stderr
+
+
+def test_every_option_of_every_command_states_its_default() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    undocumented = [
+        f"{name} {action.option_strings[0]}"
+        for name, sub in [("edgefleet-agent", parser), *commands.items()]
+        for action in sub._actions
+        if action.option_strings
+        and action.dest not in ("help", "version")
+        and "default" not in (action.help or "")
+    ]
+
+    assert undocumented == []
