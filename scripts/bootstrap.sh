@@ -54,7 +54,7 @@ PY
 # standard library only, so it runs before edgefleet is installed.
 choose_backend() {
   local choice
-  if ! choice=$(python3 runtime/platforms.py 2>&1); then
+  if ! choice=$(python3 -I runtime/platforms.py 2>&1); then
     say "$choice"
     exit 1
   fi
