@@ -248,14 +248,6 @@ def _update_findings(
                 "deploy a fixed release under a new version; --force sets it anyway",
             )
         ]
-    if running is not None and running.sha256 == manifest.sha256:
-        return [
-            Finding(
-                False,
-                f"{where} already runs this model (sha256 {manifest.sha256[:12]}); the device "
-                "reports it committed, nothing is downloaded",
-            )
-        ]
     installed = (
         update.version
         if update is not None
@@ -264,14 +256,30 @@ def _update_findings(
         and running.sha256 == update.sha256
         else None
     )
-    if installed is not None and manifest.version <= installed and not manifest.rollback:
+    runs_it = running is not None and running.sha256 == manifest.sha256
+    deployed = record.desired.models.get(stream) == signed
+    if (
+        installed is not None
+        and manifest.version <= installed
+        and not manifest.rollback
+        and not (deployed and runs_it)
+    ):
         return [
             Finding(
                 True,
                 f"version {manifest.version} is not newer than version {installed}, which "
-                f"{where} installed; the device refuses it",
+                f"{where} installed; the device refuses it"
+                + (" as a replay, although it runs these bytes" if runs_it else ""),
                 f"sign it with a --version above {installed}, or as a return to an older "
                 "release with --rollback",
+            )
+        ]
+    if runs_it:
+        return [
+            Finding(
+                False,
+                f"{where} already runs this model (sha256 {manifest.sha256[:12]}); nothing "
+                "is downloaded",
             )
         ]
     return []

@@ -51,7 +51,9 @@ def register(subcommands: Any) -> None:
     run.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files")
     run.add_argument("--labels", type=Path, help="label file (default: labels in the model)")
     run.add_argument(
-        "--task", choices=[t.value for t in TaskName], help="override the detected task"
+        "--task",
+        choices=[t.value for t in TaskName],
+        help="override the detected task (default: detected from the outputs)",
     )
     run.add_argument(
         "--resize",

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Assets
+
+from edgefleet.ops.cli import build_parser
+from edgefleet.runtime.engine import _native_stderr_to_log
 
 pytestmark = pytest.mark.backend
 
@@ -204,3 +210,123 @@ def test_bench_rejects_zero_runs_as_a_usage_error(assets: Assets) -> None:
 
     assert result.returncode == 2
     assert "must be at least 1" in result.stderr
+
+
+# -- one convention for every command ---------------------------------------------------------
+
+SMALL = "mobilenet_v1_0.25_128_quant.tflite"
+
+
+def test_model_run_and_bench_print_no_interpreter_banner_unless_verbose(assets: Assets) -> None:
+    model, image = assets.model(SMALL), assets.image("cat.bmp")
+
+    run = edgefleet("model", "run", model, image)
+    bench = edgefleet("model", "bench", model, "--runs", 2, "--warmup", 0)
+    verbose_after = edgefleet("model", "run", model, image, "-v")
+    verbose_before = edgefleet("-v", "model", "run", model, image)
+
+    assert run.returncode == bench.returncode == 0, run.stderr + bench.stderr
+    assert "Egyptian cat" in run.stdout
+    assert "latency ms" in bench.stdout
+    assert run.stderr == ""
+    assert bench.stderr == ""
+    for verbose in (verbose_after, verbose_before):
+        assert verbose.returncode == 0, verbose.stderr
+        assert (
+            "DEBUG edgefleet.runtime.engine: interpreter: INFO: Created TensorFlow Lite "
+            "XNNPACK delegate" in verbose.stderr
+        )
+
+
+def test_native_output_other_than_info_still_reaches_stderr(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with _native_stderr_to_log():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"ERROR: a real problem\n")
+        os.write(2, b"WARNING: and a warning\n")
+
+    err = capfd.readouterr().err
+    assert "XNNPACK" not in err
+    assert "ERROR: a real problem\n" in err
+    assert "WARNING: and a warning\n" in err
+
+
+def test_the_same_mistake_exits_2_in_every_command(assets: Assets, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.tflite"
+    text = tmp_path / "notes.tflite"
+    text.write_text("not a model\n" * 10)
+    (tmp_path / "fleet.key").write_text("not a key\n")
+    image = assets.image("cat.bmp")
+
+    for model in (missing, text):
+        commands = [
+            ("model", "inspect", model),
+            ("model", "run", model, image),
+            ("model", "bench", model),
+            ("manifest", "create", model, "--model-id", "m", "--version", 1,
+             "--url", "https://x/m", "--key", tmp_path / "fleet.key"),
+            ("transfer", "publish", model, "--port", 1),
+            ("deploy", "dev1", "door", model, "--port", 1),
+            ("manifest", "verify", model, "--keys-dir", tmp_path),
+        ]  # fmt: skip
+        for command in commands:
+            result = edgefleet(*command)
+            assert result.returncode == BAD_INPUT, (command, result.stderr)
+            assert "Traceback" not in result.stderr
+            assert "edgefleet: error:" in result.stderr, (command, result.stderr)
+
+
+def _options(
+    parser: argparse.ArgumentParser, path: str = "edgefleet"
+) -> Iterator[tuple[str, argparse.Action, str]]:
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, f"{path} {name}")
+        elif action.option_strings and action.help is not None:
+            yield path, action, formatter._get_help_string(action) or ""  # type: ignore[attr-defined]
+
+
+def test_every_option_help_states_its_default() -> None:
+    flags = (argparse._StoreTrueAction, argparse._HelpAction, argparse._VersionAction)
+    missing = [
+        f"{path} {action.option_strings[-1]}: {text}"
+        for path, action, text in _options(build_parser())
+        if not isinstance(action, flags) and not action.required and "default" not in text
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["deploy", "d", "s", "m.json"],
+        ["undeploy", "d", "s"],
+        ["cmd", "d", "ping"],
+        ["transfer", "publish", "m.tflite"],
+        ["transfer", "clear", "0" * 64],
+        ["watch"],
+    ],
+)
+def test_every_broker_command_takes_host_port_and_topic_root_with_one_default(
+    command: list[str],
+) -> None:
+    parser = build_parser()
+    defaults = parser.parse_args(command)
+    given = parser.parse_args([*command, "--host", "h", "--port", "8883", "--topic-root", "r/v1"])
+
+    assert (defaults.host, defaults.port, defaults.topic_root) == (
+        "localhost", 1883, "edgefleet/v1"
+    )  # fmt: skip
+    assert (given.host, given.port, given.topic_root) == ("h", 8883, "r/v1")
+
+
+def test_verbose_goes_before_or_after_the_command() -> None:
+    parser = build_parser()
+
+    assert parser.parse_args(["-v", "keys", "list", "d"]).verbose is True
+    assert parser.parse_args(["keys", "list", "d", "-v"]).verbose is True
+    assert parser.parse_args(["keys", "list", "d"]).verbose is False
+    assert parser.parse_args(["cmd", "d", "ping", "--verbose"]).verbose is True

@@ -575,11 +575,11 @@ class Device:
         """``edgefleet`` with this broker's options."""
         return edgefleet(*args, "--host", self.broker.host, "--port", self.broker.port)
 
-    def manifest(self, version: int, padding: int, *extra: object) -> Path:
+    def manifest(self, version: int, padding: int, *extra: object, tag: str = "") -> Path:
         """A release of the classifier (``padding`` bytes more: another sha256), signed by
         the CLI with the key the device trusts, its model served over HTTP."""
         content = variant(self.content, padding)
-        name = f"classifier-{version}-{padding}.tflite"
+        name = f"classifier-{version}-{padding}{tag}.tflite"
         (self.workdir / name).write_bytes(content)
         url = self.fleet.server.add(name, content)
         out = self.workdir / f"{name}.json"
@@ -687,6 +687,18 @@ def test_deploy_of_a_version_not_newer_than_the_installed_one_is_refused(device:
     result = device.cli("deploy", DEVICE, STREAM, older)
 
     assert_clean_failure(result, 3, "version 9 is not newer than version 10", "--rollback")
+    assert device.desired() == before
+
+
+def test_deploy_of_the_running_bytes_signed_again_under_the_same_version_is_refused(
+    device: Device,
+) -> None:
+    resigned = device.manifest(10, 10, tag="-again")  # the bytes cam runs, signed anew
+    before = device.desired()
+
+    result = device.cli("deploy", DEVICE, STREAM, resigned)
+
+    assert_clean_failure(result, 3, "version 10 is not newer than version 10", "as a replay")
     assert device.desired() == before
 
 
