@@ -25,7 +25,13 @@ from types import ModuleType
 from typing import Any
 
 from .errors import BackendUnavailable, SettingError, SystemTooOld
-from .platforms import MINIMUM_OS, InterpreterFacts, choose_runtime
+from .platforms import (
+    LITERT_GLIBC,
+    MINIMUM_OS,
+    TFLITE_RUNTIME_LAST_PYTHON,
+    InterpreterFacts,
+    choose_runtime,
+)
 
 BACKEND_ENV = "EDGEFLEET_BACKEND"
 
@@ -47,8 +53,9 @@ _INSTALL_HINTS = {
     BackendName.TFLITE_RUNTIME: "pip install 'edgefleet[tflite-runtime]' (needs numpy<2)",
 }
 _TOO_OLD_HINTS = {
-    BackendName.LITERT: f"LiteRT's libraries load on {MINIMUM_OS} or newer (glibc 2.34, "
-    "GCC 12's libstdc++): upgrade the OS, or on Python 3.11 or older use "
+    BackendName.LITERT: f"LiteRT's libraries load on {MINIMUM_OS} or newer (glibc "
+    f"{'.'.join(map(str, LITERT_GLIBC['aarch64']))}, GCC 12's libstdc++): upgrade the OS, or "
+    f"on Python {'.'.join(map(str, TFLITE_RUNTIME_LAST_PYTHON))} or older use "
     + _INSTALL_HINTS[BackendName.TFLITE_RUNTIME],
     BackendName.TFLITE_RUNTIME: "reinstall it so pip picks the wheel built for this system: "
     "pip install --force-reinstall 'edgefleet[tflite-runtime]'",
