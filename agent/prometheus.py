@@ -3,7 +3,9 @@
 ``prometheus_client`` serves ``/metrics`` from its own daemon thread; each
 scrape calls ``HealthCollector.collect`` there, which builds a fresh health
 snapshot (the same one the ``health`` topic publishes), so the two never
-disagree and nothing is computed between scrapes.
+disagree and nothing is computed between scrapes. Within the snapshot each
+stream's counters are read downstream first (a frame is counted captured
+before inference can take it), so no scrape shows processed above captured.
 """
 
 from __future__ import annotations
@@ -50,13 +52,20 @@ class HealthCollector(Collector):
         running = GaugeMetricFamily(
             "edgefleet_stream_running", "1 when the source delivers frames.", labels=["stream"]
         )
+        interval = GaugeMetricFamily(
+            "edgefleet_stream_frame_interval_seconds",
+            "Median time between inferred frames.",
+            labels=["stream"],
+        )
         for stream, sh in h.streams.items():
             fps.add_metric([stream], sh.fps)
+            if sh.frame_interval_s is not None:
+                interval.add_metric([stream], sh.frame_interval_s)
             running.add_metric([stream], 1.0 if sh.state == "running" else 0.0)
             for quantile, value in (("0.5", sh.latency_p50_ms), ("0.99", sh.latency_p99_ms)):
                 if value is not None:
                     latency.add_metric([stream, quantile], value)
-        yield from (fps, latency, running)
+        yield from (fps, latency, running, interval)
         yield GaugeMetricFamily("edgefleet_outbox_depth", "Events waiting.", value=h.outbox.depth)
         yield CounterMetricFamily(
             "edgefleet_outbox_dropped", "Events dropped by the bound.", value=h.outbox.dropped
@@ -66,6 +75,11 @@ class HealthCollector(Collector):
         )
         yield CounterMetricFamily(
             "edgefleet_mqtt_reconnects", "Reconnections.", value=h.mqtt.reconnects
+        )
+        yield CounterMetricFamily(
+            "edgefleet_mqtt_id_conflicts",
+            "Connections lost to another client with this client id.",
+            value=h.mqtt.id_conflicts,
         )
         yield GaugeMetricFamily("edgefleet_cpu_percent", "Agent CPU.", value=h.system.cpu_percent)
         yield GaugeMetricFamily("edgefleet_rss_mb", "Agent memory, MiB.", value=h.system.rss_mb)

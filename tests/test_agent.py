@@ -382,6 +382,8 @@ def test_prometheus_endpoint_serves_the_health_figures(
         assert stream_counter(page, "processed") <= stream_counter(page, "captured"), page
     assert "edgefleet_outbox_depth " in metrics
     assert "edgefleet_mqtt_connected 1.0" in metrics
+    assert "edgefleet_mqtt_id_conflicts_total 0.0" in metrics
+    assert 'edgefleet_stream_frame_interval_seconds{stream="kite"} ' in pages[-1]
     probe.disconnect()
 
 
