@@ -136,7 +136,8 @@ class ClientIdWatch:
                 return None
             evidence = (
                 f"the broker closed {self._short_in_a_row} connections in a row within "
-                f"{SHORT_CONNECTION_S:g} s of accepting them, without giving a reason"
+                f"{SHORT_CONNECTION_S:g} s of accepting them, without giving a reason, which "
+                "is what it does when a second client connects with the same id"
             )
         else:
             self._short_in_a_row = 0
