@@ -332,7 +332,13 @@ def _get_config(result: dict[str, Any]) -> str:
 
 
 def _set_config(result: dict[str, Any]) -> str:
-    return f"written to {result['written']} and applied" if "written" in result else "applied"
+    if result.get("changed") is False:
+        return f"{result['written']} says that already; nothing changed"
+    parts = [f"wrote {result['written']}"]
+    for key in ("restarted", "refused", "removed"):
+        if result.get(key):
+            parts.append(f"streams {key}: {', '.join(map(str, result[key]))}")
+    return "; ".join(parts)
 
 
 def _snapshot(result: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from agentproc import AgentProcess
 from broker import Mosquitto, MqttProbe, free_port
 from conftest import Assets
@@ -718,6 +719,10 @@ def test_cmd_prints_one_line_for_a_person_by_default(device: Device) -> None:
     assert ping.stdout.startswith(f"{DEVICE} ping: pong, agent up ")
     assert len(ping.stdout.splitlines()) == 1
     assert models.stdout.startswith(f"{DEVICE} list_models: cam runs classifier 10; ")
+    status = device.cli("cmd", DEVICE, "get_status")
+    config = device.cli("cmd", DEVICE, "get_config")
+    assert status.stdout.startswith(f"{DEVICE} get_status: cam running "), status.stdout
+    assert config.stdout == f"{DEVICE} get_config: device {DEVICE}, streams: cam\n"
 
 
 def test_cmd_snapshot_out_saves_the_image_the_reply_carries(device: Device) -> None:
@@ -734,6 +739,21 @@ def test_cmd_snapshot_out_saves_the_image_the_reply_carries(device: Device) -> N
         assert image.format == "JPEG"
         assert image.size == (reply.result["width"], reply.result["height"])
     assert f"saved {len(out.read_bytes()) / 1024:.0f} KiB to {out}" in result.stderr
+
+
+def test_cmd_set_config_set_changes_the_one_setting_in_the_devices_file(device: Device) -> None:
+    path = device.agent.config_path
+    before = yaml.safe_load(path.read_text())
+
+    result = device.cli("cmd", DEVICE, "set_config", "--set", "streams.cam.events.min_score=0.25")
+    again = device.cli("cmd", DEVICE, "set_config", "--set", "streams.cam.events.min_score=0.25")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{DEVICE} set_config: wrote {path}; streams restarted: cam\n"
+    assert again.stdout == f"{DEVICE} set_config: {path} says that already; nothing changed\n"
+    after = yaml.safe_load(path.read_text())
+    before["streams"][0]["events"]["min_score"] = 0.25
+    assert after == before
 
 
 def test_deploy_of_the_manifest_the_device_rolled_back_is_refused(device: Device) -> None:
