@@ -53,7 +53,13 @@ class HelpFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """The full ``edgefleet`` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="edgefleet", description="Run TensorFlow Lite models on fleets of edge boards."
+        prog="edgefleet",
+        description="Run TensorFlow Lite models on fleets of edge boards.",
+        epilog="'edgefleet COMMAND --help' describes each command.\n"
+        "exit status, the same in every command: 0 done; 1 the environment, the broker or a\n"
+        "device failed; 2 bad input (an option, a missing file, a file that is not a model,\n"
+        "key or manifest); 3 refused: checked, it would not work, nothing changed\n"
+        "(deploy without --force, manifest verify)",
     )
     parser.add_argument("--version", action="version", version=metadata.version("edgefleet"))
     parser.add_argument(

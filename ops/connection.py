@@ -50,10 +50,17 @@ def add_broker_options(parser: argparse.ArgumentParser) -> None:
         help=f"broker host name or address (default: {DEFAULT_HOST})",
     )
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"broker port (default: {DEFAULT_PORT})"
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        metavar="PORT",
+        help=f"broker port (default: {DEFAULT_PORT})",
     )
     parser.add_argument(
-        "--topic-root", default=TOPIC_ROOT, help=f"topic root (default: {TOPIC_ROOT})"
+        "--topic-root",
+        default=TOPIC_ROOT,
+        metavar="ROOT",
+        help=f"topic root (default: {TOPIC_ROOT})",
     )
 
 

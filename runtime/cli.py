@@ -42,14 +42,16 @@ def register(subcommands: Any) -> None:
     commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="describe a model without running it")
-    inspect.add_argument("model", type=Path, help="the .tflite file")
+    inspect.add_argument("model", type=Path, metavar="MODEL", help="the .tflite file")
     _add_json(inspect)
     inspect.set_defaults(handler=_inspect)
 
     run = commands.add_parser("run", help="run a model on images and print the results")
-    run.add_argument("model", type=Path, help="the .tflite file")
+    run.add_argument("model", type=Path, metavar="MODEL", help="the .tflite file")
     run.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files")
-    run.add_argument("--labels", type=Path, help="label file (default: labels in the model)")
+    run.add_argument(
+        "--labels", type=Path, metavar="FILE", help="label file (default: labels in the model)"
+    )
     run.add_argument(
         "--task",
         choices=[t.value for t in TaskName],
@@ -62,22 +64,32 @@ def register(subcommands: Any) -> None:
         help="fit images to the input by stretching or letterboxing (default: %(default)s)",
     )
     run.add_argument(
-        "--threshold", type=float, help="minimum score (default: 0.5 detection, 0 otherwise)"
+        "--threshold",
+        type=float,
+        metavar="SCORE",
+        help="minimum score (default: 0.5 detection, 0 otherwise)",
     )
-    run.add_argument("--top-k", type=_positive, default=5, help="classes to show (default: 5)")
+    run.add_argument(
+        "--top-k", type=_positive, default=5, metavar="K", help="classes to show (default: 5)"
+    )
     _add_engine_options(run)
     _add_json(run, "print one JSON object per image, one per line")
     run.set_defaults(handler=_run)
 
     bench_cmd = commands.add_parser("bench", help="measure load time and inference latency")
-    bench_cmd.add_argument("model", type=Path, help="the .tflite file")
+    bench_cmd.add_argument("model", type=Path, metavar="MODEL", help="the .tflite file")
     bench_cmd.add_argument(
-        "--runs", type=_positive, default=100, help="measured runs (default: %(default)s)"
+        "--runs",
+        type=_positive,
+        default=100,
+        metavar="N",
+        help="measured runs (default: %(default)s)",
     )
     bench_cmd.add_argument(
         "--warmup",
         type=_non_negative,
         default=10,
+        metavar="N",
         help="unmeasured runs before them (default: %(default)s)",
     )
     _add_engine_options(bench_cmd)
@@ -100,13 +112,17 @@ def report_error(exc: EdgefleetError) -> None:
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--delegate", default="cpu", help=f"{DELEGATE_SYNTAX} (default: cpu)")
+    parser.add_argument(
+        "--delegate", default="cpu", metavar="DELEGATE", help=f"{DELEGATE_SYNTAX} (default: cpu)"
+    )
     parser.add_argument(
         "--allow-cpu-fallback",
         action="store_true",
         help="run on the CPU, with a warning, if the delegate cannot be loaded (default: fail)",
     )
-    parser.add_argument("--threads", type=_positive, help="CPU threads (default: the runtime's)")
+    parser.add_argument(
+        "--threads", type=_positive, metavar="N", help="CPU threads (default: the runtime's)"
+    )
     parser.add_argument(
         "--backend",
         choices=[b.value for b in BackendName],
