@@ -110,11 +110,13 @@ class BrokerSettings(_Section):
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay.")
     reconnect_max_s: float = Field(60.0, gt=0, description="Longest reconnect delay (jittered).")
     id_conflict_backoff_s: float = Field(
-        30.0,
+        4.0,
         gt=0,
         description="When another client uses this client id (the broker drops one of the two "
         "whenever the other connects), wait this long before connecting again instead of "
-        "taking the connection back at once; doubles while the conflict goes on.",
+        "taking the connection back at once; doubles while the conflict goes on. Under 5 s, "
+        "the other agent, dropped again right after it took the connection, tells the "
+        "conflict too where the broker gives no reason (MQTT 3.1.1).",
     )
     id_conflict_backoff_max_s: float = Field(
         600.0,

@@ -23,7 +23,6 @@ from edgefleet.agent.protocol import HealthMessage
 
 DEVICE = "dev-twin"
 ROOT = f"edgefleet/v1/{DEVICE}"
-CONFLICT_BACKOFF_S = 4.0
 WINDOW_S = 15.0
 # Before the fix, two agents reconnected 28 times in 15 s (both together, default settings).
 # Once they back off, the window holds the connects that found the conflict and a few retries.
@@ -31,15 +30,13 @@ MAX_CONNECTS_IN_WINDOW = 14
 
 
 def twin_config(model: Path, port: int, workdir: Path, protocol: str) -> dict[str, Any]:
-    """A tiny model on a slow test pattern; the broker's reconnect settings left at default."""
+    """A tiny model on a slow test pattern; reconnect and conflict settings left at default."""
     return {
         "device_id": DEVICE,
         "broker": {
             "host": "127.0.0.1",
             "port": port,
             "protocol": protocol,
-            "id_conflict_backoff_s": CONFLICT_BACKOFF_S,
-            "id_conflict_backoff_max_s": 4 * CONFLICT_BACKOFF_S,
         },
         "streams": [
             {
