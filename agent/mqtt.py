@@ -62,6 +62,8 @@ SESSION_TAKEN_OVER = 142
 # fighting reconnect within the reconnect delay, well under a second by default).
 SHORT_CONNECTION_S = 5.0
 SHORT_CONNECTIONS_IN_A_ROW = 3
+# Past this many doublings the wait is at its maximum anyway (and 2**n stays a float).
+_MAX_DOUBLINGS = 32
 
 
 class BrokerSettingsError(EdgefleetError):
@@ -99,7 +101,8 @@ class IdConflict:
 class ClientIdWatch:
     """Decides from how connections end whether another client uses this client id.
 
-    Pure: every call gets the monotonic time it is about. The mqtt thread owns it.
+    Pure: every call gets the monotonic time it is about. The mqtt thread owns it and
+    calls its methods; the health thread only reads ``problem`` and ``conflicts``.
     """
 
     def __init__(self, client_id: str, *, backoff_s: float, backoff_max_s: float) -> None:
@@ -144,7 +147,7 @@ class ClientIdWatch:
             return None
         first = self.problem is None
         self.conflicts += 1
-        self._level += 1
+        self._level = min(self._level + 1, _MAX_DOUBLINGS)
         wait_s = min(self.backoff_s * 2 ** (self._level - 1), self.backoff_max_s)
         self.problem = f"another client uses client id {self.client_id}: {evidence}"
         return IdConflict(problem=self.problem, wait_s=wait_s, first=first)

@@ -107,3 +107,12 @@ def test_the_conflict_is_over_once_a_connection_holds_past_the_longest_wait() ->
 
 def test_a_loss_before_any_connection_is_not_evidence() -> None:
     assert watch().lost(1.0, reason=SESSION_TAKEN_OVER) is None
+
+
+def test_a_conflict_that_goes_on_for_weeks_keeps_the_longest_wait() -> None:
+    w = watch()
+    for start in range(2000):  # far past the doublings a float can hold
+        w.connected(float(start))
+        conflict = w.lost(start + 0.1, reason=SESSION_TAKEN_OVER)
+    assert conflict is not None
+    assert conflict.wait_s == 120.0
