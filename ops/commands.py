@@ -2,15 +2,18 @@
 
 ::
 
-    edgefleet cmd DEVICE COMMAND [--args JSON] [--set KEY=VALUE ...] [--out FILE.jpg] [--json]
+    edgefleet cmd DEVICE COMMAND [KEY=VALUE ...] [--args JSON] [--set KEY.SUB=VALUE ...]
+                  [--out FILE.jpg] [--json]
 
-By default the reply is one short line for a person (``summary``); ``--json`` prints the
-reply as the device sent it. ``snapshot --out FILE.jpg`` writes the JPEG the reply carries
-(``result.jpeg_base64``). ``set_config --set streams.door.events.min_score=0.6`` (repeatable)
-builds an RFC 7396 JSON merge patch, one object level per dot, and sends it as
-``{"patch": {...}}``; a VALUE is JSON where it parses as JSON (``0.6``, ``true``, ``null``,
-which removes the key), else a string. How the device applies the patch (streams by name)
-is its side of ``set_config``.
+The command's arguments are ``KEY=VALUE`` words (``stream=door``), or a JSON object in
+``--args``, or both (the words win). By default the reply is one short line for a person
+(``summary``); ``--json`` prints the reply as the device sent it. ``snapshot --out
+FILE.jpg`` writes the JPEG the reply carries (``result.jpeg_base64``). ``set_config --set
+streams.door.events.min_score=0.6`` (repeatable) builds an RFC 7396 JSON merge patch, one
+object level per dot, and sends it as ``{"patch": {...}}``; a VALUE (there and in the
+words) is JSON where it parses as JSON (``0.6``, ``true``, ``null``, which in a patch
+removes the key), else a string. How the device applies the patch (streams by name) is
+its side of ``set_config``.
 
 A device that answers ``ok: false`` exits 1 with its error on stderr; one that does not
 answer within ``--timeout`` exits 1 too (``NoReply``).
@@ -72,6 +75,13 @@ def register(subcommands: Any) -> None:
         help=f"the command, one of: {', '.join(names)} (their arguments below)",
     )
     cmd.add_argument(
+        "pairs",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="the command's arguments, e.g. stream=door; VALUE is JSON or else a string "
+        "(default: none)",
+    )
+    cmd.add_argument(
         "--args",
         default="{}",
         metavar="JSON",
@@ -81,7 +91,7 @@ def register(subcommands: Any) -> None:
         "--set",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
+        metavar="KEY.SUB=VALUE",
         dest="settings",
         help="set_config: change one setting, e.g. streams.door.events.min_score=0.6 (a JSON "
         "merge patch, one level per dot; VALUE is JSON or else a string; null removes it); "
@@ -109,7 +119,7 @@ def register(subcommands: Any) -> None:
 
 
 def _commands_epilog() -> str:
-    lines = ["commands and their --args (JSON keys; [key=default] is optional):"]
+    lines = ["commands and their arguments (KEY=VALUE, or --args JSON; [key=default] optional):"]
     for name, model in COMMAND_ARGS.items():
         fields = []
         for key, info in model.model_fields.items():
@@ -119,7 +129,7 @@ def _commands_epilog() -> str:
             else:
                 fields.append(f"[{key}]" if default is None else f"[{key}={default}]")
         lines.append(f"  {name.value:<15} {' '.join(fields) or '(none)'}")
-    lines.append('e.g. edgefleet cmd pi-7 snapshot --args \'{"stream": "door"}\' --out door.jpg')
+    lines.append("e.g. edgefleet cmd pi-7 snapshot stream=door --out door.jpg")
     lines.append("     edgefleet cmd pi-7 set_config --set streams.door.events.min_score=0.6")
     return "\n".join(lines)
 
@@ -140,7 +150,7 @@ def _positive_float(text: str) -> float:
 def _cmd(args: argparse.Namespace) -> int:
     check_topic_level("device id", args.device)
     name = CommandName(args.name)
-    command_args = _command_args(name, args.args, args.settings)
+    command_args = _command_args(name, args.args, args.pairs, args.settings)
     if args.out is not None and name is not CommandName.SNAPSHOT:
         raise SettingError(f"--out is for snapshot, not {name.value}", hint="leave out --out")
     topics = Topics(args.device, args.topic_root)
@@ -195,14 +205,26 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_args(name: CommandName, text: str, settings: list[str]) -> dict[str, Any]:
-    """``--args`` (with ``--set`` as its ``patch``), checked against the command's model."""
+def _command_args(
+    name: CommandName, text: str, pairs: list[str], settings: list[str]
+) -> dict[str, Any]:
+    """``--args`` and the ``KEY=VALUE`` words (with ``--set`` as the ``patch``), checked
+    against the command's argument model."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SettingError(f"--args is not JSON: {exc}", hint=_ARGS_HINT) from exc
     if not isinstance(value, dict):
         raise SettingError("--args must be a JSON object", hint=_ARGS_HINT)
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise SettingError(
+                f"{pair!r} is not KEY=VALUE",
+                hint=f"give the arguments as words like stream=door ('edgefleet cmd --help' "
+                f"lists those of {name.value})",
+            )
+        value[key] = _setting_value(text)
     if settings:
         if name is not CommandName.SET_CONFIG:
             raise SettingError(f"--set is for set_config, not {name.value}", hint="use --args")

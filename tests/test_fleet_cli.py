@@ -401,6 +401,26 @@ def test_cmd_with_arguments_the_command_does_not_take_exits_2_before_sending(
     assert_clean_failure(extra, 2, "Extra inputs are not permitted")
 
 
+def test_cmd_takes_the_arguments_as_key_value_words_json_values_or_strings(
+    broker: Mosquitto,
+) -> None:
+    with Responder(broker, "dev1") as device:
+        words = edgefleet("cmd", "dev1", "bench_model", "stream=door", "runs=20",
+                          "--host", broker.host, "--port", broker.port)  # fmt: skip
+        both = edgefleet("cmd", "dev1", "rollback_model", "stream=door", "--args",
+                         '{"stream": "yard", "reason": "too slow"}',
+                         "--host", broker.host, "--port", broker.port)  # fmt: skip
+    bad = edgefleet("cmd", "dev1", "snapshot", "door", "--port", free_port())
+
+    assert words.returncode == 0, words.stderr
+    assert both.returncode == 0, both.stderr
+    assert [request.args for _, request, _, _ in device.requests] == [
+        {"stream": "door", "runs": 20},
+        {"stream": "door", "reason": "too slow"},
+    ]
+    assert_clean_failure(bad, 2, "'door' is not KEY=VALUE", "stream=door")
+
+
 def test_cmd_set_sends_a_json_merge_patch_built_from_the_dotted_keys(broker: Mosquitto) -> None:
     with Responder(broker, "dev1") as device:
         result = edgefleet(
@@ -728,8 +748,7 @@ def test_cmd_prints_one_line_for_a_person_by_default(device: Device) -> None:
 def test_cmd_snapshot_out_saves_the_image_the_reply_carries(device: Device) -> None:
     out = device.workdir / "cam.jpg"
 
-    result = device.cli("cmd", DEVICE, "snapshot", "--args", '{"stream": "cam"}',
-                        "--out", out, "--json")  # fmt: skip
+    result = device.cli("cmd", DEVICE, "snapshot", "stream=cam", "--out", out, "--json")
 
     assert result.returncode == 0, result.stderr
     reply = CommandReply.model_validate_json(result.stdout)
@@ -758,7 +777,7 @@ def test_cmd_set_config_set_changes_the_one_setting_in_the_devices_file(device: 
 
 def test_deploy_of_the_manifest_the_device_rolled_back_is_refused(device: Device) -> None:
     # Changes the device: cam goes back to the config's model. Runs after the tests above.
-    rolled = device.cli("cmd", DEVICE, "rollback_model", "--args", '{"stream": "cam"}')
+    rolled = device.cli("cmd", DEVICE, "rollback_model", "stream=cam")
     assert rolled.returncode == 0, rolled.stderr
     assert rolled.stdout.startswith(f"{DEVICE} rollback_model: stream cam rolled back to ")
     device.fleet.wait_for_update(STREAM, 10, {"rolled_back"})
