@@ -38,10 +38,14 @@ from edgefleet.agent.protocol import (
     DesiredState,
     ErrorCode,
     Manifest,
+    ModelRef,
+    ReportedState,
     SignedManifest,
+    StatusMessage,
     TensorSpec,
     Topics,
 )
+from edgefleet.ops.deploy import DeviceRecord, judge_deploy
 from edgefleet.provisioning import TrustedKeys, sign_manifest
 
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
@@ -808,3 +812,53 @@ def test_deploy_to_a_device_gone_offline_warns_and_sets_it(device: Device) -> No
     assert f"warning: {DEVICE} is offline since " in result.stderr
     assert "it acts on this when it reconnects" in result.stderr
     assert device.desired().models[STREAM] == SignedManifest.model_validate_json(newer.read_text())
+
+
+# -- the deploy decision, without a broker ----------------------------------------------------
+
+
+def _record(*, status: str | None, streams: list[str], **fields: Any) -> DeviceRecord:
+    model = ModelRef(id="m", version="1", sha256="c" * 64, task="raw", backend="b", delegate="cpu")
+    reported = ReportedState(device_id="pi", ts=1.0, agent_version="0.1.0",
+                             models=dict.fromkeys(streams, model))  # fmt: skip
+    online = status == "online"
+    message = StatusMessage(state=status, device_id="pi", ts=1.0, streams=streams if online else [])
+    return DeviceRecord(status=message if status else None, reported=reported, **fields)
+
+
+def _signed(tmp_path: Path) -> tuple[SignedManifest, Manifest]:
+    path = signed_manifest_file(tmp_path / "m.json", "ssd")
+    signed = SignedManifest.model_validate_json(path.read_text())
+    return signed, Manifest.model_validate_json(signed.payload)
+
+
+def test_judge_deploy_takes_an_offline_devices_streams_from_its_reported_state(
+    tmp_path: Path,
+) -> None:
+    signed, manifest = _signed(tmp_path)
+    offline = _record(status="offline", streams=["door"])
+
+    to_door = judge_deploy("pi", "door", signed, manifest, offline)
+    to_attic = judge_deploy("pi", "attic", signed, manifest, offline)
+
+    assert to_door.refusals == []
+    assert any("pi is offline since" in f.reason for f in to_door.findings)
+    assert [f.reason.split(" (")[0] for f in to_attic.refusals] == [
+        "pi does not run stream 'attic'"
+    ]
+
+
+def test_judge_deploy_warns_but_does_not_refuse_when_the_status_does_not_parse(
+    tmp_path: Path,
+) -> None:
+    signed, manifest = _signed(tmp_path)
+    unreadable = DeviceRecord(unreadable=("status",))
+
+    judgement = judge_deploy("pi", "door", signed, manifest, unreadable)
+
+    assert judgement.refusals == []
+    reasons = [f.reason for f in judgement.findings]
+    assert reasons == [
+        "cannot read the retained status of pi; not checked against it",
+        "cannot tell which streams pi runs; not checked",
+    ]
