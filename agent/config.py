@@ -234,6 +234,40 @@ class UpdateSettings(_Section):
         120.0, gt=0, description="Longest a model's validation process may run."
     )
     bench_runs: int = Field(20, ge=1, description="Timed runs when validating a model.")
+    validation_memory_mib: int | None = Field(
+        None,
+        ge=1,
+        description="Resident memory a candidate model may add, in MiB; more is refused. "
+        "Unset: the memory available beside what runs (the board's available memory, and "
+        "the room left under the agent's cgroup memory.max), less memory_reserve_mib.",
+    )
+    memory_reserve_mib: int = Field(
+        64, ge=0, description="MiB the derived memory budget leaves free for everything else."
+    )
+    address_space_headroom_mib: int = Field(
+        256,
+        ge=0,
+        description="Address space the validation process may reserve beyond its size at "
+        "start and the memory budget: the interpreter's libraries, thread stacks and "
+        "mappings (24 to 60 MiB measured for the project's models, 1 to 4 threads).",
+    )
+    validation_cpu_s: int = Field(
+        90, ge=1, description="CPU seconds (all threads) the validation process may use."
+    )
+    max_slowdown: float = Field(
+        3.0,
+        gt=1,
+        description="Without max_latency_ms in the manifest, a candidate whose median invoke "
+        "is more than this many times the running model's (timed in the same validation "
+        "process) is refused, unless the manifest sets allow_slower.",
+    )
+    min_throughput_ratio: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="Probation rolls a model back when the share of captured frames it "
+        "processed over the window falls below this fraction of the previous model's.",
+    )
     retry_s: float = Field(
         30.0, gt=0, description="Seconds before an update that could not finish is tried again."
     )

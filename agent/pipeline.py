@@ -97,6 +97,7 @@ class ModelStats:
     failed: int = 0
     inference: LatencyWindow = field(default_factory=LatencyWindow)
     captured_at_start: int = 0  # the source's frame count when this model took over
+    started_s: float = field(default_factory=time.monotonic)  # when it took over
 
 
 @dataclass(frozen=True)

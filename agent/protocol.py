@@ -568,6 +568,11 @@ class Manifest(_Message):
     max_latency_ms: float | None = Field(
         None, gt=0, description="Median invoke time the device must reach, else it refuses."
     )
+    allow_slower: bool = Field(
+        False,
+        description="Without max_latency_ms, a device refuses a model much slower than the "
+        "one it replaces or too slow for the stream's frame rate; true installs it anyway.",
+    )
     min_agent_version: str = Field("0", description="Oldest agent that may run this model.")
     issued_at: float = Field(description="Unix seconds when it was signed.")
     expires_at: float = Field(description="Unix seconds after which devices refuse it.")

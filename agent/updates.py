@@ -47,7 +47,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -55,12 +54,20 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from edgefleet.provisioning.signing import SigningError, TrustedKeys, UnknownSigningKey
 from edgefleet.runtime import EdgefleetError, ModelBytes, read_model
 
+from .budgets import (
+    MemoryRoom,
+    configured_fps,
+    memory_budget_bytes,
+    memory_room,
+    pace_refusal,
+)
 from .chunks import Subscriber, fetch_over_mqtt
 from .config import StreamSettings, UpdateSettings
 from .download import DownloadError, DownloadFailed, DownloadIncomplete, download
 from .modelstore import ModelStore, NothingToRollBack, StoreError
 from .mqtt import Inbound
-from .pipeline import LoadedModel, ModelStats, StreamRunner, load_model
+from .pipeline import LoadedModel, StreamRunner, load_model
+from .probation import Throughput, probation_verdict
 from .protocol import (
     MQTT_MODEL_URL,
     DesiredState,
@@ -69,7 +76,7 @@ from .protocol import (
     UpdateReport,
     UpdateState,
 )
-from .validation import ValidationRefused, validate_model
+from .validation import ValidationLimits, ValidationRefused, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +108,16 @@ class _InSync(Exception):
     """The desired model is the one running already."""
 
 
+class _Throughput(BaseModel):
+    """``probation.Throughput`` as the record stores it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    processed: int
+    captured: int
+    elapsed_s: float
+
+
 class _Record(BaseModel):
     """The store's record of a stream's latest update (the agent's own file)."""
 
@@ -119,6 +136,7 @@ class _Record(BaseModel):
     revision: int | None = None  # the desired revision that last asked for this manifest
     validated_p50_ms: float | None = None
     probation_started: float | None = None
+    before: _Throughput | None = None  # the replaced model's throughput, at activation
 
     def report(self) -> UpdateReport:
         return UpdateReport(
@@ -199,63 +217,6 @@ def refused_again(
     return None
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """What probation decided: commit, roll back (with why), or keep watching."""
-
-    commit: bool = False
-    rollback_reason: str | None = None
-
-
-def probation_verdict(
-    stats: ModelStats,
-    *,
-    captured: int,
-    elapsed_s: float,
-    validated_p50_ms: float | None,
-    settings: UpdateSettings,
-) -> Verdict:
-    """Judge a model on probation from what it did since activation. Pure.
-
-    Its latency is held against what validation measured for it on this device, not
-    against the previous model: a bigger model deployed on purpose is slower by design.
-    It is committed only on evidence: ``probation_min_frames`` results. Past the window
-    with fewer, it is rolled back if the source delivered the frames (``captured``) and
-    the model did not process them (a hung interpreter), and kept waiting if the source
-    delivered nothing (a camera that is down says nothing about the model).
-    """
-    frames = stats.processed + stats.failed
-    if frames >= settings.probation_min_frames:
-        rate = stats.failed / frames
-        if rate > settings.max_error_rate:
-            return Verdict(
-                rollback_reason=f"error rate {rate:.0%} over {frames} frames exceeds "
-                f"{settings.max_error_rate:.0%}"
-            )
-    p50 = stats.inference.percentiles()["p50_ms"]
-    if (
-        p50 is not None
-        and validated_p50_ms
-        and stats.processed >= settings.probation_min_frames
-        and p50 > validated_p50_ms * settings.max_latency_factor
-    ):
-        return Verdict(
-            rollback_reason=f"median invoke {p50:.1f} ms on the stream is over "
-            f"{settings.max_latency_factor}x the {validated_p50_ms:.1f} ms measured when it "
-            "was validated"
-        )
-    if elapsed_s < settings.probation_s:
-        return Verdict()
-    if frames >= settings.probation_min_frames:
-        return Verdict(commit=True)
-    if captured >= settings.probation_min_frames:
-        return Verdict(
-            rollback_reason=f"{frames} results from {captured} frames in {elapsed_s:.0f} s "
-            "(a stuck interpreter?)"
-        )
-    return Verdict()
-
-
 def _load_beside(runner: StreamRunner, content: ModelBytes, manifest: Manifest) -> LoadedModel:
     """Load and warm ``content`` for ``runner`` at low priority, beside its running model.
 
@@ -286,6 +247,16 @@ def _load_beside(runner: StreamRunner, content: ModelBytes, manifest: Manifest) 
     if isinstance(outcome[0], EdgefleetError):
         raise outcome[0]
     return outcome[0]
+
+
+def _throughput_of(runner: StreamRunner) -> _Throughput:
+    """What the stream's current model processed of the frames delivered since it took over."""
+    stats = runner.model_stats
+    return _Throughput(
+        processed=stats.processed,
+        captured=runner.captured_by_model,
+        elapsed_s=time.monotonic() - stats.started_s,
+    )
 
 
 def _parse_installed(signed: SignedManifest | None) -> Manifest | None:
@@ -625,9 +596,12 @@ class Updater:
     def _validate(
         self, runner: StreamRunner, signed: SignedManifest, manifest: Manifest, content: ModelBytes
     ) -> float:
-        """Validate in a separate process; returns the median invoke time it measured."""
+        """Validate in a separate process, within the budgets (``budgets.py``); returns the
+        median invoke time it measured."""
         self._progress(runner.name, signed, UpdateState.VALIDATING)
         model = runner.settings.model
+        room = memory_room()
+        limits = self._limits(room)
         try:
             report = validate_model(
                 content.content,
@@ -638,17 +612,47 @@ class Updater:
                 frame=runner.latest_frame,
                 bench_runs=self.settings.bench_runs,
                 timeout_s=self.settings.validation_timeout_s,
+                limits=limits,
+                reference=self._running_bytes(runner),
             )
         except ValidationRefused as exc:
-            raise UpdateRefused(f"validation failed ({exc.code}): {exc.message}") from exc
+            where = f" ({room.describe()})" if exc.code in ("load_failed", "too_big") else ""
+            raise UpdateRefused(f"validation failed ({exc.code}): {exc.message}{where}") from exc
         log.info(
-            "stream %s: model %s v%d validated, median invoke %.1f ms",
+            "stream %s: model %s v%d validated, median invoke %.1f ms (running model %s ms), "
+            "+%d MiB resident",
             runner.name,
             manifest.model_id,
             manifest.version,
             report.latency_p50_ms,
+            "?" if report.reference_p50_ms is None else f"{report.reference_p50_ms:.1f}",
+            report.memory_bytes >> 20,
         )
+        slow = pace_refusal(
+            manifest,
+            p50_ms=report.latency_p50_ms,
+            running_p50_ms=report.reference_p50_ms,
+            fps=configured_fps(runner.settings.source),
+            max_slowdown=self.settings.max_slowdown,
+        )
+        if slow is not None:
+            raise UpdateRefused(f"validation failed (too_slow): {slow}")
         return report.latency_p50_ms
+
+    def _limits(self, room: MemoryRoom) -> ValidationLimits:
+        return ValidationLimits(
+            memory_budget_bytes=memory_budget_bytes(self.settings, room),
+            address_space_headroom_bytes=self.settings.address_space_headroom_mib << 20,
+            cpu_s=self.settings.validation_cpu_s,
+        )
+
+    def _running_bytes(self, runner: StreamRunner) -> bytes | None:
+        """The running model's bytes, for validation to time it beside the candidate."""
+        try:
+            return self.store.load(runner.model.sha256).content
+        except (EdgefleetError, OSError) as exc:
+            log.warning("stream %s: the running model is not compared: %s", runner.name, exc)
+            return None
 
     def _activate(
         self,
@@ -664,6 +668,7 @@ class Updater:
             loaded = _load_beside(runner, content, manifest)
         except EdgefleetError as exc:
             raise UpdateRefused(f"the model failed to load in the agent: {exc.message}") from exc
+        before = _throughput_of(runner)
         self.store.activate(name, manifest.sha256)
         self._install(runner, loaded)
         record = self._record(name)
@@ -675,6 +680,7 @@ class Updater:
             starts=0,
             validated_p50_ms=validated_p50_ms,
             probation_started=time.time(),
+            before=before,
         )
 
     def _install(self, runner: StreamRunner, loaded: LoadedModel) -> None:
@@ -695,12 +701,16 @@ class Updater:
             if runner.model.sha256 != record.sha256:
                 continue
             started = record.probation_started or record.ts
+            before = record.before
+            manifest = _parse_installed(record.signed)
             verdict = probation_verdict(
                 runner.model_stats,
                 captured=runner.captured_by_model,
                 elapsed_s=time.time() - started,
                 validated_p50_ms=record.validated_p50_ms,
                 settings=self.settings,
+                before=None if before is None else Throughput(**before.model_dump()),
+                allow_slower=manifest is not None and manifest.allow_slower,
             )
             with self._lock:  # an operator's rollback may have decided meanwhile
                 if self._record(name) != record:

@@ -10,12 +10,24 @@ swap the file in between), and waits at most ``timeout_s`` for one reply. The
 child loads the bytes from memory (``model_content=``, so the flatbuffer
 verifier runs), checks the inputs and outputs against the manifest, runs one
 smoke inference on a camera frame and a short benchmark against the
-manifest's latency budget, then exits.
+manifest's latency budget, then, when the parent sends the running model too,
+the same benchmark of that one in the same process on the same frame (so the
+two medians compare on one machine state, however loaded), then exits.
+
+Budgets. Before it loads anything the child caps its own address space
+(``RLIMIT_AS``) at its size then plus the memory budget plus
+``address_space_headroom`` (the interpreter's libraries, thread stacks and
+mappings, which reserve address space they never touch), and its CPU time
+(``RLIMIT_CPU``). A model whose tensors need more than that fails to allocate
+them: ``load_failed``, with the budget in the reason. One that fits the
+address space but whose resident memory grew by more than the budget is
+``too_big``. The report carries the growth and the peak RSS.
 
 Framing. Request on the child's stdin: one JSON line (``_Request``: the
 manifest, delegate, threads, backend, run counts, the model's length and the
-frame's shape), then exactly that many model bytes, then the raw HxWx3 uint8
-frame bytes if a frame was given. Reply on the child's stdout: one JSON line,
+frame's shape), then exactly that many model bytes, then the running model's bytes
+(``reference_size`` of them, maybe none), then the raw HxWx3 uint8 frame bytes if a
+frame was given. Reply on the child's stdout: one JSON line,
 ``{"ok": true, "report": {...}}`` or ``{"ok": false, "code": ..., "message":
 ..., "hint": ...}``. No pickle: the parent trusts nothing the child sends
 beyond what the pydantic models accept. The child points file descriptor 1 at
@@ -25,14 +37,16 @@ reply; its logging goes to stderr.
 Refusals (``ValidationRefused.code``)::
 
     load_failed        the runtime could not load the model: corrupt bytes, an Edge TPU model
-                       without a TPU, a missing delegate, an unresolvable custom op, ...
+                       without a TPU, a missing delegate, an unresolvable custom op, tensors
+                       that need more memory than the budget, ...
     input_mismatch     an input's shape or dtype differs from the manifest (a null shape
                        in the manifest is set at run time: only the dtype is checked)
     output_mismatch    an output's shape or dtype differs from the manifest (when it lists them)
     inference_failed   the smoke inference or the benchmark raised
     too_slow           the median invoke time is over the manifest's max_latency_ms
+    too_big            loading and running it grew the process by more than the memory budget
     crashed            the child died from a signal, or exited without a report
-    timeout            the child ran past timeout_s and was killed
+    timeout            the child ran past timeout_s and was killed, or used up its CPU time
 
 Threads: ``validate_model`` runs on the agent's update thread (before
 activating a model) and on the command thread (``bench_model``). It blocks
@@ -44,12 +58,13 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, BinaryIO, Literal
 
 import numpy as np
@@ -65,10 +80,17 @@ from edgefleet.runtime import (
     ModelBytes,
     Prediction,
     Predictor,
+    TensorAllocationFailed,
     TensorInfo,
 )
 
-__all__ = ["RefusalCode", "ValidationRefused", "ValidationReport", "validate_model"]
+__all__ = [
+    "RefusalCode",
+    "ValidationLimits",
+    "ValidationRefused",
+    "ValidationReport",
+    "validate_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +100,7 @@ RefusalCode = Literal[
     "output_mismatch",
     "inference_failed",
     "too_slow",
+    "too_big",
     "crashed",
     "timeout",
 ]
@@ -88,6 +111,12 @@ _MAX_HEADER_BYTES = 1 << 20  # a manifest is at most 64 KiB of JSON
 _REAP_TIMEOUT_S = 5.0  # after a kill, for the pipes to close
 _STDERR_TAIL_LINES = 5
 _GREY = 128  # the synthetic smoke frame when no camera frame is given
+_MIB = 1 << 20
+_MEMORY_HINT = (
+    "keep the current model: this one needs more memory than the board has free beside what "
+    "runs; use a smaller model, or raise updates.validation_memory_mib where the board has it"
+)
+_CPU_HARD_EXTRA_S = 5  # SIGXCPU at the soft limit; SIGKILL this much later if it is caught
 _RUN_TIME_SHAPE_HINT = (
     "the manifest promises a scalar ([]): a tensor whose shape is set at run time is written "
     "with shape null; sign the manifest again with `edgefleet manifest create`, which does so"
@@ -107,6 +136,9 @@ class ValidationReport:
     latency_p90_ms: float
     runs: int  # measured invokes
     smoke_results: int  # results the smoke inference gave (classes, detections, ...)
+    memory_bytes: int = 0  # resident memory the model added: peak RSS minus RSS before loading
+    peak_rss_bytes: int = 0  # the validation process's peak RSS while it ran the model
+    reference_p50_ms: float | None = None  # the running model, timed the same way, same frame
 
 
 class ValidationRefused(EdgefleetError):
@@ -121,6 +153,21 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ValidationLimits(_Wire):
+    """What the validation process may use: memory the model may add, CPU time."""
+
+    memory_budget_bytes: int | None = Field(
+        None, gt=0, description="Resident memory the model may add; None: no limit."
+    )
+    address_space_headroom_bytes: int = Field(
+        0,
+        ge=0,
+        description="Address space allowed beyond the budget, for the interpreter's libraries, "
+        "thread stacks and reserved mappings.",
+    )
+    cpu_s: int | None = Field(None, ge=1, description="CPU seconds (all threads); None: no limit.")
+
+
 class _Request(_Wire):
     """The JSON header line of a request; the model and frame bytes follow it."""
 
@@ -131,6 +178,12 @@ class _Request(_Wire):
     warmup_runs: int = Field(ge=0, description="Unmeasured invokes after the smoke inference.")
     bench_runs: int = Field(ge=1, description="Measured invokes.")
     model_size: int = Field(ge=0, description="Model bytes following the header.")
+    reference_size: int = Field(
+        0, ge=0, description="Bytes of the running model following the model; 0: none."
+    )
+    limits: ValidationLimits = Field(
+        default_factory=ValidationLimits, description="The child's resource limits."
+    )
     frame_shape: tuple[int, int, int] | None = Field(
         description="Shape of the uint8 frame following the model; None for a synthetic one."
     )
@@ -167,8 +220,14 @@ def validate_model(
     bench_runs: int = 20,
     warmup_runs: int = 2,
     timeout_s: float = 60.0,
+    limits: ValidationLimits | None = None,
+    reference: bytes | None = None,
 ) -> ValidationReport:
-    """Load, check, smoke-test and time ``content`` in a child process; raise if it is refused."""
+    """Load, check, smoke-test and time ``content`` in a child process; raise if it is refused.
+
+    ``reference`` (the running model's bytes) is timed after it in the same process, on the
+    same frame: the report's ``reference_p50_ms``.
+    """
     if frame is not None and (frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8):
         raise ValueError(f"frame must be HxWx3 uint8, not {list(frame.shape)} {frame.dtype}")
     header = _Request(
@@ -179,23 +238,27 @@ def validate_model(
         warmup_runs=warmup_runs,
         bench_runs=bench_runs,
         model_size=len(content),
+        reference_size=len(reference or b""),
+        limits=limits or ValidationLimits(),
         frame_shape=None if frame is None else (frame.shape[0], frame.shape[1], 3),
     )
     context = {"model": f"{manifest.model_id} v{manifest.version}"} if manifest else {}
     started = time.monotonic()
     try:
-        returncode, stdout, stderr = _run_child(_encode(header, content, frame), timeout_s)
-        report = _decode_reply(returncode, stdout, stderr)
+        request = _encode(header, content + (reference or b""), frame)
+        returncode, stdout, stderr = _run_child(request, timeout_s)
+        report = _decode_reply(returncode, stdout, stderr, header.limits)
     except ValidationRefused as exc:
         log.info("model refused (%s): %s", exc.code, exc.message, extra=context)
         raise
     log.info(
-        "model validated in %.1f s: %s, %s, %s, invoke p50 %.2f ms",
+        "model validated in %.1f s: %s, %s, %s, invoke p50 %.2f ms, +%d MiB resident",
         time.monotonic() - started,
         report.task,
         report.backend,
         report.delegate,
         report.latency_p50_ms,
+        report.memory_bytes // _MIB,
         extra=context,
     )
     return report
@@ -234,7 +297,16 @@ def _run_child(request: bytes, timeout_s: float) -> tuple[int, bytes, bytes]:
     return process.returncode, stdout, stderr
 
 
-def _decode_reply(returncode: int, stdout: bytes, stderr: bytes) -> ValidationReport:
+def _decode_reply(
+    returncode: int, stdout: bytes, stderr: bytes, limits: ValidationLimits
+) -> ValidationReport:
+    if returncode == -signal.SIGXCPU and limits.cpu_s is not None:
+        raise ValidationRefused(
+            "timeout",
+            f"validation used up its {limits.cpu_s} s of CPU time and was stopped",
+            hint="the model is far too heavy for this board (or loops): time it with "
+            "`edgefleet model bench`, or raise updates.validation_cpu_s",
+        )
     if returncode < 0:
         raise _crashed(f"was killed by {_signal_name(-returncode)}", stderr)
     if returncode > 0:
@@ -275,10 +347,10 @@ def _child_main() -> int:
     # From here on anything that writes to fd 1 (native code included) lands in stderr.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-    request, content, frame = _read_request(sys.stdin.buffer)
+    request, content, reference, frame = _read_request(sys.stdin.buffer)
     reply: _Passed | _Refused
     try:
-        reply = _Passed(report=_validate(request, content, frame))
+        reply = _Passed(report=_validate(request, content, reference, frame))
     except ValidationRefused as exc:
         reply = _Refused(code=exc.code, message=exc.message, hint=exc.hint)
     with reply_to:
@@ -286,13 +358,17 @@ def _child_main() -> int:
     return 0
 
 
-def _read_request(stream: BinaryIO) -> tuple[_Request, bytes, npt.NDArray[np.uint8] | None]:
+def _read_request(
+    stream: BinaryIO,
+) -> tuple[_Request, bytes, bytes | None, npt.NDArray[np.uint8] | None]:
     request = _Request.model_validate_json(stream.readline(_MAX_HEADER_BYTES))
     content = _read_exactly(stream, request.model_size)
+    reference = _read_exactly(stream, request.reference_size) if request.reference_size else None
     if request.frame_shape is None:
-        return request, content, None
+        return request, content, reference, None
     pixels = _read_exactly(stream, int(np.prod(request.frame_shape)))
-    return request, content, np.frombuffer(pixels, np.uint8).reshape(request.frame_shape)
+    frame = np.frombuffer(pixels, np.uint8).reshape(request.frame_shape)
+    return request, content, reference, frame
 
 
 def _read_exactly(stream: BinaryIO, size: int) -> bytes:
@@ -303,10 +379,15 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
 
 
 def _validate(
-    request: _Request, content: bytes, frame: npt.NDArray[np.uint8] | None
+    request: _Request,
+    content: bytes,
+    reference: bytes | None,
+    frame: npt.NDArray[np.uint8] | None,
 ) -> ValidationReport:
     manifest = request.manifest
-    with _open(request, content) as predictor:
+    rss_before = _rss_bytes()
+    _limit_self(request.limits)
+    with _open(request, content, request.limits) as predictor:
         engine = predictor.engine
         if manifest is not None:
             _check_tensors("input", manifest.inputs, engine.inputs)
@@ -317,9 +398,11 @@ def _validate(
             frame = np.full(shape, _GREY, dtype=np.uint8)
         smoke = _smoke(predictor, frame)
         p50, p90 = _time_invokes(predictor, request.warmup_runs, request.bench_runs)
+        peak = _peak_rss_bytes()
+        _check_memory(peak - rss_before, peak, request.limits)
         if manifest is not None and manifest.max_latency_ms is not None:
             _check_budget(p50, manifest.max_latency_ms)
-        return ValidationReport(
+        report = ValidationReport(
             backend=engine.backend.label,
             delegate=engine.delegate.description,
             inputs=[_spec(t) for t in engine.inputs],
@@ -329,10 +412,78 @@ def _validate(
             latency_p90_ms=p90,
             runs=request.bench_runs,
             smoke_results=len(smoke.results),
+            memory_bytes=max(0, peak - rss_before),
+            peak_rss_bytes=peak,
+        )
+    if reference is None:
+        return report
+    return replace(report, reference_p50_ms=_time_reference(request, reference, frame))
+
+
+def _time_reference(
+    request: _Request, reference: bytes, frame: npt.NDArray[np.uint8]
+) -> float | None:
+    """The running model's median, timed like the candidate's, on the same frame."""
+    try:
+        with Predictor.open(
+            ModelBytes.from_bytes(reference, source="<running model>"),
+            delegate=request.delegate,
+            threads=request.threads,
+            backend=request.backend,
+        ) as predictor:
+            predictor.predict(frame)
+            return _time_invokes(predictor, request.warmup_runs, request.bench_runs)[0]
+    except (EdgefleetError, ValidationRefused) as exc:
+        # The comparison is left out, and the parent says so; the running model runs anyway.
+        log.warning("the running model could not be timed for comparison: %s", exc)
+        return None
+
+
+def _limit_self(limits: ValidationLimits) -> None:
+    """Cap this process's address space (its size now, plus budget and headroom) and CPU."""
+    if limits.memory_budget_bytes is not None:
+        cap = _address_space_bytes() + limits.memory_budget_bytes
+        cap += limits.address_space_headroom_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if limits.cpu_s is not None:
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        soft = int(used.ru_utime + used.ru_stime) + limits.cpu_s
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + _CPU_HARD_EXTRA_S))
+
+
+def _status_kib(field: str) -> int:
+    """A ``VmXxx`` figure of ``/proc/self/status``, in KiB."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _address_space_bytes() -> int:
+    return _status_kib("VmSize") * 1024
+
+
+def _rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _check_memory(grown: int, peak: int, limits: ValidationLimits) -> None:
+    budget = limits.memory_budget_bytes
+    if budget is not None and grown > budget:
+        raise ValidationRefused(
+            "too_big",
+            f"the model took {grown // _MIB} MiB of memory (peak RSS {peak // _MIB} MiB), more "
+            f"than the {budget // _MIB} MiB budget beside the running models",
+            hint=_MEMORY_HINT,
         )
 
 
-def _open(request: _Request, content: bytes) -> Predictor:
+def _open(request: _Request, content: bytes, limits: ValidationLimits) -> Predictor:
     task = request.manifest.task if request.manifest else TaskSpec()
     try:
         return Predictor.open(
@@ -342,8 +493,25 @@ def _open(request: _Request, content: bytes) -> Predictor:
             backend=request.backend,
             **_task_options(task),
         )
+    except MemoryError as exc:
+        raise _over_budget(limits, "out of memory") from exc
+    except TensorAllocationFailed as exc:
+        # Under the cap an arena that does not fit fails here; without one, the model's shapes.
+        if limits.memory_budget_bytes is None:
+            raise ValidationRefused("load_failed", exc.message, hint=exc.hint) from exc
+        raise _over_budget(limits, exc.message) from exc
     except EdgefleetError as exc:
         raise ValidationRefused("load_failed", exc.message, hint=exc.hint) from exc
+
+
+def _over_budget(limits: ValidationLimits, detail: str) -> ValidationRefused:
+    budget = limits.memory_budget_bytes or 0
+    return ValidationRefused(
+        "load_failed",
+        f"the model needs more than the {budget // _MIB} MiB memory budget beside the running "
+        f"models: allocating its tensors failed under that limit ({detail})",
+        hint=_MEMORY_HINT,
+    )
 
 
 def _task_options(task: TaskSpec) -> dict[str, Any]:

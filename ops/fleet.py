@@ -147,7 +147,16 @@ def _register_manifest(subcommands: Any) -> None:
         "--max-latency-ms",
         type=_positive_float,
         metavar="MS",
-        help="median invoke time devices must reach (default: no limit)",
+        help="median invoke time devices must reach; replaces the default check: within "
+        "updates.max_slowdown (3x) of the running model's and fast enough for the stream's "
+        "frame rate (default: that check)",
+    )
+    create.add_argument(
+        "--allow-slower",
+        action="store_true",
+        help="a bigger model on purpose: devices install it even if much slower than the "
+        "running model or the frame rate, and probation does not roll it back for a lower "
+        "frame rate (default: refused)",
     )
     create.add_argument(
         "--task", choices=[t.value for t in TaskName], help="task (default: detected on device)"
@@ -304,6 +313,8 @@ def _manifest_from(args: argparse.Namespace) -> Manifest:
     # Unset options keep the protocol's defaults.
     if args.max_latency_ms is not None:
         fields["max_latency_ms"] = args.max_latency_ms
+    if args.allow_slower:
+        fields["allow_slower"] = True
     if args.min_agent_version is not None:
         fields["min_agent_version"] = args.min_agent_version
     try:
@@ -415,12 +426,20 @@ def _describe_manifest(signed: SignedManifest, m: Manifest) -> str:
         f"task           {m.task.task or 'detected on the device'}",
         *(f"input          {_spec(t)}" for t in m.inputs),
         *(f"output         {_spec(t)}" for t in m.outputs or []),
-        f"max latency    {f'{m.max_latency_ms:g} ms' if m.max_latency_ms else 'no limit'}",
+        f"max latency    {_pace(m)}",
         f"min agent      {m.min_agent_version}",
         f"issued         {_utc(m.issued_at)}",
         f"expires        {_utc(m.expires_at)} ({left})",
     ]
     return "\n".join(lines)
+
+
+def _pace(m: Manifest) -> str:
+    if m.max_latency_ms:
+        return f"{m.max_latency_ms:g} ms"
+    if m.allow_slower:
+        return "no limit (allow_slower)"
+    return "no budget: refused when much slower than the running model or the frame rate"
 
 
 def _spec(spec: TensorSpec) -> str:

@@ -6,8 +6,9 @@ import pytest
 
 from edgefleet.agent.config import UpdateSettings
 from edgefleet.agent.pipeline import ModelStats
+from edgefleet.agent.probation import probation_verdict
 from edgefleet.agent.protocol import Manifest, UpdateState
-from edgefleet.agent.updates import in_sync, probation_verdict, refusal, refused_again
+from edgefleet.agent.updates import in_sync, refusal, refused_again
 
 NOW = 1_800_000_000.0
 

@@ -286,3 +286,160 @@ def fails_when_bright_model(height: int = 8, width: int = 8, limit: int = 128) -
     buffers = [_buffer(), _buffer(), _buffer(), _buffer(table), _buffer()]
     codes = [_opcode(schema.BuiltinOperator.CAST), _opcode(schema.BuiltinOperator.GATHER)]
     return _finish(_model(g, codes, buffers))
+
+
+def tile_model(height: int = 8, width: int = 8, copies: int = 1000) -> bytes:
+    """``uint8 [1, H, W, 3]`` image through ``CAST`` to float32, ``TILE`` x ``copies``, ``SLICE``
+    back: output = the image as floats, through an intermediate of ``H*W*3*copies*4`` bytes.
+
+    A tiny, valid file whose tensor arena is as large as a test wants: with ``copies`` in the
+    millions it needs gigabytes, for memory-budget tests; with a few thousand it is simply
+    slow (the tile is written on every invoke), for pace tests.
+    """
+    shape = (1, height, width, 3)
+    tiled = (1, height, width, 3 * copies)
+    g = schema.SubGraphT()
+    g.name = "main"
+    g.tensors = [
+        _tensor("image", shape, "uint8", 1),
+        _tensor("pixels", shape, "float32", 2),
+        _tensor("multiples", (4,), "int32", 3),
+        _tensor("tiled", tiled, "float32", 4),
+        _tensor("begin", (4,), "int32", 5),
+        _tensor("size", (4,), "int32", 6),
+        _tensor("out", shape, "float32", 7),
+    ]
+    g.inputs, g.outputs = [0], [6]
+    g.operators = [_operator(0, [0], [1]), _operator(1, [1, 2], [3]), _operator(2, [3, 4, 5], [6])]
+    buffers = [_buffer() for _ in range(8)]
+    buffers[3] = _buffer(np.asarray([1, 1, 1, copies], dtype="<i4").tobytes())
+    buffers[5] = _buffer(np.asarray([0, 0, 0, 0], dtype="<i4").tobytes())
+    buffers[6] = _buffer(np.asarray(shape, dtype="<i4").tobytes())
+    codes = [
+        _opcode(schema.BuiltinOperator.CAST),
+        _opcode(schema.BuiltinOperator.TILE),
+        _opcode(schema.BuiltinOperator.SLICE),
+    ]
+    return _finish(_model(g, codes, buffers))
+
+
+def slows_down_model(
+    height: int = 8, width: int = 8, *, fast_invokes: int = 40, loops: int = 1_000_000
+) -> bytes:
+    """``uint8 [1, H, W, 3]`` image to its float copy; fast for ``fast_invokes`` invokes of
+    one interpreter, then every invoke spins a ``WHILE`` loop ``loops`` times first.
+
+    A resource variable (initialised once by ``CALL_ONCE``) counts the invokes, and the loop
+    runs ``min(max(count - fast_invokes, 0), 1) * loops`` times: a model that passes a
+    validation's few invokes and then, on the live stream, takes far longer than the frame
+    interval, with no more memory. For probation's throughput tests.
+    """
+    shape = (1, height, width, 3)
+    codes = [
+        _opcode(schema.BuiltinOperator.CALL_ONCE),  # 0
+        _opcode(schema.BuiltinOperator.VAR_HANDLE),  # 1
+        _opcode(schema.BuiltinOperator.READ_VARIABLE),  # 2
+        _opcode(schema.BuiltinOperator.ASSIGN_VARIABLE),  # 3
+        _opcode(schema.BuiltinOperator.ADD),  # 4
+        _opcode(schema.BuiltinOperator.SUB),  # 5
+        _opcode(schema.BuiltinOperator.MAXIMUM),  # 6
+        _opcode(schema.BuiltinOperator.MINIMUM),  # 7
+        _opcode(schema.BuiltinOperator.MUL),  # 8
+        _opcode(schema.BuiltinOperator.WHILE),  # 9
+        _opcode(schema.BuiltinOperator.LESS),  # 10
+        _opcode(schema.BuiltinOperator.CAST),  # 11
+    ]
+    buffers = [_buffer()]
+
+    def buf(data: bytes = b"") -> int:
+        buffers.append(_buffer(data))
+        return len(buffers) - 1
+
+    def scalar(value: int) -> int:
+        return buf(np.asarray(value, dtype="<i4").tobytes())
+
+    def var_handle(index: int) -> schema.OperatorT:
+        op = _operator(1, [], [index])
+        op.builtinOptionsType = schema.BuiltinOptions.VarHandleOptions
+        op.builtinOptions = schema.VarHandleOptionsT()
+        op.builtinOptions.sharedName = "invokes"
+        return op
+
+    main = schema.SubGraphT()
+    main.name = "main"
+    main.tensors = [
+        _tensor("image", shape, "uint8", buf()),  # 0
+        _tensor("handle", (), "int32", buf()),  # 1 (resource, set below)
+        _tensor("count", (), "int32", buf()),  # 2
+        _tensor("one", (), "int32", scalar(1)),  # 3
+        _tensor("count1", (), "int32", buf()),  # 4
+        _tensor("fast", (), "int32", scalar(fast_invokes)),  # 5
+        _tensor("over", (), "int32", buf()),  # 6
+        _tensor("zero", (), "int32", scalar(0)),  # 7
+        _tensor("over0", (), "int32", buf()),  # 8
+        _tensor("slow", (), "int32", buf()),  # 9
+        _tensor("loops", (), "int32", scalar(loops)),  # 10
+        _tensor("n", (), "int32", buf()),  # 11
+        _tensor("i_out", (), "int32", buf()),  # 12
+        _tensor("n_out", (), "int32", buf()),  # 13
+        _tensor("out", shape, "float32", buf()),  # 14
+    ]
+    main.tensors[1].type = schema.TensorType.RESOURCE
+    call_once = _operator(0, [], [])
+    call_once.builtinOptionsType = schema.BuiltinOptions.CallOnceOptions
+    call_once.builtinOptions = schema.CallOnceOptionsT()
+    call_once.builtinOptions.initSubgraphIndex = 3
+    loop = _operator(9, [7, 11], [12, 13])
+    loop.builtinOptionsType = schema.BuiltinOptions.WhileOptions
+    loop.builtinOptions = schema.WhileOptionsT()
+    loop.builtinOptions.condSubgraphIndex = 1
+    loop.builtinOptions.bodySubgraphIndex = 2
+    main.operators = [
+        call_once,
+        var_handle(1),
+        _operator(2, [1], [2]),
+        _operator(4, [2, 3], [4]),
+        _operator(3, [1, 4], []),
+        _operator(5, [4, 5], [6]),
+        _operator(6, [6, 7], [8]),
+        _operator(7, [8, 3], [9]),
+        _operator(8, [9, 10], [11]),
+        loop,
+        _operator(11, [0], [14]),
+    ]
+    main.inputs, main.outputs = [0], [14, 12]
+
+    cond = schema.SubGraphT()
+    cond.name = "more"
+    cond.tensors = [
+        _tensor("i", (), "int32", buf()),
+        _tensor("n", (), "int32", buf()),
+        _tensor("less", (), "bool", buf()),
+    ]
+    cond.inputs, cond.outputs = [0, 1], [2]
+    cond.operators = [_operator(10, [0, 1], [2])]
+
+    body = schema.SubGraphT()
+    body.name = "spin"
+    body.tensors = [
+        _tensor("i", (), "int32", buf()),
+        _tensor("n", (), "int32", buf()),
+        _tensor("one", (), "int32", scalar(1)),
+        _tensor("i1", (), "int32", buf()),
+    ]
+    body.inputs, body.outputs = [0, 1], [3, 1]
+    body.operators = [_operator(4, [0, 2], [3])]
+
+    init = schema.SubGraphT()
+    init.name = "init"
+    init.tensors = [
+        _tensor("handle", (), "int32", buf()),
+        _tensor("zero", (), "int32", scalar(0)),
+    ]
+    init.tensors[0].type = schema.TensorType.RESOURCE
+    init.inputs, init.outputs = [], []
+    init.operators = [var_handle(0), _operator(3, [0, 1], [])]
+
+    model = _model(main, codes, buffers)
+    model.subgraphs = [main, cond, body, init]
+    return _finish(model)
