@@ -15,7 +15,12 @@ import tflite_builder as tb
 from conftest import Assets
 
 from edgefleet.agent.protocol import Manifest, TaskSpec, TensorSpec
-from edgefleet.agent.validation import ValidationRefused, ValidationReport, validate_model
+from edgefleet.agent.validation import (
+    ValidationLimits,
+    ValidationRefused,
+    ValidationReport,
+    validate_model,
+)
 from edgefleet.runtime import BackendName, CpuDelegate, EdgeTpuDelegate, ModelBytes
 from edgefleet.runtime.preprocess import Frame
 
@@ -295,3 +300,47 @@ def test_model_that_hangs_the_interpreter_times_out_and_its_process_is_gone() ->
     assert "within 2 s" in refused.message
     assert "killed" in refused.message
     assert validation_children() == []
+
+
+# -- budgets ------------------------------------------------------------------------------
+
+MIB = 1 << 20
+BUDGET = ValidationLimits(memory_budget_bytes=128 * MIB, address_space_headroom_bytes=256 * MIB)
+
+
+def test_tensors_over_the_memory_budget_are_refused_at_load_naming_the_budget() -> None:
+    # 1,000,000 copies of 8x8x3 float32: a 732 MiB intermediate, over 128 + 256 MiB.
+    refused = refusal(tb.tile_model(copies=1_000_000), limits=BUDGET)
+    assert refused.code == "load_failed"
+    assert "needs more than the 128 MiB memory budget" in refused.message
+
+
+def test_a_model_that_grows_the_process_past_the_budget_is_too_big_with_its_figures() -> None:
+    # 200,000 copies: 146 MiB, inside the address space, over the 128 MiB budget.
+    refused = refusal(tb.tile_model(copies=200_000), limits=BUDGET)
+    assert refused.code == "too_big"
+    assert "more than the 128 MiB budget" in refused.message
+    assert "peak RSS" in refused.message
+
+
+def test_a_model_within_the_budget_reports_the_memory_it_added(mobilenet_v1: bytes) -> None:
+    report = validate(mobilenet_v1, limits=BUDGET)
+    assert 0 < report.memory_bytes < 128 * MIB
+    assert report.peak_rss_bytes > report.memory_bytes
+
+
+def test_a_model_past_its_cpu_time_is_stopped_and_refused_as_timeout() -> None:
+    # Fifty million WHILE iterations an invoke: seconds of CPU, against a 1 s limit.
+    endless = tb.slows_down_model(fast_invokes=0, loops=50_000_000)
+    refused = refusal(endless, limits=ValidationLimits(cpu_s=1))
+    assert refused.code == "timeout"
+    assert "used up its 1 s of CPU time" in refused.message
+
+
+def test_the_running_model_is_timed_in_the_same_process_when_given(
+    mobilenet_v1: bytes, assets: Assets
+) -> None:
+    report = validate(assets.mobilenet_v2.read_bytes(), reference=mobilenet_v1)
+    assert report.reference_p50_ms is not None
+    assert report.reference_p50_ms > 0
+    assert validate(mobilenet_v1).reference_p50_ms is None
