@@ -545,6 +545,29 @@ def test_manifest_verify_checks_the_signature_and_prints_what_it_says(
     assert Manifest.model_validate_json(by_dir.stdout).sha256 == sha
 
 
+def test_manifest_create_allow_slower_is_signed_and_verify_says_which_pace_check_applies(
+    assets: Assets, tmp_path: Path
+) -> None:
+    assert edgefleet("keys", "generate", tmp_path / "keys").returncode == 0
+    default = created_manifest(assets, tmp_path / "keys", tmp_path / "default.json")
+    slower = created_manifest(assets, tmp_path / "keys", tmp_path / "slower.json", "--allow-slower")
+
+    shown = {}
+    for name, signed in (("default", default), ("slower", slower)):
+        verified = edgefleet("manifest", "verify", signed, "--key", tmp_path / "keys" / "fleet.pub")
+        assert verified.returncode == 0, verified.stderr
+        shown[name] = dict(line.split(None, 1) for line in verified.stdout.splitlines())["max"]
+
+    assert not Manifest.model_validate_json(json_payload(default)).allow_slower
+    assert Manifest.model_validate_json(json_payload(slower)).allow_slower
+    assert "refused when much slower than the running model" in shown["default"]
+    assert shown["slower"].endswith("no limit (allow_slower)")
+
+
+def json_payload(signed: Path) -> str:
+    return SignedManifest.model_validate_json(signed.read_text()).payload
+
+
 def test_manifest_verify_refuses_another_key_and_an_altered_manifest_with_exit_3(
     assets: Assets, tmp_path: Path
 ) -> None:
