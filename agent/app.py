@@ -368,6 +368,7 @@ class Agent:
             desired_revision=self.updater.desired_revision,
             models={s.name: s.model for s in self.streams},
             updates=dict(self.updater.reports),
+            marks=self.updater.marks.snapshot(),
         )
 
     def _publish_reported(self) -> None:  # any thread
@@ -463,6 +464,7 @@ class Agent:
                 commands_unanswered=self.commands.unanswered,
                 desired_malformed=self.updater.malformed_desired,
             ),
+            clock=self.updater.clock_health(),
         )
 
     def _status_line(self) -> str:

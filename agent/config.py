@@ -271,6 +271,12 @@ class UpdateSettings(_Section):
     retry_s: float = Field(
         30.0, gt=0, description="Seconds before an update that could not finish is tried again."
     )
+    max_clock_skew_s: float = Field(
+        300.0,
+        ge=0,
+        description="How far in this device's future a manifest's issued_at may be; one "
+        "issued later is refused until the clock catches up.",
+    )
 
 
 class CommandSettings(_Section):

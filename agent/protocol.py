@@ -314,6 +314,24 @@ class SystemHealth(_Frozen):
     load_1m: float = Field(description="1-minute load average.")
 
 
+class ClockHealth(_Frozen):
+    """Whether the device's clock can be trusted for the expiry of manifests."""
+
+    synchronised: bool | None = Field(
+        None, description="The kernel's NTP sync state (adjtimex); null where unreadable."
+    )
+    trusted_floor: float | None = Field(
+        None,
+        description="Newest trusted time seen (issued_at of accepted manifests), Unix "
+        "seconds; expiry is judged at no earlier time than this.",
+    )
+    behind_floor_s: float = Field(
+        0.0,
+        description="Seconds the clock is behind the trusted floor: more than 0 means the "
+        "clock is wrong (a board without RTC booted in the past).",
+    )
+
+
 class HealthMessage(_Message):
     """Periodic metrics (``health``)."""
 
@@ -329,6 +347,9 @@ class HealthMessage(_Message):
     models: list[ModelRef] = Field(description="Models loaded.")
     remote: RemoteHealth = Field(
         default_factory=RemoteHealth, description="Commands and desired state received."
+    )
+    clock: ClockHealth = Field(
+        default_factory=ClockHealth, description="Whether the clock can be trusted."
     )
 
 
@@ -547,6 +568,13 @@ class TaskSpec(_Frozen):
     top_k: int | None = Field(None, ge=1, description="Classes kept per frame (classification).")
 
 
+class RollbackFrom(_Frozen):
+    """The release a rollback steps back from, as installed when it was signed."""
+
+    version: int = Field(ge=1, description="Version of the installed release.")
+    sha256: str = Field(pattern=SHA256_PATTERN, description="sha256 of its model.")
+
+
 class Manifest(_Message):
     """One model release, as the controller signs it."""
 
@@ -576,9 +604,29 @@ class Manifest(_Message):
     min_agent_version: str = Field("0", description="Oldest agent that may run this model.")
     issued_at: float = Field(description="Unix seconds when it was signed.")
     expires_at: float = Field(description="Unix seconds after which devices refuse it.")
-    rollback: bool = Field(
-        False, description="An explicit, signed return to an older version than installed."
+    sequence: int = Field(
+        0,
+        ge=0,
+        description="The signer's counter for this model line, one higher for every manifest "
+        "it signs; a device accepts only a sequence higher than any it accepted for the line "
+        "(0: none, refused).",
     )
+    rollback_from: RollbackFrom | None = Field(
+        None,
+        description="Makes this a rollback: the release it steps back from, which must be "
+        "the one installed on the stream; the version may then be older.",
+    )
+    replaces_model_id: str | None = Field(
+        None,
+        pattern=TOPIC_LEVEL_PATTERN,
+        description="The model line this one replaces on a stream; without it a device "
+        "refuses a model_id other than the stream's.",
+    )
+
+    @property
+    def rollback(self) -> bool:
+        """Whether this is a signed return to an older version (it names ``rollback_from``)."""
+        return self.rollback_from is not None
 
 
 class SignedManifest(_Frozen):
@@ -684,6 +732,24 @@ class UpdateReport(_Frozen):
     ts: float = Field(description="Unix seconds of the last change.")
 
 
+class LineMark(_Frozen):
+    """The newest manifest a stream accepted from one model line: its high-water mark."""
+
+    sequence: int = Field(ge=0, description="Highest sequence accepted.")
+    version: int = Field(ge=0, description="Highest version accepted (a rollback lowers none).")
+
+
+class StreamMarks(_Frozen):
+    """A stream's model line and the high-water mark of every line it accepted."""
+
+    line: str | None = Field(
+        None, description="model_id of the last manifest accepted; null before the first."
+    )
+    lines: dict[str, LineMark] = Field(
+        default_factory=dict, description="Per model_id: the newest manifest accepted."
+    )
+
+
 class ReportedState(_Message):
     """What the device runs and how its updates go (``reported``, retained)."""
 
@@ -694,4 +760,8 @@ class ReportedState(_Message):
     models: dict[str, ModelRef] = Field(description="Per stream: the model running now.")
     updates: dict[str, UpdateReport] = Field(
         default_factory=dict, description="Per stream: the latest update."
+    )
+    marks: dict[str, StreamMarks] = Field(
+        default_factory=dict,
+        description="Per stream: the high-water marks a manifest must be newer than.",
     )

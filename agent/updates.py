@@ -6,8 +6,11 @@ manifest. For each stream whose desired model is not the one it runs, the
 to the model store's record (fsynced) before doing the step, so a crash at
 any instant resumes from a known state::
 
-    verifying    signature against the fleet keys, expiry, version newer than
-                 installed (or a signed rollback), agent version
+    verifying    signature against the fleet keys, then ``acceptance.refusal``: not
+                 issued in the future, not expired, the stream's model line, sequence
+                 and version newer than the high-water marks (``marks.py``), or a
+                 rollback of the installed release; agent version. Accepted: the
+                 marks go up, on disk, before anything else happens
     downloading  into the store's staging file, resumed, bounded, sha256 checked
     validating   in a separate process: loads the verified bytes, checks the
                  manifest's inputs/outputs, smoke inference, latency budget
@@ -18,12 +21,17 @@ any instant resumes from a known state::
     refused      any check failed: the old model never stopped
     rolled_back  probation failed, or an operator asked: the previous model runs
 
-A manifest that ended ``refused`` or ``rolled_back`` is settled: it is never tried again.
-A newer desired revision that names it again gets it reported ``refused`` once more, with
-why (a rolled-back one: that it was rolled back), and a WARNING; the record keeps the
-revision it was decided at (``_Record.revision``) so that a restart does not repeat it.
-The same bytes as the running model under a version that is not newer are refused as a
-replay, not reported ``committed``.
+A manifest that ended ``refused`` or ``rolled_back`` is settled: it is never tried again,
+except one refused for an untrusted key (once the key is trusted) or for the clock (not
+yet valid, expired by the clock alone: checked again every ``retry_s`` and whenever the
+clock is set). A newer desired revision that names a settled one again gets it reported
+``refused`` once more, with why (a rolled-back one: that it was rolled back), and a
+WARNING; the record keeps the revision it was decided at (``_Record.revision``) so that
+a restart does not repeat it. Any other manifest is judged against the marks, which
+only go up: a replay, an older release, or two releases published in turn are refused
+at verification, before a byte is downloaded. A desired revision older than the
+highest seen is ignored. Stored manifests are verified again, against the keys trusted
+now, whenever a stored model is loaded (at start, on a rollback).
 
 The store's pointer is switched only after a complete, verified model is in
 the store, and the pointer is what the agent loads at start: so a power cut
@@ -43,7 +51,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -54,6 +61,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from edgefleet.provisioning.signing import SigningError, TrustedKeys, UnknownSigningKey
 from edgefleet.runtime import EdgefleetError, ModelBytes, read_model
 
+from . import acceptance
+from .acceptance import Clock, Installed, usable_url
 from .budgets import (
     MemoryRoom,
     configured_fps,
@@ -62,14 +71,17 @@ from .budgets import (
     pace_refusal,
 )
 from .chunks import Subscriber, fetch_over_mqtt
+from .clock import ClockWatch, kernel_synchronised
 from .config import StreamSettings, UpdateSettings
 from .download import DownloadError, DownloadFailed, DownloadIncomplete, download
+from .marks import Marks
 from .modelstore import ModelStore, NothingToRollBack, StoreError
 from .mqtt import Inbound
 from .pipeline import LoadedModel, StreamRunner, load_model
 from .probation import Throughput, probation_verdict
 from .protocol import (
     MQTT_MODEL_URL,
+    ClockHealth,
     DesiredState,
     Manifest,
     SignedManifest,
@@ -104,6 +116,10 @@ class _UntrustedKey(UpdateRefused):
     """Signed by a key this device does not trust (yet): tried again once it does."""
 
 
+class _ClockRefused(UpdateRefused):
+    """Refused for the clock (not yet valid, expired by the clock alone): checked again."""
+
+
 class _InSync(Exception):
     """The desired model is the one running already."""
 
@@ -133,6 +149,8 @@ class _Record(BaseModel):
     ts: float
     starts: int = 0
     untrusted_key: bool = False
+    clock_dependent: bool = False  # refused for the clock: checked again when it changes
+    accepted: bool = False  # passed acceptance: the marks name it (a resume skips that check)
     revision: int | None = None  # the desired revision that last asked for this manifest
     validated_p50_ms: float | None = None
     probation_started: float | None = None
@@ -151,49 +169,6 @@ class _Record(BaseModel):
 
 
 # -- decisions (pure) ---------------------------------------------------------------
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:4])
-
-
-def refusal(
-    manifest: Manifest, *, now: float, installed: Manifest | None, agent_version: str
-) -> str | None:
-    """Why a verified manifest must not be installed, or None. Pure."""
-    if manifest.expires_at < now:
-        return f"manifest expired {now - manifest.expires_at:.0f} s ago; sign a new one"
-    if installed is not None and manifest.version <= installed.version and not manifest.rollback:
-        return (
-            f"version {manifest.version} is not newer than the installed {installed.version} "
-            "(a replayed manifest?); give a new release a higher version, or sign a rollback "
-            "manifest to go back"
-        )
-    if _version_tuple(agent_version) < _version_tuple(manifest.min_agent_version):
-        return f"needs agent {manifest.min_agent_version} or newer; this is {agent_version}"
-    if not any(_usable(url) for url in manifest.urls):
-        return f"no http(s) or {MQTT_MODEL_URL} URL in the manifest: this agent has no other way"
-    return None
-
-
-def _usable(url: str) -> bool:
-    return url.startswith(("http://", "https://")) or url == MQTT_MODEL_URL
-
-
-def in_sync(manifest: Manifest, *, running_sha256: str | None, installed: Manifest | None) -> bool:
-    """Whether the stream already runs what ``manifest`` releases, so nothing is to do. Pure.
-
-    The same bytes are not enough: under a version that is not newer than the installed
-    one (a replay, or the same model signed again with its old number) the manifest is
-    refused like any other, and ``refusal`` says why. The installed manifest itself (an
-    update resumed after its switch) and a first release of a model the config file
-    supplied are in sync.
-    """
-    if running_sha256 != manifest.sha256:
-        return False
-    if installed is None or manifest == installed:
-        return True
-    return manifest.version > installed.version or manifest.rollback
 
 
 def refused_again(
@@ -312,6 +287,9 @@ class Updater:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_retry = 0.0
+        self.marks = Marks(store.root)
+        self._clock_watch = ClockWatch()
+        self._stale_revision: int | None = None
         self.desired_revision: int | None = None
         self.malformed_desired = 0
         self.reports: dict[str, UpdateReport] = {}
@@ -407,17 +385,46 @@ class Updater:
         )
 
     def _load_stored(self, settings: StreamSettings, sha256: str) -> LoadedModel:
+        """A stored model, loaded, once its manifest verifies with the keys trusted now."""
         content = self.store.load(sha256)
-        manifest = _parse_installed(self.store.manifest(sha256))
+        signed = self.store.manifest(sha256)
+        manifest = None
+        if signed is not None:  # None: the config file's model, the operator's own
+            try:
+                manifest = self._keys().verify(signed)
+            except SigningError as exc:
+                raise UpdateRefused(
+                    f"its manifest no longer verifies with the trusted keys: {exc.message}",
+                    hint="deploy a release signed with a trusted key",
+                ) from exc
         return load_model(settings.model, content, manifest)
 
     def _step_back(self, name: str, reason: str) -> bool:
         """Switch the pointer to the previous model and record why; False if there is none."""
+        left = self.store.current(name)
         try:
             self.store.rollback(name)
         except NothingToRollBack:
             return False
         record = self._record(name)
+        left_sha = left.sha256 if left is not None else None
+        signed = self.store.manifest(left_sha) if left_sha is not None else None
+        if (
+            signed is not None
+            and left_sha is not None
+            and (record is None or record.sha256 != left_sha)
+        ):
+            # The record is about another manifest (one refused since): the report names
+            # the model stepped back from, as its stored manifest claims it.
+            claimed = _claims(signed)
+            record = _Record(
+                state=UpdateState.ROLLED_BACK,
+                signed=signed,
+                model_id=str(claimed.get("model_id", "?")),
+                version=claimed["version"] if isinstance(claimed.get("version"), int) else 0,
+                sha256=left_sha,
+                ts=time.time(),
+            )
         if record is not None:
             self._write(name, record, state=UpdateState.ROLLED_BACK, reason=reason)
         log.warning("stream %s: rolled back: %s", name, reason, extra={"stream": name})
@@ -430,6 +437,9 @@ class Updater:
             changed = self._desired_changed.wait(_TICK_S)
             if self._stop.is_set():
                 return
+            if self._clock_watch.jumped():  # refusals for the clock are checked again now
+                log.info("the clock was set: decisions that depend on it are checked again")
+                changed = True
             try:
                 if changed or time.monotonic() >= self._next_retry:
                     self._desired_changed.clear()
@@ -443,6 +453,18 @@ class Updater:
                 )
 
     def _reconcile(self, desired: DesiredState) -> None:
+        seen = self.marks.desired_revision
+        if seen is not None and desired.revision < seen:
+            if desired.revision != self._stale_revision:
+                self._stale_revision = desired.revision
+                log.warning(
+                    "desired revision %d ignored: this device saw revision %d already (a "
+                    "stale or replayed desired state); the controller publishes a higher one",
+                    desired.revision,
+                    seen,
+                )
+            return
+        self.marks.see_revision(desired.revision)
         if desired.revision != self.desired_revision:
             self.desired_revision = desired.revision
             self._on_change()
@@ -456,19 +478,37 @@ class Updater:
                 continue
             with self._lock:  # the record may change under an operator's rollback
                 record = self._record(name)
-                if self._wanted(record, signed):
+                if self._wanted(name, record, signed):
                     self._update(runner, signed, desired.revision)
                 elif record is not None:
                     self._settled_again(name, record, desired.revision)
 
-    def _wanted(self, record: _Record | None, signed: SignedManifest) -> bool:
+    def _wanted(self, name: str, record: _Record | None, signed: SignedManifest) -> bool:
         """Whether ``signed`` still needs work: new, unfinished, or refused for a key that
         this device has come to trust since."""
         if record is None or record.signed != signed:
             return True
         if record.state is UpdateState.REFUSED and record.untrusted_key:
             return signed.key_id in self._keys().key_ids
+        if record.state is UpdateState.REFUSED and record.clock_dependent:
+            return self._clock_allows(name, signed)
         return record.state in _IN_PROGRESS
+
+    def _clock_allows(self, name: str, signed: SignedManifest) -> bool:
+        """Whether a manifest refused for the clock is no longer refused for it (then it is
+        tried again, and whatever else decides is recorded)."""
+        try:
+            manifest = self._keys().verify(signed)
+        except SigningError:
+            return True  # decided again, and recorded, by the full check
+        refused = acceptance.refusal(
+            manifest,
+            marks=self.marks.stream(name),
+            installed=self._installed(name),
+            clock=self._clock(),
+            agent_version=self._agent_version,
+        )
+        return refused is None or not refused.clock_dependent
 
     def _settled_again(self, name: str, record: _Record, revision: int) -> None:
         """A settled manifest named by a desired revision: a refused or rolled-back one that
@@ -503,8 +543,14 @@ class Updater:
             log.info("stream %s: the desired model runs already", name, extra={"stream": name})
             self._progress(name, signed, UpdateState.COMMITTED)
         except UpdateRefused as exc:
-            untrusted = isinstance(exc, _UntrustedKey)
-            self._refuse(name, signed, exc.message, revision=revision, untrusted_key=untrusted)
+            self._refuse(
+                name,
+                signed,
+                exc.message,
+                revision=revision,
+                untrusted_key=isinstance(exc, _UntrustedKey),
+                clock_dependent=isinstance(exc, _ClockRefused),
+            )
         except (DownloadFailed, DownloadIncomplete) as exc:
             if isinstance(exc, DownloadFailed) and exc.permanent:
                 self._refuse(name, signed, f"download failed: {exc.message}", revision=revision)
@@ -526,18 +572,67 @@ class Updater:
             raise _UntrustedKey(f"manifest rejected: {exc.message}") from exc
         except SigningError as exc:
             raise UpdateRefused(f"manifest rejected: {exc.message}") from exc
-        self._write_new(name, signed, manifest, revision)
-        pointer = self.store.current(name)
-        installed = _parse_installed(self.store.manifest(pointer.sha256)) if pointer else None
-        running = pointer.sha256 if pointer else None
-        if in_sync(manifest, running_sha256=running, installed=installed):
+        record = self._write_new(name, signed, manifest, revision)
+        installed = self._installed(name)
+        if installed.manifest == manifest:  # resumed after its switch
             raise _InSync
-        reason = refusal(
-            manifest, now=time.time(), installed=installed, agent_version=self._agent_version
-        )
-        if reason is not None:
-            raise UpdateRefused(reason)
+        if not record.accepted:
+            self._accept(name, signed, manifest, installed)
+        # Accepted before (a resumed update): the marks name it already; raising them
+        # again is a no-op, unless a crash came between the record and the marks.
+        runs_it = installed.sha256 == manifest.sha256
+        self._raise_marks(name, manifest, installed, installs=runs_it)
+        if runs_it:
+            # The bytes run already: from now on under this manifest (a rollback names it).
+            self.store.add(self.store.load(manifest.sha256).content, signed)
+            raise _InSync
         return manifest
+
+    def _raise_marks(
+        self, name: str, manifest: Manifest, installed: Installed, *, installs: bool
+    ) -> None:
+        marks = acceptance.accept(manifest, self.marks.stream(name), installed, installs=installs)
+        self.marks.accept(name, marks, issued_at=manifest.issued_at)
+
+    def _accept(
+        self, name: str, signed: SignedManifest, manifest: Manifest, installed: Installed
+    ) -> None:
+        """Refuse ``manifest`` unless the decision accepts it; else record that it did,
+        before the marks go up (so a crash between the two resumes, not refuses)."""
+        refused = acceptance.refusal(
+            manifest,
+            marks=self.marks.stream(name),
+            installed=installed,
+            clock=self._clock(),
+            agent_version=self._agent_version,
+        )
+        if refused is not None:
+            error = _ClockRefused if refused.clock_dependent else UpdateRefused
+            raise error(refused.reason)
+        self._progress(name, signed, UpdateState.VERIFYING, accepted=True)
+
+    def _installed(self, name: str) -> Installed:
+        pointer = self.store.current(name)
+        if pointer is None:
+            return Installed()
+        return Installed(pointer.sha256, _parse_installed(self.store.manifest(pointer.sha256)))
+
+    def _clock(self) -> Clock:
+        return Clock(
+            now=time.time(),
+            floor=self.marks.clock_floor,
+            max_skew_s=self.settings.max_clock_skew_s,
+        )
+
+    def clock_health(self) -> ClockHealth:
+        """What health says about the clock."""
+        floor = self.marks.clock_floor or None
+        behind = (floor - time.time()) if floor is not None else 0.0
+        return ClockHealth(
+            synchronised=kernel_synchronised(),
+            trusted_floor=floor,
+            behind_floor_s=round(max(behind, 0.0), 1),
+        )
 
     def _download(self, name: str, signed: SignedManifest, manifest: Manifest) -> ModelBytes:
         if self.store.has(manifest.sha256):
@@ -550,7 +645,7 @@ class Updater:
                 last[0] = done
                 self._progress(name, signed, UpdateState.DOWNLOADING, bytes_done=done)
 
-        urls = [u for u in manifest.urls if _usable(u)]
+        urls = [u for u in manifest.urls if usable_url(u)]
         for i, url in enumerate(urls):
             try:
                 content = self._fetch(url, manifest, progress)
@@ -669,7 +764,12 @@ class Updater:
         except EdgefleetError as exc:
             raise UpdateRefused(f"the model failed to load in the agent: {exc.message}") from exc
         before = _throughput_of(runner)
+        installed = self._installed(name)
+        if self.store.manifest(manifest.sha256) != signed:
+            # Bytes stored before (a rollback to them): from now on under this manifest.
+            self.store.add(content.content, signed)
         self.store.activate(name, manifest.sha256)
+        self._raise_marks(name, manifest, installed, installs=True)
         self._install(runner, loaded)
         record = self._record(name)
         assert record is not None
@@ -791,7 +891,7 @@ class Updater:
 
     def _write_new(
         self, name: str, signed: SignedManifest, manifest: Manifest, revision: int
-    ) -> None:
+    ) -> _Record:
         record = _Record(
             state=UpdateState.VERIFYING,
             signed=signed,
@@ -803,7 +903,14 @@ class Updater:
         current = self._record(name)
         if current is not None and current.signed == signed:
             record = current  # a resumed update keeps its history
-        self._write(name, record, state=UpdateState.VERIFYING, reason=None, revision=revision)
+        return self._write(
+            name,
+            record,
+            state=UpdateState.VERIFYING,
+            reason=None,
+            revision=revision,
+            clock_dependent=False,
+        )
 
     def _progress(
         self, name: str, signed: SignedManifest, state: UpdateState, **changes: Any
@@ -820,6 +927,7 @@ class Updater:
         *,
         revision: int,
         untrusted_key: bool = False,
+        clock_dependent: bool = False,
     ) -> None:
         # WARNING, not ERROR: the device is fine and keeps its model; the release is at fault.
         log.warning("stream %s: update refused: %s", name, reason, extra={"stream": name})
@@ -840,5 +948,6 @@ class Updater:
             state=UpdateState.REFUSED,
             reason=reason,
             untrusted_key=untrusted_key,
+            clock_dependent=clock_dependent,
             revision=revision,
         )

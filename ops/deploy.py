@@ -40,9 +40,11 @@ from edgefleet.agent.protocol import (
     TOPIC_LEVEL_PATTERN,
     DesiredState,
     Manifest,
+    ModelRef,
     ReportedState,
     SignedManifest,
     StatusMessage,
+    StreamMarks,
     Topics,
     UpdateState,
     describe_errors,
@@ -258,22 +260,10 @@ def _update_findings(
     )
     runs_it = running is not None and running.sha256 == manifest.sha256
     deployed = record.desired.models.get(stream) == signed
-    if (
-        installed is not None
-        and manifest.version <= installed
-        and not manifest.rollback
-        and not (deployed and runs_it)
-    ):
-        return [
-            Finding(
-                True,
-                f"version {manifest.version} is not newer than version {installed}, which "
-                f"{where} installed; the device refuses it"
-                + (" as a replay, although it runs these bytes" if runs_it else ""),
-                f"sign it with a --version above {installed}, or as a return to an older "
-                "release with --rollback",
-            )
-        ]
+    if not (deployed and runs_it):
+        refusal = _order_refusal(where, manifest, reported.marks.get(stream), installed, running)
+        if refusal is not None:
+            return [refusal]
     if runs_it:
         return [
             Finding(
@@ -283,6 +273,56 @@ def _update_findings(
             )
         ]
     return []
+
+
+def _order_refusal(
+    where: str,
+    manifest: Manifest,
+    marks: StreamMarks | None,
+    installed: int | None,
+    running: ModelRef | None,
+) -> Finding | None:
+    """What the device refuses by its high-water marks (its ``acceptance`` module), from the
+    marks it reports; a device reporting none is judged by the version it installed."""
+    mark = marks.lines.get(manifest.model_id) if marks is not None else None
+    line = marks.line if marks is not None else None
+    runs_it = running is not None and running.sha256 == manifest.sha256
+    if line is not None and line not in (manifest.model_id, manifest.replaces_model_id):
+        return Finding(
+            True,
+            f"model {manifest.model_id} is not {where}'s model line {line}; the device "
+            "refuses a manifest that changes the line without saying so",
+            f"sign it with --replaces {line} if it is meant to replace {line}",
+        )
+    if mark is not None and manifest.sequence <= mark.sequence:
+        return Finding(
+            True,
+            f"sequence {manifest.sequence} is not newer than {mark.sequence}, the newest "
+            f"{where} accepted for {manifest.model_id}; the device refuses it as a replay",
+            "sign it again with 'edgefleet manifest create' (it numbers every manifest), or "
+            f"give --sequence above {mark.sequence}",
+        )
+    newest = max(mark.version if mark is not None else 0, installed or 0) or None
+    source = manifest.rollback_from
+    if source is not None:
+        if running is not None and running.sha256 != source.sha256:
+            return Finding(
+                True,
+                f"a rollback from sha256 {source.sha256[:12]}, but {where} runs "
+                f"{running.sha256[:12]}; the device refuses it",
+                "sign the rollback with --rollback-from the release the device runs now",
+            )
+        return None
+    if newest is not None and manifest.version <= newest:
+        return Finding(
+            True,
+            f"version {manifest.version} is not newer than version {newest}, which {where} "
+            "installed; the device refuses it"
+            + (" as a replay, although it runs these bytes" if runs_it else ""),
+            f"sign it with a --version above {newest}, or as a return to an older release "
+            "with --rollback-from",
+        )
+    return None
 
 
 def _agent_findings(device: str, manifest: Manifest, record: DeviceRecord) -> list[Finding]:
@@ -325,7 +365,7 @@ def _deploy(args: argparse.Namespace) -> int:
             return 0
         current = record.desired
         desired = DesiredState(
-            revision=current.revision + 1, models={**current.models, args.stream: signed}
+            revision=next_revision(record), models={**current.models, args.stream: signed}
         )
         broker.publish(topics.desired, desired.model_dump_json(), retain=True)
     watch = " ".join(filter(None, ["edgefleet watch --device", args.device, broker_options(args)]))
@@ -334,6 +374,14 @@ def _deploy(args: argparse.Namespace) -> int:
         f"desired revision {desired.revision} (follow it with: {watch})"
     )
     return 0
+
+
+def next_revision(record: DeviceRecord) -> int:
+    """One above both the retained desired revision and the one the device reports seeing:
+    a device ignores a revision older than the highest it saw (a retained desired state
+    cleared by hand would otherwise start again below it)."""
+    seen = record.reported.desired_revision if record.reported is not None else None
+    return max(record.desired.revision, seen or 0) + 1
 
 
 def _report(judgement: Judgement, *, force: bool) -> None:
@@ -353,7 +401,8 @@ def _undeploy(args: argparse.Namespace) -> int:
     check_topic_level("stream name", args.stream)
     topics = Topics(args.device, args.topic_root)
     with BrokerConnection(args.host, args.port) as broker:
-        current = read_device(broker, topics).desired
+        device = read_device(broker, topics)
+        current = device.desired
         if args.stream not in current.models:
             named = ", ".join(sorted(current.models)) or "none"
             raise Refused(
@@ -362,7 +411,7 @@ def _undeploy(args: argparse.Namespace) -> int:
                 hint="check the device id, the stream name and --topic-root",
             )
         models = {k: v for k, v in current.models.items() if k != args.stream}
-        desired = DesiredState(revision=current.revision + 1, models=models)
+        desired = DesiredState(revision=next_revision(device), models=models)
         broker.publish(topics.desired, desired.model_dump_json(), retain=True)
     print(
         f"{args.device}/{args.stream}: removed from the desired state (revision "

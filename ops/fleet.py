@@ -5,9 +5,18 @@
     edgefleet keys generate DIR [--name fleet]
     edgefleet keys list DIR
     edgefleet manifest create MODEL --model-id ID --version N --url URL [--url URL ...] --key KEY
+        [--sequence N] [--rollback-from V:SHA256|SIGNED_MANIFEST.json] [--replaces ID]
     edgefleet manifest verify SIGNED_MANIFEST.json (--key PUB | --keys-dir DIR) [--json]
     edgefleet transfer publish MODEL [--host H] [--port P] [--topic-root R] [--chunk-kib 64]
     edgefleet transfer clear SHA256 [--host H] [--port P] [--topic-root R]
+
+``manifest create`` numbers the manifests of every model line: the counter is kept per
+model id in ``sequences.json`` beside the signing key (replaced whole, atomically), and
+the manifest gets the next number (``--sequence N`` sets it; the counter never goes
+down). Devices accept a manifest only with a sequence above any they accepted for the
+line, so signing with another counter (another copy of the key) needs ``--sequence``.
+A rollback (``--rollback-from``) names the release installed now and expires after
+``--rollback-expires-in`` (6 hours unless told), not after the 30 days of a release.
 
 ``keys list`` prints the key id of every key file in a folder, computed as the device
 computes it (``edgefleet.provisioning.key_id``): the id a manifest names in ``key_id``.
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -70,6 +80,10 @@ from .deploy import read_signed
 from .errors import NotPublished, Refused
 
 DEFAULT_EXPIRES_IN_DAYS = 30.0
+DEFAULT_ROLLBACK_EXPIRES_IN = "6h"
+SEQUENCES_FILE = "sequences.json"
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 SECONDS_PER_DAY = 86_400
 URL_PREFIXES = ("http://", "https://")
 DEFAULT_CHUNK_KIB = 64
@@ -88,6 +102,8 @@ _OPTION_OF_FIELD = {
     "max_latency_ms": "--max-latency-ms",
     "min_agent_version": "--min-agent-version",
     "expires_at": "--expires-in-days",
+    "sequence": "--sequence",
+    "replaces_model_id": "--replaces",
 }
 
 
@@ -162,9 +178,31 @@ def _register_manifest(subcommands: Any) -> None:
         "--task", choices=[t.value for t in TaskName], help="task (default: detected on device)"
     )
     create.add_argument(
-        "--rollback",
-        action="store_true",
-        help="a signed return to an older version (default: only newer versions install)",
+        "--sequence",
+        type=_positive_int,
+        metavar="N",
+        help=f"the manifest's sequence (default: one above the last for the model id, kept in "
+        f"{SEQUENCES_FILE} beside --key)",
+    )
+    create.add_argument(
+        "--rollback-from",
+        metavar="V:SHA256|FILE",
+        help="make it a rollback from the release installed now, given as VERSION:SHA256 or "
+        "as that release's signed manifest file (default: a release, newer versions only)",
+    )
+    create.add_argument(
+        "--rollback-expires-in",
+        type=_duration_s,
+        metavar="DURATION",
+        default=DEFAULT_ROLLBACK_EXPIRES_IN,
+        help="a rollback expires after this long: N followed by s, m, h or d "
+        "(default: %(default)s)",
+    )
+    create.add_argument(
+        "--replaces",
+        metavar="ID",
+        help="the model id this model replaces on the streams it is deployed to "
+        "(default: the same model id only)",
     )
     create.add_argument(
         "--artifact", metavar="NAME", help="file name on the device (default: the model's)"
@@ -242,6 +280,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _duration_s(text: str) -> float:
+    match = _DURATION.match(text.strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (give a number and a unit: 90m, 6h, 2d)"
+        )
+    return float(match.group(1)) * _SECONDS_PER_UNIT[match.group(2)]
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -265,8 +312,15 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 def _manifest_create(args: argparse.Namespace) -> int:
     key = load_private_key(args.key)
-    manifest = _manifest_from(args)
+    counter = args.key.parent / SEQUENCES_FILE
+    sequences = _read_sequences(counter)
+    sequence = args.sequence or sequences.get(args.model_id, 0) + 1
+    manifest = _manifest_from(args, sequence)
     text = sign_manifest(manifest, key).model_dump_json(indent=2) + "\n"
+    # Counted before it is written out: a number is never handed out twice.
+    _write_sequences(
+        counter, {**sequences, args.model_id: max(sequence, sequences.get(args.model_id, 0))}
+    )
     if args.out is None:
         sys.stdout.write(text)
     else:
@@ -277,15 +331,78 @@ def _manifest_create(args: argparse.Namespace) -> int:
                 f"cannot write {args.out}: {exc.strerror or exc}", hint="check --out"
             ) from exc
     expires = _utc(manifest.expires_at)
+    kind = "rollback" if manifest.rollback else "release"
     print(
-        f"signed {manifest.model_id} version {manifest.version} (sha256 {manifest.sha256[:12]}, "
-        f"{manifest.size} bytes) with key {key_id(key.public_key())}, expires {expires}",
+        f"signed {manifest.model_id} version {manifest.version} sequence {manifest.sequence} "
+        f"({kind}, sha256 {manifest.sha256[:12]}, {manifest.size} bytes) with key "
+        f"{key_id(key.public_key())}, expires {expires}",
         file=sys.stderr,
     )
     return 0
 
 
-def _manifest_from(args: argparse.Namespace) -> Manifest:
+def _read_sequences(path: Path) -> dict[str, int]:
+    """The last sequence signed per model id; none before the first manifest."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SettingError(
+            f"cannot read the sequence counter {path}: {exc}",
+            hint="restore it from a backup, or give --sequence above the last one devices "
+            "accepted (their reported state shows it)",
+        ) from exc
+    if not isinstance(data, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in data.values()
+    ):
+        raise SettingError(
+            f"{path} is not a sequence counter (an object of model id to number)",
+            hint="restore it from a backup, or give --sequence",
+        )
+    return data
+
+
+def _write_sequences(path: Path, sequences: dict[str, int]) -> None:
+    """Replace the counter whole: a crash leaves the old one or the new one."""
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with temporary.open("w", encoding="utf-8") as file:
+            json.dump(sequences, file, indent=2, sort_keys=True)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise SettingError(
+            f"cannot write the sequence counter {path}: {exc.strerror or exc}",
+            hint="check the permissions of the signing key's folder",
+        ) from exc
+
+
+def _rollback_from(value: str) -> dict[str, Any]:
+    """``--rollback-from``: VERSION:SHA256, or the signed manifest of the installed release."""
+    path = Path(value)
+    if path.is_file():
+        try:
+            installed = Manifest.model_validate_json(read_signed(path).payload)
+        except ValidationError as exc:
+            raise SettingError(
+                f"--rollback-from {value}: not a manifest ({describe_errors(exc)})",
+                hint="give the signed manifest of the release installed now, or VERSION:SHA256",
+            ) from exc
+        return {"version": installed.version, "sha256": installed.sha256}
+    version, _, sha = value.partition(":")
+    if not version.isdigit() or int(version) < 1 or not re.fullmatch(SHA256_PATTERN, sha):
+        raise SettingError(
+            f"--rollback-from {value!r} is neither VERSION:SHA256 nor a manifest file",
+            hint="give the installed release as 9:<its 64-digit sha256> "
+            "(edgefleet status shows it), or its signed manifest file",
+        )
+    return {"version": int(version), "sha256": sha}
+
+
+def _manifest_from(args: argparse.Namespace, sequence: int) -> Manifest:
     """The manifest for the model file and options; options that break it are named."""
     for url in args.url:
         if not (url.startswith(URL_PREFIXES) or url == MQTT_MODEL_URL):
@@ -308,8 +425,13 @@ def _manifest_from(args: argparse.Namespace) -> Manifest:
         "task": {"task": args.task},
         "issued_at": issued_at,
         "expires_at": issued_at + args.expires_in_days * SECONDS_PER_DAY,
-        "rollback": args.rollback,
+        "sequence": sequence,
     }
+    if args.rollback_from is not None:
+        fields["rollback_from"] = _rollback_from(args.rollback_from)
+        fields["expires_at"] = issued_at + args.rollback_expires_in
+    if args.replaces is not None:
+        fields["replaces_model_id"] = args.replaces
     # Unset options keep the protocol's defaults.
     if args.max_latency_ms is not None:
         fields["max_latency_ms"] = args.max_latency_ms
@@ -419,7 +541,14 @@ def _describe_manifest(signed: SignedManifest, m: Manifest) -> str:
     lines = [
         f"signature      ok, key {signed.key_id}",
         f"model          {m.model_id} version {m.version}"
-        + ("  (a signed rollback: may install over a newer version)" if m.rollback else ""),
+        + (
+            f"  (a rollback from version {m.rollback_from.version}, sha256 "
+            f"{m.rollback_from.sha256[:12]})"
+            if m.rollback_from
+            else ""
+        ),
+        f"sequence       {m.sequence}"
+        + (f"  (replaces model {m.replaces_model_id})" if m.replaces_model_id else ""),
         f"sha256         {m.sha256}",
         f"size           {m.size} bytes, artifact {m.artifact}",
         *(f"url            {url}" for url in m.urls),

@@ -136,6 +136,7 @@ class Fleet:
         self.probe = probe
         self.topics = Topics(device)
         self.revision = 0
+        self.sequences: dict[str, int] = {}  # per model line, as `edgefleet manifest create`
         probe.subscribe(self.topics.reported)
 
     def manifest(
@@ -148,7 +149,8 @@ class Fleet:
         serve: dict[str, Any] | None = None,
         **fields: Any,
     ) -> Manifest:
-        """A manifest describing ``content`` (served under ``name`` unless ``serve`` is None)."""
+        """A manifest describing ``content`` (served under ``name`` unless ``serve`` is None),
+        with the line's next sequence unless ``fields`` gives one."""
         model = ModelBytes.from_bytes(content)
         name = name or f"{model_id}-{version}.tflite"
         url = self.server.add(name, content, **(serve or {}))
@@ -161,6 +163,7 @@ class Fleet:
             "urls": [url],
             "issued_at": time.time(),
             "expires_at": time.time() + DAY_S,
+            "sequence": self.sequences.get(model_id, 0) + 1,
         }
         if "inputs" not in fields:  # a broken model cannot be inspected: the test says
             info = inspect_model(model)
@@ -171,7 +174,9 @@ class Fleet:
             values["outputs"] = [
                 TensorSpec(shape=t.shape or None, dtype=t.dtype) for t in info.outputs
             ]
-        return Manifest.model_validate({**values, **fields})
+        manifest = Manifest.model_validate({**values, **fields})
+        self.sequences[model_id] = max(self.sequences.get(model_id, 0), manifest.sequence)
+        return manifest
 
     def sign(self, manifest: Manifest) -> SignedManifest:
         """Sign with the fleet key."""

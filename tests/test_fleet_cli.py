@@ -132,8 +132,8 @@ def test_manifest_create_writes_out_and_names_the_options_that_break_the_manifes
 
     bad = edgefleet(*common, "--model-id", "has space", "--version", 0, "--url", "https://x/m")
     good = edgefleet(
-        *common, "--model-id", "m", "--version", 1, "--url", "https://x/m", "--rollback",
-        "--artifact", "m.tflite", "--out", tmp_path / "m.json",
+        *common, "--model-id", "m", "--version", 1, "--url", "https://x/m",
+        "--rollback-from", f"2:{'ab' * 32}", "--artifact", "m.tflite", "--out", tmp_path / "m.json",
     )  # fmt: skip
 
     assert_clean_failure(bad, 2, "--model-id: String should match pattern", "--version")
@@ -142,8 +142,44 @@ def test_manifest_create_writes_out_and_names_the_options_that_break_the_manifes
     manifest = TrustedKeys.from_paths([tmp_path]).verify(
         SignedManifest.model_validate_json((tmp_path / "m.json").read_text())
     )
-    assert manifest.rollback
+    assert manifest.rollback_from is not None
+    assert (manifest.rollback_from.version, manifest.rollback_from.sha256) == (2, "ab" * 32)
+    assert abs(manifest.expires_at - manifest.issued_at - 6 * 3600) < 1  # a rollback: hours
     assert manifest.artifact == "m.tflite"
+
+
+def test_manifest_create_numbers_every_manifest_of_a_model_line_beside_the_key(
+    assets: Assets, tmp_path: Path
+) -> None:
+    assert edgefleet("keys", "generate", tmp_path).returncode == 0
+    common = ["manifest", "create", assets.model(MOBILENET), "--key", tmp_path / "fleet.key"]
+
+    def create(model_id: str, *extra: object) -> int:
+        created = edgefleet(
+            *common, "--model-id", model_id, "--version", 3, "--url", "mqtt:", *extra
+        )
+        assert created.returncode == 0, created.stderr
+        return Manifest.model_validate_json(
+            SignedManifest.model_validate_json(created.stdout).payload
+        ).sequence
+
+    numbered = [create("a"), create("a"), create("b"), create("a", "--sequence", 40), create("a")]
+
+    assert numbered == [1, 2, 1, 40, 41]
+    assert json.loads((tmp_path / "sequences.json").read_text()) == {"a": 41, "b": 1}
+
+
+def test_manifest_create_refuses_a_rollback_from_that_names_no_release(
+    assets: Assets, tmp_path: Path
+) -> None:
+    assert edgefleet("keys", "generate", tmp_path).returncode == 0
+
+    result = edgefleet(
+        "manifest", "create", assets.model(MOBILENET), "--key", tmp_path / "fleet.key",
+        "--model-id", "m", "--version", 1, "--url", "mqtt:", "--rollback-from", "9",
+    )  # fmt: skip
+
+    assert_clean_failure(result, 2, "--rollback-from '9' is neither VERSION:SHA256", "sha256")
 
 
 def test_manifest_create_with_the_public_key_says_to_use_the_private_one(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import re
 import stat
 from pathlib import Path
 
@@ -234,3 +236,63 @@ def test_any_one_character_change_to_a_signed_manifest_is_a_bad_signature(
 
     with pytest.raises(BadSignature):
         FLEET_TRUST.verify(tampered)
+
+
+# -- the fields that order releases: sequence, rollback_from, replaces_model_id ------------
+
+SHA256S = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+MODEL_IDS = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+ROLLBACKS = st.none() | st.fixed_dictionaries(
+    {"version": st.integers(min_value=1, max_value=2**53), "sha256": SHA256S}
+)
+
+
+@given(
+    sequence=st.integers(min_value=0, max_value=2**53),
+    rollback_from=ROLLBACKS,
+    replaces=st.none() | MODEL_IDS,
+)
+def test_any_sequence_rollback_and_replaced_line_survive_signing(
+    sequence: int, rollback_from: dict[str, object] | None, replaces: str | None
+) -> None:
+    manifest = _manifest(sequence=sequence, rollback_from=rollback_from, replaces_model_id=replaces)
+
+    verified = FLEET_TRUST.verify(sign_manifest(manifest, FLEET_KEY))
+
+    assert verified == manifest
+    assert verified.rollback is (rollback_from is not None)
+
+
+BAD_ORDER_FIELDS = st.one_of(
+    st.tuples(
+        st.just("sequence"),
+        st.integers(max_value=-1)
+        | st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: not f.is_integer())
+        | st.lists(st.integers(), max_size=2),
+    ),
+    st.tuples(
+        st.just("rollback_from"),
+        st.fixed_dictionaries({"version": st.integers(max_value=0), "sha256": SHA256S})
+        | st.fixed_dictionaries(
+            {"version": st.integers(min_value=1), "sha256": st.text(max_size=70)}
+        ).filter(lambda d: len(d["sha256"]) != 64)
+        | st.just({"version": 3}),
+    ),
+    st.tuples(
+        st.just("replaces_model_id"),
+        st.text(max_size=70).filter(
+            lambda t: not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", t)
+        ),
+    ),
+)
+
+
+@given(field=BAD_ORDER_FIELDS)
+def test_a_validly_signed_manifest_with_a_bad_ordering_field_names_it(
+    field: tuple[str, object],
+) -> None:
+    name, value = field
+    payload = json.dumps({**json.loads(SIGNED.payload), name: value})
+
+    with pytest.raises(MalformedManifest, match=name):
+        FLEET_TRUST.verify(_sign_text(payload))

@@ -74,13 +74,19 @@ def create_manifest(device: Device, model: Path, version: int, task: str) -> Sig
     """``edgefleet manifest create`` for ``model`` (served by the test's HTTP server)."""
     url = device.server.add(f"{model.stem}-{version}.tflite", model.read_bytes())
     out = device.workdir / f"{model.stem}-{version}.json"
+    model_id = model.stem.split("_")[0]
+    reported = device.fleet.reported()
+    running = reported.models[STREAM].id if reported is not None else model_id
+    # Another family is another model line: the manifest says which line it replaces.
+    replaces = ["--replaces", running] if running != model_id else []
     command = [
         str(EDGEFLEET),
         "manifest",
         "create",
         str(model),
         "--model-id",
-        model.stem.split("_")[0],
+        model_id,
+        *replaces,
         "--version",
         str(version),
         "--url",

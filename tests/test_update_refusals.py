@@ -231,7 +231,7 @@ def test_the_running_model_signed_again_under_a_version_not_newer_is_refused_not
 
     reason = refused(device, device.fleet.sign(manifest), version)
 
-    assert f"version {version} is not newer than the installed 10" in reason
+    assert f"version {version} is not newer than 10, the newest installed" in reason
     warning_with(device.agent, reason)
 
 

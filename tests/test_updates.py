@@ -272,7 +272,12 @@ def test_device_offline_during_the_rollout_converges_and_takes_a_signed_rollback
     with AgentProcess(workdir, config):
         reported = fleet.wait_for_update(STREAM, 3, {"committed"}, timeout_s=90)
         assert reported.models[STREAM].sha256 == sha256(v3)
-        back = fleet.manifest(v2, version=2, name="classifier-2b.tflite", rollback=True)
+        back = fleet.manifest(
+            v2,
+            version=2,
+            name="classifier-2b.tflite",
+            rollback_from={"version": 3, "sha256": sha256(v3)},
+        )
         fleet.deploy(STREAM, fleet.sign(back))
         reported = fleet.wait_for_update(STREAM, 2, {"committed"}, timeout_s=90)
         assert reported.models[STREAM].sha256 == sha256(v2)
