@@ -249,6 +249,13 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        # paho writes a message to the socket from the thread that publishes it unless it
+        # runs its own loop thread or an external loop registered for writes. With our loop
+        # in the mqtt thread, the publisher's write and the loop's write of the next packet
+        # could interleave: seen as two events swapped on the wire (seq 4729 before 4728)
+        # under CPU load. Registering for writes leaves every socket write to the mqtt
+        # thread: a publish only queues the packet and wakes the loop's select.
+        client.on_socket_register_write = _writes_stay_in_the_mqtt_thread
         return client
 
     @property
@@ -288,6 +295,7 @@ class MqttLink:
             self._thread.join(timeout_s)
         if self.client.is_connected():
             self.client.disconnect()
+            self.client.loop_write()  # the mqtt thread has ended: send the DISCONNECT here
         self._connected.clear()
 
     def publish(
@@ -495,6 +503,10 @@ class MqttLink:
                 correlation_data=bytes(correlation) if correlation is not None else None,
             )
         )
+
+
+def _writes_stay_in_the_mqtt_thread(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """paho's want-to-write hook: nothing to do, the mqtt thread's loop writes."""
 
 
 class OutboxPublisher:
