@@ -11,7 +11,7 @@ deploys one candidate over the air and sees the device's decision and its reason
 - a model that validates within its manifest's latency budget but processes a fraction of
   the frames the old one did on the live stream is rolled back by probation's
   throughput check;
-- a model ~14x slower than the running one (mobilenet_v2 over mobilenet_v1 0.25), with no
+- a model 10x or more slower than the running one (mobilenet_v2 over mobilenet_v1 0.25), with no
   latency budget in its manifest, is refused by the default pace check; signed with
   ``allow_slower`` it installs.
 
@@ -172,7 +172,7 @@ def test_a_model_that_cuts_the_live_frame_rate_is_rolled_back_by_probation(
 def test_a_much_slower_model_is_refused_by_default_and_installs_when_allowed(
     device: Device, assets: Assets
 ) -> None:
-    bigger = assets.mobilenet_v2.read_bytes()  # ~14x the small classifier's invoke time
+    bigger = assets.mobilenet_v2.read_bytes()  # 11.6x to 27x the small classifier's, measured
 
     reason = refused(device, bigger, 5)
 
