@@ -508,8 +508,9 @@ def _over_budget(limits: ValidationLimits, detail: str) -> ValidationRefused:
     budget = limits.memory_budget_bytes or 0
     return ValidationRefused(
         "load_failed",
-        f"the model needs more than the {budget // _MIB} MiB memory budget beside the running "
-        f"models: allocating its tensors failed under that limit ({detail})",
+        f"the model's tensors could not be allocated within the {budget // _MIB} MiB memory "
+        "budget beside the running models: it needs more than that, unless its shapes are "
+        f"broken (the interpreter: {detail})",
         hint=_MEMORY_HINT,
     )
 
