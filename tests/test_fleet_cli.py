@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,15 +37,17 @@ from edgefleet.agent.protocol import (
     CommandRequest,
     DesiredState,
     ErrorCode,
+    LineMark,
     Manifest,
     ModelRef,
     ReportedState,
     SignedManifest,
     StatusMessage,
+    StreamMarks,
     TensorSpec,
     Topics,
 )
-from edgefleet.ops.deploy import DeviceRecord, judge_deploy
+from edgefleet.ops.deploy import DeviceRecord, judge_deploy, next_revision
 from edgefleet.provisioning import TrustedKeys, sign_manifest
 
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
@@ -921,3 +923,57 @@ def test_judge_deploy_warns_but_does_not_refuse_when_the_status_does_not_parse(
         "cannot read the retained status of pi; not checked against it",
         "cannot tell which streams pi runs; not checked",
     ]
+
+
+def _judged_against_marks(**fields: Any) -> list[str]:
+    """The refusals of deploying a manifest with ``fields`` to a device that reports, for
+    stream door (running sha256 cc..), marks sequence 7 and version 3 of line ssd."""
+    now = time.time()
+    values: dict[str, Any] = {
+        "model_id": "ssd", "version": 4, "sequence": 8, "sha256": "ab" * 32, "size": 1000,
+        "artifact": "ssd.tflite", "urls": ["https://models.example/ssd.tflite"],
+        "inputs": [TensorSpec(shape=(1, 128, 128, 3), dtype="uint8")],
+        "issued_at": now, "expires_at": now + DAY_S,
+    }  # fmt: skip
+    manifest = Manifest.model_validate({**values, **fields})
+    signed = sign_manifest(manifest, Ed25519PrivateKey.generate())
+    record = _record(status="online", streams=["door"])
+    assert record.reported is not None
+    marks = StreamMarks(line="ssd", lines={"ssd": LineMark(sequence=7, version=3)})
+    record = replace(record, reported=record.reported.model_copy(update={"marks": {"door": marks}}))
+    judgement = judge_deploy("pi", "door", signed, manifest, record)
+    return [f.reason for f in judgement.refusals]
+
+
+def test_judge_deploy_accepts_what_is_newer_than_the_devices_marks() -> None:
+    assert _judged_against_marks() == []
+
+
+def test_judge_deploy_refuses_a_sequence_the_device_accepted_already() -> None:
+    (reason,) = _judged_against_marks(sequence=7)
+    assert reason.startswith("sequence 7 is not newer than 7, the newest pi/door accepted")
+
+
+def test_judge_deploy_refuses_a_version_the_device_ran_already_unless_a_rollback() -> None:
+    (reason,) = _judged_against_marks(version=3)
+    assert reason.startswith("version 3 is not newer than version 3")
+    assert _judged_against_marks(version=2, rollback_from={"version": 3, "sha256": "c" * 64}) == []
+
+
+def test_judge_deploy_refuses_a_rollback_from_a_model_the_device_does_not_run() -> None:
+    (reason,) = _judged_against_marks(version=2, rollback_from={"version": 3, "sha256": "d" * 64})
+    assert "a rollback from sha256 dddddddddddd, but pi/door runs cccccccccccc" in reason
+
+
+def test_judge_deploy_refuses_another_model_line_unless_it_replaces_the_devices() -> None:
+    (reason,) = _judged_against_marks(model_id="yolo")
+    assert "model yolo is not pi/door's model line ssd" in reason
+    assert _judged_against_marks(model_id="yolo", replaces_model_id="ssd") == []
+
+
+def test_the_next_desired_revision_is_above_the_one_the_device_saw() -> None:
+    record = _record(status="online", streams=["door"], desired=DesiredState(revision=2))
+    assert record.reported is not None
+    record = replace(record, reported=record.reported.model_copy(update={"desired_revision": 9}))
+
+    assert next_revision(record) == 10
