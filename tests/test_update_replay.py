@@ -34,6 +34,7 @@ from fleet import (
 )
 from httpserver import ModelServer
 
+from edgefleet.agent.clock import kernel_synchronised
 from edgefleet.agent.marks import MARKS_FILE
 from edgefleet.agent.protocol import DesiredState, SignedManifest, UpdateReport, UpdateState
 from edgefleet.provisioning.signing import generate_signing_key
@@ -253,6 +254,13 @@ def test_every_refusal_holds_after_an_agent_restart(device: Device) -> None:
     reported = device.fleet.reported()
     assert reported is not None
     assert reported.marks[STREAM].lines["classifier"].sequence == 12
+    # The clock floor is the newest issued_at accepted, and health says how the clock stands.
+    floor = json.loads(device.signed["v7-soon"].payload)["issued_at"]
+    assert marks["clock_floor"] == floor
+    clock = healths(device.probe)[-1].clock
+    assert clock.trusted_floor == floor
+    assert clock.synchronised == kernel_synchronised()
+    assert clock.behind_floor_s == 0.0  # this machine's clock is past the floor by now
 
 
 def test_a_stale_desired_revision_is_ignored(device: Device) -> None:
