@@ -37,7 +37,7 @@ from .protocol import (
     StreamArgs,
 )
 from .sources import SourceError
-from .updates import UpdateBusy
+from .updates import UpdateBusy, UpdateRefused
 from .validation import ValidationRefused, validate_model
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ class _Handlers:
             sha = self.agent.updater.rollback(args.stream, f"operator: {args.reason}")
         except NothingToRollBack as exc:
             raise CommandFailed(ErrorCode.REFUSED, exc.message, hint=exc.hint) from exc
-        except UpdateBusy as exc:
+        except (UpdateBusy, UpdateRefused) as exc:  # refused: the previous model's signer
             raise CommandFailed(ErrorCode.REFUSED, exc.message, hint=exc.hint) from exc
         return {"stream": args.stream, "sha256": sha}
 

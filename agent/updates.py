@@ -846,7 +846,14 @@ class Updater:
                 f"stream {name}: no previous model to go back to",
                 hint="deploy the model you want with a signed manifest",
             )
-        loaded = self._load_stored(runner.settings, pointer.previous[0])
+        try:
+            loaded = self._load_stored(runner.settings, pointer.previous[0])
+        except UpdateRefused as exc:
+            raise UpdateRefused(
+                f"stream {name}: not rolled back to model {pointer.previous[0][:12]}: "
+                f"{exc.message}",
+                hint=exc.hint,
+            ) from exc
         self.store.rollback(name)
         self._install(runner, loaded)
         record = self._record(name)

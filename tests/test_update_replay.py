@@ -36,7 +36,15 @@ from httpserver import ModelServer
 
 from edgefleet.agent.clock import kernel_synchronised
 from edgefleet.agent.marks import MARKS_FILE
-from edgefleet.agent.protocol import DesiredState, SignedManifest, UpdateReport, UpdateState
+from edgefleet.agent.protocol import (
+    CommandReply,
+    CommandRequest,
+    DesiredState,
+    ErrorCode,
+    SignedManifest,
+    UpdateReport,
+    UpdateState,
+)
 from edgefleet.provisioning.signing import generate_signing_key
 
 COMMIT_TIMEOUT_S = 90
@@ -281,14 +289,44 @@ def test_a_stale_desired_revision_is_ignored(device: Device) -> None:
 # -- the keys trusted now (destructive: last) --------------------------------------------------
 
 
-def test_a_model_whose_signer_is_no_longer_trusted_is_not_loaded_at_start(
-    device: Device, assets: Assets
+def rollback_command(device: Device) -> CommandReply:
+    """The operator's ``rollback_model`` command, and the device's reply."""
+    replies = f"test-replies/rollback-{time.time_ns()}"
+    device.probe.subscribe(replies)
+    request = CommandRequest(
+        id=f"rollback-{time.time_ns()}",
+        expires_at=time.time() + 60,
+        args={"stream": STREAM, "reason": "replay test"},
+        reply_to=replies,
+    )
+    device.probe.publish(f"{ROOT}/cmd/rollback_model", request.model_dump_json())
+    message = device.probe.wait_until(
+        lambda: next(iter(device.probe.messages(replies)), None), "the rollback's reply", 30
+    )
+    return CommandReply.model_validate_json(message.payload)
+
+
+def test_a_rollback_to_a_model_whose_signer_is_no_longer_trusted_is_refused(
+    device: Device,
 ) -> None:
     keys = device.workdir / "keys"
-    assert device.agent.terminate() == 0
     (keys / "fleet.pub").rename(device.workdir / "fleet.pub.retired")
     generate_signing_key(keys, "successor")
     (keys / "successor.key").unlink()
+
+    reply = rollback_command(device)  # the keys are read again at every verification
+
+    print(f"\nrollback_model: {reply.message}")
+    assert not reply.ok
+    assert reply.error is ErrorCode.REFUSED
+    assert "no longer verifies with the trusted keys" in (reply.message or "")
+    assert_still_running(device.probe, device.sha("v7-soon"))
+
+
+def test_a_model_whose_signer_is_no_longer_trusted_is_not_loaded_at_start(
+    device: Device, assets: Assets
+) -> None:
+    assert device.agent.terminate() == 0
 
     device.agent = AgentProcess(device.workdir, device.config).start()
 
