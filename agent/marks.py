@@ -135,7 +135,14 @@ class Marks:
             return _MarksFile.model_validate_json(text)
         except (ValidationError, json.JSONDecodeError) as exc:
             aside = self._path.with_name(f"{MARKS_FILE}.damaged")
-            os.replace(self._path, aside)
+            try:
+                os.replace(self._path, aside)
+            except OSError as move:
+                raise StoreError(
+                    f"the update marks {self._path} are unreadable and cannot be set aside: "
+                    f"{move.strerror or move}",
+                    hint="check the store directory's permissions and the kernel log",
+                ) from exc
             log.error(
                 "update marks %s unreadable (%s), moved to %s: the marks start again from "
                 "the installed manifests",
