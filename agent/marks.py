@@ -142,7 +142,7 @@ class Marks:
                     f"the update marks {self._path} are unreadable and cannot be set aside: "
                     f"{move.strerror or move}",
                     hint="check the store directory's permissions and the kernel log",
-                ) from exc
+                ) from move
             log.error(
                 "update marks %s unreadable (%s), moved to %s: the marks start again from "
                 "the installed manifests",
