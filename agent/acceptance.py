@@ -32,7 +32,16 @@ from dataclasses import dataclass
 
 from .protocol import MQTT_MODEL_URL, LineMark, Manifest, StreamMarks
 
-__all__ = ["Clock", "Installed", "Refusal", "accept", "line_of", "refusal", "trusted_now"]
+__all__ = [
+    "Clock",
+    "Installed",
+    "Refusal",
+    "accept",
+    "line_of",
+    "refusal",
+    "trusted_now",
+    "usable_url",
+]
 
 
 @dataclass(frozen=True)

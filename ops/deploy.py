@@ -340,7 +340,7 @@ def _agent_findings(device: str, manifest: Manifest, record: DeviceRecord) -> li
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
-    # The device's own comparison (edgefleet.agent.updates): the first four numbers.
+    # The device's own comparison (edgefleet.agent.acceptance): the first four numbers.
     return tuple(int(part) for part in re.findall(r"\d+", version)[:4])
 
 
