@@ -21,6 +21,7 @@ thread.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 
 _QUEUE_SIZE = 1024
 _WAIT_S = 0.5
+_T = TypeVar("_T")
+# How often an unavailable journal (disk full) is tried again when commands arrive.
+_JOURNAL_RETRY_S = 1.0
 _LOG_EVERY = 100  # a flood of junk logs one line per this many rejects
 
 
@@ -173,26 +177,104 @@ def _arguments(name: str, request: CommandRequest) -> tuple[CommandName, Command
     return command, request, args
 
 
+class JournalUnavailable(EdgefleetError):
+    """The command journal cannot be read or written (disk full, I/O error)."""
+
+
 class CommandJournal:
     """Ids of the commands run, with their replies: at most once, across restarts.
 
-    One SQLite connection, used by the ``commands`` thread only.
+    One SQLite connection, used by the ``commands`` thread only. A journal that
+    cannot be opened or written (disk full, I/O error) does not stop the agent:
+    each use raises :class:`JournalUnavailable`, the command is answered
+    ``failed`` without running (it could not be recorded, so running it could
+    break at-most-once), and the journal is opened again on a later use, so
+    commands work again as soon as there is space, without a restart.
     """
 
     def __init__(self, path: Path, *, keep_s: float) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._keep_s = keep_s
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, command TEXT NOT NULL, "
-            "reply TEXT, created REAL NOT NULL)"
+        self._db: sqlite3.Connection | None = None
+        self._problem: str | None = None
+        self._retry_at = 0.0
+        try:
+            self._db = self._open()
+        except (sqlite3.Error, OSError) as exc:
+            self._unavailable("open", exc)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the journal is unavailable now, or None."""
+        return self._problem
+
+    def _open(self) -> sqlite3.Connection:
+        path = self._path
+        keep_s = self._keep_s
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, command TEXT NOT NULL, "
+                "reply TEXT, created REAL NOT NULL)"
+            )
+            db.execute("DELETE FROM commands WHERE created < ?", (time.time() - keep_s,))
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _unavailable(self, action: str, exc: sqlite3.Error | OSError) -> JournalUnavailable:
+        """Log (once per distinct problem) and return the error a command is answered with."""
+        full = getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or (
+            isinstance(exc, OSError) and exc.errno == errno.ENOSPC
         )
-        self._db.execute("DELETE FROM commands WHERE created < ?", (time.time() - keep_s,))
+        reason = "disk full" if full else str(exc)
+        message = f"journal unavailable ({reason})"
+        self._retry_at = time.monotonic() + _JOURNAL_RETRY_S
+        if self._problem != message:
+            log.error(
+                "command journal %s: cannot %s (%s); commands are answered 'failed' "
+                "until it works again",
+                self._path,
+                action,
+                reason,
+            )
+        self._problem = message
+        hint = (
+            f"free space on the filesystem holding {self._path.parent}"
+            if full
+            else f"check {self._path} and its directory (permissions, storage device)"
+        )
+        return JournalUnavailable(message, hint=hint)
+
+    def _use(self, action: str, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``op`` on the journal, reopening it if it was unavailable."""
+        if self._db is None:
+            if self._problem is not None and time.monotonic() < self._retry_at:
+                raise JournalUnavailable(self._problem)
+            try:
+                self._db = self._open()
+            except (sqlite3.Error, OSError) as exc:
+                raise self._unavailable("open", exc) from exc
+        try:
+            result = op(self._db)
+        except sqlite3.Error as exc:
+            raise self._unavailable(action, exc) from exc
+        if self._problem is not None:
+            log.warning("command journal %s works again: commands run again", self._path)
+            self._problem = None
+        return result
 
     def recorded(self, id: str) -> CommandReply | None:
         """The reply to ``id`` if it ran before; a run cut short by a restart says so."""
-        row = self._db.execute("SELECT command, reply FROM commands WHERE id = ?", (id,)).fetchone()
+        row = self._use(
+            "read",
+            lambda db: db.execute(
+                "SELECT command, reply FROM commands WHERE id = ?", (id,)
+            ).fetchone(),
+        )
         if row is None:
             return None
         command, reply = row
@@ -207,20 +289,27 @@ class CommandJournal:
 
     def begin(self, id: str, command: str) -> None:
         """Record that ``id`` is running, before it runs."""
-        self._db.execute(
-            "INSERT INTO commands (id, command, reply, created) VALUES (?, ?, NULL, ?)",
-            (id, command, time.time()),
+        self._use(
+            "record a command",
+            lambda db: db.execute(
+                "INSERT INTO commands (id, command, reply, created) VALUES (?, ?, NULL, ?)",
+                (id, command, time.time()),
+            ),
         )
 
     def finish(self, id: str, reply: CommandReply) -> None:
         """Record the reply of ``id``."""
-        self._db.execute(
-            "UPDATE commands SET reply = ? WHERE id = ?", (reply.model_dump_json(), id)
+        self._use(
+            "record a reply",
+            lambda db: db.execute(
+                "UPDATE commands SET reply = ? WHERE id = ?", (reply.model_dump_json(), id)
+            ),
         )
 
     def close(self) -> None:
         """Close the database."""
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
 
 class Commands:
@@ -285,6 +374,16 @@ class Commands:
             self._answer(message, parsed.reply, parsed.reply_to)
             return
         request = parsed.request
+        try:
+            self._run_once(message, name, parsed)
+        except JournalUnavailable as exc:
+            log.warning("command %s %s not run: %s", name, request.id, exc)
+            reply = error_reply(name, ErrorCode.FAILED, str(exc), id_=request.id)
+            self._answer(message, reply, request.reply_to)
+
+    def _run_once(self, message: Inbound, name: str, parsed: ParsedCommand) -> None:
+        """Answer from the journal, or record, run and answer (JournalUnavailable: not run)."""
+        request = parsed.request
         recorded = self._journal.recorded(request.id)
         if recorded is not None:
             log.info("command %s %s: repeated id, answered from the record", name, request.id)
@@ -301,7 +400,10 @@ class Commands:
             return
         self._journal.begin(request.id, name)
         reply = self._execute(parsed)
-        self._journal.finish(request.id, reply)
+        try:
+            self._journal.finish(request.id, reply)
+        except JournalUnavailable as exc:  # it ran: answer what it did; a repeat is not re-run
+            log.warning("command %s %s: reply not recorded: %s", name, request.id, exc)
         self._answer(message, reply, request.reply_to)
 
     def _execute(self, parsed: ParsedCommand) -> CommandReply:

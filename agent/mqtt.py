@@ -50,11 +50,13 @@ from paho.mqtt.properties import Properties
 from edgefleet.runtime import EdgefleetError
 
 from .config import BrokerSettings
-from .outbox import Outbox
+from .outbox import Outbox, OutboxError
 
 log = logging.getLogger(__name__)
 
 _LOOP_TIMEOUT_S = 0.2
+# How often acknowledgements the outbox could not apply (disk full) are tried again.
+_ACK_RETRY_S = 1.0
 SESSION_TAKEN_OVER = 142
 """MQTT 5 DISCONNECT reason code 0x8E: another connection with this client id took over."""
 # A connection the broker closes this soon after accepting it is "short"; this many short
@@ -521,6 +523,8 @@ class OutboxPublisher:
         self._inflight = 0
         self._acked: list[int] = []
         self._handed_seq = 0
+        self._ack_problem: str | None = None
+        self._ack_retry_at = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -541,6 +545,7 @@ class OutboxPublisher:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self._ack_retry_at = 0.0  # one last try, whatever the retry pace
         self._apply_acks()
 
     def flush(self, timeout_s: float) -> bool:
@@ -557,12 +562,43 @@ class OutboxPublisher:
             self._inflight -= 1
         self._wake.set()
 
+    @property
+    def ack_problem(self) -> str | None:
+        """Why acknowledgements received are not yet applied to the outbox (disk full), or None."""
+        return self._ack_problem
+
     def _apply_acks(self) -> None:
+        """Delete acknowledged rows; if the outbox cannot (disk full), keep them and retry.
+
+        Rows already handed to paho are never handed again in this process
+        (``_handed_seq`` only grows), so a failed delete sends no duplicates, and
+        publishing of newer rows goes on while the acks wait.
+        """
+        if self._ack_problem is not None and time.monotonic() < self._ack_retry_at:
+            return
         with self._lock:
             acked, self._acked = self._acked, []
-        if acked:
+        if not acked:
+            return
+        try:
             self.outbox.ack(acked)
-            self.published += len(acked)
+        except OutboxError as exc:
+            with self._lock:
+                self._acked[:0] = acked
+            self._ack_retry_at = time.monotonic() + _ACK_RETRY_S
+            if self._ack_problem != exc.message:
+                log.error(
+                    "%s: keeping %d acknowledgement(s) in memory and retrying every %.0f s",
+                    exc,
+                    len(acked),
+                    _ACK_RETRY_S,
+                )
+            self._ack_problem = exc.message
+            return
+        if self._ack_problem is not None:
+            log.warning("outbox writable again: applied %d kept acknowledgement(s)", len(acked))
+            self._ack_problem = None
+        self.published += len(acked)
 
     def _run(self) -> None:
         while not self._stop.is_set():

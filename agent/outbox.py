@@ -37,15 +37,34 @@ Errors::
     └── OutboxError        the storage is unusable: unwritable location, disk
                            full, I/O error, file held by another process
 
+A full disk is not fatal: a ``put`` that cannot be stored raises
+``OutboxError`` (the caller counts the events as lost), ``not_stored`` counts
+them, ``problem`` names the cause, and the first write that works again logs a
+recovery line with the count. Reads go on while the disk is full.
+
 A corrupt database file is not an error: it is moved aside as
-``<name>.corrupt-<timestamp>`` (with its ``-wal``), logged, and a fresh
-outbox starts, at start-up or whenever SQLite reports the damage later.
+``<name>.corrupt-<timestamp>`` (with its ``-wal``), a fresh outbox starts, and
+every row still readable in the damaged file is copied into it, range by
+range, halving a range that fails down to single rows (``salvaged``); the rows
+that could not be read are counted (``lost``, the recorded depth minus what was
+read) and logged at ERROR. This happens at start-up or whenever SQLite reports
+the damage later.
+
+Silent loss: a power cut can cut the WAL's tail, which SQLite then ignores
+without any error. The outbox therefore records its depth and last seq in
+``<name>.state`` (JSON, replaced atomically at most once a second and on
+close); an outbox that opens with fewer events than recorded, or with a lower
+last seq, logs a WARNING naming both and counts the difference as ``lost``.
+Events acknowledged in the last second before a crash can make the depth
+lower legitimately; the warning says so.
+
 Misuse (a negative ``limit``, a closed outbox) raises the ordinary Python
 exception.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -83,6 +102,10 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0);
 """
+# The depth record (``<name>.state``) is rewritten at most this often while events move.
+_RECORD_EVERY_S = 1.0
+# Rows copied per query when salvaging a damaged file; a failing range is halved.
+_SALVAGE_CHUNK = 512
 # SQLite's names for "this file is not (or no longer) a sound database".
 _CORRUPTION = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 _CORRUPTION_TEXT = ("file is not a database", "database disk image is malformed")
@@ -138,8 +161,15 @@ class Outbox:
         self._dropped = 0
         self._last_seq = 0
         self._full = False
+        self._not_stored = 0
+        self._salvaged = 0
+        self._lost = 0
+        self._problem: str | None = None
+        self._recorded_at = 0.0
+        self._state_path = self._path.with_name(f"{self._path.name}.state")
         _make_directory(self._path)
         self._conn = self._open_or_recover()
+        self._check_against_record()
 
     @property
     def path(self) -> Path:
@@ -155,6 +185,26 @@ class Outbox:
     def dropped(self) -> int:
         """Events dropped by the bound, in total, across restarts."""
         return self._dropped
+
+    @property
+    def not_stored(self) -> int:
+        """Events refused since start because the storage failed (disk full, I/O error)."""
+        return self._not_stored
+
+    @property
+    def salvaged(self) -> int:
+        """Events copied out of a damaged outbox file into the fresh one since start."""
+        return self._salvaged
+
+    @property
+    def lost(self) -> int:
+        """Stored events lost to damage since start (unreadable rows, a cut WAL)."""
+        return self._lost
+
+    @property
+    def problem(self) -> str | None:
+        """Why the outbox cannot write now (disk full, I/O error), or None."""
+        return self._problem
 
     def put(self, stream: str, topic: str, payload: bytes) -> int:
         """Store one event durably, dropping the oldest past the bound; returns its seq."""
@@ -183,11 +233,16 @@ class Outbox:
             return seq, dropped
 
         with self._lock:
-            seq, dropped = self._run("store events", insert)
+            try:
+                seq, dropped = self._run("store events", insert)
+            except OutboxError:
+                self._not_stored += len(rows)
+                raise
             self._last_seq = seq
             self._depth += len(rows) - dropped
             if dropped:
                 self._count_drops(dropped)
+            self._record(force=False)
         return seq
 
     def peek(self, limit: int, after_seq: int = 0) -> list[OutboxItem]:
@@ -231,11 +286,13 @@ class Outbox:
                     self._depth,
                     self._dropped,
                 )
+            self._record(force=False)
 
     def close(self) -> None:
         """Close the database (checkpointing the WAL into it); closing twice is harmless."""
         with self._lock:
             self._conn.close()
+            self._record(force=True)
 
     def __enter__(self) -> Outbox:
         return self
@@ -258,11 +315,13 @@ class Outbox:
         except sqlite3.DatabaseError as exc:
             if not _is_corruption(exc):
                 raise
-            self._move_aside(exc, waiting="an unknown number of")
+            damaged = self._move_aside(exc)
         try:
-            return self._open()
+            conn = self._open()
         except sqlite3.OperationalError as exc:
             raise self._error("create a fresh outbox", exc) from exc
+        self._salvage(damaged, conn, expected=self._expected_depth())
+        return conn
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -318,6 +377,26 @@ class Outbox:
         )
 
     def _run(self, action: str, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``op`` (lock held), noting a storage problem and its end in the log."""
+        try:
+            result = self._run_recovering(action, op)
+        except OutboxError as exc:
+            if self._problem != exc.message:
+                log.error("%s", exc)
+            self._problem = exc.message
+            raise
+        if self._problem is not None:
+            log.warning(
+                "outbox %s writable again (%d events could not be stored meanwhile, "
+                "%d since start)",
+                self._path,
+                self._not_stored,
+                self._not_stored,
+            )
+            self._problem = None
+        return result
+
+    def _run_recovering(self, action: str, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``op`` on the connection (lock held); on corruption start afresh and retry once."""
         try:
             return op(self._conn)
@@ -327,15 +406,20 @@ class Outbox:
             if not _is_corruption(exc):
                 raise
             self._conn.close()
-            self._move_aside(exc, waiting=str(self._depth))
-            self._depth = 0
-            self._conn = self._open_or_recover()
+            damaged = self._move_aside(exc)
+            expected, self._depth = self._depth, 0
+            try:
+                self._conn = self._open()
+            except sqlite3.OperationalError as open_exc:
+                raise self._error("create a fresh outbox", open_exc) from open_exc
+            self._salvage(damaged, self._conn, expected=expected)
         try:
             return op(self._conn)
         except sqlite3.OperationalError as exc:
             raise self._error(action, exc) from exc
 
-    def _move_aside(self, exc: sqlite3.DatabaseError, *, waiting: str) -> None:
+    def _move_aside(self, exc: sqlite3.DatabaseError) -> Path:
+        """Rename the damaged file (and its -wal, -shm) aside; returns the new name."""
         target = _corrupt_name(self._path)
         try:
             for suffix in ("", "-wal", "-shm"):
@@ -348,13 +432,133 @@ class Outbox:
                 hint=_location_hint(self._path),
             ) from os_exc
         log.error(
-            "outbox %s is corrupt (%s): moved it to %s and started a fresh outbox; "
-            "%s waiting events are lost",
+            "outbox %s is corrupt (%s): moved it to %s, started a fresh outbox and "
+            "copying every readable event into it",
             self._path,
             exc,
             target,
-            waiting,
         )
+        return target
+
+    def _salvage(self, damaged: Path, conn: sqlite3.Connection, *, expected: int | None) -> None:
+        """Copy every readable row of ``damaged`` into ``conn`` in seq order; count the rest.
+
+        ``expected`` is how many events the damaged file held (the in-memory depth, or the
+        depth record at start-up), None if unknown.
+        """
+        top = 0
+        rows: list[tuple[int, str, str, bytes, float]] = []
+        dropped_before = 0
+        had_wal = Path(f"{damaged}-wal").exists()
+        try:
+            source = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            log.error("outbox %s: the damaged file cannot be opened at all (%s)", damaged, exc)
+            source = None
+        if source is not None:
+            try:
+                top = _highest_seq(source, max(self._last_seq, self._recorded_last_seq()))
+                rows = _read_ranges(source, 1, top)
+                dropped_before = _read_dropped(source)
+            finally:
+                source.close()
+                # Reading made an index of its WAL (and an empty WAL if it had none).
+                Path(f"{damaged}-shm").unlink(missing_ok=True)
+                if not had_wal:
+                    Path(f"{damaged}-wal").unlink(missing_ok=True)
+        rows.sort()
+        if rows or top:
+            with _transaction(conn):
+                conn.executemany(
+                    "INSERT OR IGNORE INTO events (seq, stream, topic, payload, created_ts) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+                if dropped_before > self._dropped:
+                    conn.execute(
+                        "UPDATE counters SET value = ? WHERE name = 'dropped'", (dropped_before,)
+                    )
+                # A seq is never reused, also one whose row could not be read.
+                conn.execute(
+                    "UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'events'", (top,)
+                )
+        self._load_counters(conn)
+        lost = max(expected - len(rows), 0) if expected is not None else 0
+        self._salvaged += len(rows)
+        self._lost += lost
+        log.error(
+            "outbox %s salvaged from %s: %d events copied, %s lost",
+            self._path,
+            damaged,
+            len(rows),
+            str(lost) if expected is not None else "an unknown number (no depth record)",
+        )
+
+    # -- the depth record ----------------------------------------------------------------
+
+    def _read_record(self) -> dict[str, float] | None:
+        try:
+            data = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("outbox depth record %s unreadable (%s); ignored", self._state_path, exc)
+            return None
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), (int, float)) for k in ("depth", "last_seq", "ts")
+        ):
+            log.warning("outbox depth record %s malformed; ignored", self._state_path)
+            return None
+        return data
+
+    def _expected_depth(self) -> int | None:
+        record = self._read_record()
+        return int(record["depth"]) if record is not None else None
+
+    def _recorded_last_seq(self) -> int:
+        record = self._read_record()
+        return int(record["last_seq"]) if record is not None else 0
+
+    def _check_against_record(self) -> None:
+        """Warn (and count) when the outbox opened with fewer events than last recorded."""
+        record = self._read_record()
+        if record is None or self._salvaged or self._lost:
+            self._record(force=True)
+            return
+        depth, last_seq = int(record["depth"]), int(record["last_seq"])
+        missing = depth - self._depth
+        if missing > 0 or last_seq > self._last_seq:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record["ts"]))
+            self._lost += max(missing, 0)
+            log.warning(
+                "outbox %s opened with %d events (last seq %d), but %d (last seq %d) were "
+                "recorded at %s: %d events lost to a damaged WAL or file (fewer if some were "
+                "acknowledged in the second before the agent stopped)",
+                self._path,
+                self._depth,
+                self._last_seq,
+                depth,
+                last_seq,
+                when,
+                max(missing, 0),
+            )
+        self._record(force=True)
+
+    def _record(self, *, force: bool) -> None:
+        """Rewrite the depth record (lock held), at most once a second unless ``force``."""
+        now = time.monotonic()
+        if not force and now - self._recorded_at < _RECORD_EVERY_S:
+            return
+        self._recorded_at = now
+        content = json.dumps(
+            {"depth": self._depth, "last_seq": self._last_seq, "ts": time.time()}
+        ).encode()
+        temporary = self._state_path.with_name(f"{self._state_path.name}.tmp")
+        try:
+            temporary.write_bytes(content)
+            temporary.replace(self._state_path)
+        except OSError:  # disk full: the record is advisory, the previous one stays
+            temporary.unlink(missing_ok=True)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -432,6 +636,57 @@ def _drop_oldest(conn: sqlite3.Connection, count: int) -> int:
     ).rowcount
     conn.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (removed,))
     return removed
+
+
+def _highest_seq(source: sqlite3.Connection, known: int) -> int:
+    """The highest seq to look for in a damaged file: what it says, or what we knew."""
+    for query in (
+        "SELECT MAX(seq) FROM events",
+        "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
+    ):
+        try:
+            row = source.execute(query).fetchone()
+        except sqlite3.DatabaseError:
+            continue
+        if row and row[0]:
+            return max(int(row[0]), known)
+    return known
+
+
+def _read_ranges(
+    source: sqlite3.Connection, low: int, high: int
+) -> list[tuple[int, str, str, bytes, float]]:
+    """Every readable row with ``low <= seq <= high``; a range that fails is halved."""
+    rows: list[tuple[int, str, str, bytes, float]] = []
+    pending = [
+        (start, min(start + _SALVAGE_CHUNK - 1, high))
+        for start in range(low, high + 1, _SALVAGE_CHUNK)
+    ]
+    pending.reverse()
+    while pending:
+        start, end = pending.pop()
+        try:
+            rows.extend(
+                source.execute(
+                    "SELECT seq, stream, topic, payload, created_ts FROM events "
+                    "WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                    (start, end),
+                ).fetchall()
+            )
+        except sqlite3.DatabaseError:
+            if start < end:
+                middle = (start + end) // 2
+                pending.append((middle + 1, end))
+                pending.append((start, middle))
+    return rows
+
+
+def _read_dropped(source: sqlite3.Connection) -> int:
+    try:
+        row = source.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+    except sqlite3.DatabaseError:
+        return 0
+    return int(row[0]) if row else 0
 
 
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:

@@ -302,27 +302,36 @@ def test_outbox_moves_a_damaged_database_aside_and_starts_fresh(tmp_path: Path) 
     assert payloads(items) == [b"works"]
 
 
-def test_outbox_recovers_when_damage_shows_while_running(
+def test_outbox_salvages_what_it_can_read_when_damage_shows_while_running(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # 6 MB of events: more than SQLite's default 2 MB page cache and the 4 MB WAL checkpoint,
     # so reading them all goes back to the (damaged) file.
     path = tmp_path / "outbox.sqlite3"
     with Outbox(OutboxSettings(path=path)) as outbox:
-        seqs = [outbox.put("cam", "t", os.urandom(2000)) for _ in range(3000)]
+        stored = {}
+        for _ in range(3000):
+            payload = os.urandom(2000)
+            stored[outbox.put("cam", "t", payload)] = payload
         with path.open("r+b") as damaged:
             damaged.seek(2 * 4096)
             damaged.write(os.urandom(200 * 4096))
 
         with caplog.at_level(logging.ERROR, logger="edgefleet.agent.outbox"):
             after_damage = outbox.peek(10_000)
+        salvaged, lost, depth = outbox.salvaged, outbox.lost, outbox.depth
         next_seq = outbox.put("cam", "t", b"works")
-        items = outbox.peek(10)
+        items = outbox.peek(1, after_seq=max(stored))
 
-    assert after_damage == []
+    seqs = [item.seq for item in after_damage]
+    assert seqs == sorted(seqs)
+    assert all(stored[item.seq] == item.payload for item in after_damage)  # intact, not garbage
+    assert 0 < salvaged == len(after_damage) == depth < 3000
+    assert lost == 3000 - salvaged  # every event is either readable again or counted
     assert any("corrupt" in r.getMessage() for r in caplog.records)
-    assert len(list(tmp_path.glob("outbox.sqlite3.corrupt-*"))) == 1
-    assert next_seq > max(seqs)  # a fresh file never reuses a seq the publisher may hold
+    assert any(f"{salvaged} events copied, {lost} lost" in r.getMessage() for r in caplog.records)
+    assert len(list(tmp_path.glob("outbox.sqlite3.corrupt-*[0-9Z]"))) == 1
+    assert next_seq > max(stored)  # a fresh file never reuses a seq the publisher may hold
     assert payloads(items) == [b"works"]
 
 
