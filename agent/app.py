@@ -39,12 +39,14 @@ from .protocol import (
     HealthMessage,
     MqttHealth,
     OutboxHealth,
+    PartHealth,
     RemoteHealth,
     ReportedState,
     StatusMessage,
     SystemHealth,
     Topics,
 )
+from .supervisor import SUPERVISOR, fault_point
 from .systemd import Notifier, Watchdog
 from .updates import Updater
 
@@ -92,7 +94,11 @@ class Agent:
         # Off while the streams are being set up: a report then would list no model.
         self._reporting = False
         self._system = SystemMetrics()
-        self.watchdog = Watchdog(self.notifier, stale_after_s=config.systemd.watchdog_stale_s)
+        self.watchdog = Watchdog(
+            self.notifier,
+            stale_after_s=config.systemd.watchdog_stale_s,
+            failed_parts=SUPERVISOR.failed,
+        )
         self._running = ExitStack()
 
     # -- lifetime ---------------------------------------------------------------
@@ -154,10 +160,7 @@ class Agent:
             for stream in self.streams:
                 stream.start()
             steps.callback(self._stop_streams)
-            self._health_thread = threading.Thread(
-                target=self._health_loop, name="health", daemon=True
-            )
-            self._health_thread.start()
+            self._health_thread = SUPERVISOR.start("health", self._health_loop, self._stop)
             steps.callback(self._health_thread.join, _THREAD_JOIN_S)
             self.watchdog.start()
             steps.callback(self.watchdog.stop)
@@ -231,6 +234,10 @@ class Agent:
                 if self._reload.wait(0.5):
                     self._reload.clear()
                     self.reload()
+                if SUPERVISOR.failed() and not self.watchdog.running:
+                    # Under a systemd watchdog, withholding it restarts the unit; without, exit.
+                    log.critical("stopping: %s cannot run", ", ".join(SUPERVISOR.failed()))
+                    return 1
         finally:
             self.stop()
         return 0
@@ -443,7 +450,14 @@ class Agent:
             ts=time.time(),
             uptime_s=round(time.monotonic() - self.started_at, 1),
             streams={s.name: s.health() for s in self.streams},
-            outbox=OutboxHealth(depth=self.outbox.depth, dropped=self.outbox.dropped),
+            outbox=OutboxHealth(
+                depth=self.outbox.depth,
+                dropped=self.outbox.dropped,
+                not_stored=self.outbox.not_stored,
+                salvaged=self.outbox.salvaged,
+                lost=self.outbox.lost,
+                problem=self.outbox.problem or self.publisher.ack_problem,
+            ),
             mqtt=MqttHealth(
                 connected=self.link.connected,
                 reconnects=self.link.reconnects,
@@ -465,6 +479,10 @@ class Agent:
                 desired_malformed=self.updater.malformed_desired,
             ),
             clock=self.updater.clock_health(),
+            parts={
+                name: PartHealth(state=s.state.value, restarts=s.restarts, last_error=s.last_error)
+                for name, s in SUPERVISOR.parts().items()
+            },
         )
 
     def _status_line(self) -> str:
@@ -475,6 +493,7 @@ class Agent:
     def _health_loop(self) -> None:  # health thread
         interval = self.config.health.interval_s
         while not self._stop.wait(interval):
+            fault_point()
             self.notifier.status(self._status_line())
             if not self.link.connected:
                 continue  # health is a snapshot: nothing to keep for later

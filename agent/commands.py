@@ -51,6 +51,7 @@ from .protocol import (
     ErrorCode,
     describe_errors,
 )
+from .supervisor import SUPERVISOR, fault_point
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +339,7 @@ class Commands:
     def start(self) -> None:
         """Start the ``commands`` thread."""
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
-        self._thread.start()
+        self._thread = SUPERVISOR.start("commands", self._run, self._stop)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop taking commands; a running handler finishes first (bounded by ``timeout_s``)."""
@@ -361,6 +361,7 @@ class Commands:
 
     def _run(self) -> None:  # commands thread
         while not self._stop.is_set():
+            fault_point()
             try:
                 message = self._queue.get(timeout=_WAIT_S)
             except queue.Empty:

@@ -51,6 +51,7 @@ from edgefleet.runtime import EdgefleetError
 
 from .config import BrokerSettings
 from .outbox import Outbox, OutboxError
+from .supervisor import SUPERVISOR, fault_point
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +288,7 @@ class MqttLink:
     def start(self) -> None:
         """Start the ``mqtt`` thread; it connects in the background."""
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
-        self._thread.start()
+        self._thread = SUPERVISOR.start("mqtt", self._run, self._stop)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Disconnect cleanly (no last will) and end the thread."""
@@ -536,8 +536,7 @@ class OutboxPublisher:
     def start(self) -> None:
         """Start the ``publisher`` thread."""
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-        self._thread.start()
+        self._thread = SUPERVISOR.start("publisher", self._run, self._stop)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop handing rows to paho and record the acknowledgements received so far."""
@@ -604,6 +603,7 @@ class OutboxPublisher:
         while not self._stop.is_set():
             # Cleared before looking at the state, so a wake-up during the work is kept.
             self._wake.clear()
+            fault_point()
             self._apply_acks()
             room = self.window - self._inflight
             # Connection first: while it is down, every put wakes us and a peek would be waste.

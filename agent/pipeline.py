@@ -51,6 +51,7 @@ from .metrics import LatencyWindow
 from .protocol import EventMessage, Manifest, ModelRef, StreamHealth, Topics
 from .sources import make_source
 from .sources.capture import Capture, FrameSlot
+from .supervisor import SUPERVISOR, fault_point
 
 log = logging.getLogger(__name__)
 
@@ -273,15 +274,9 @@ class StreamRunner:
     def start(self) -> None:
         """Start capture and inference."""
         self._stop.clear()
-        self._events_thread = threading.Thread(
-            target=self._events, name=f"events-{self.name}", daemon=True
-        )
-        self._events_thread.start()
+        self._events_thread = SUPERVISOR.start(f"events-{self.name}", self._events, self._stop)
         self.capture.start()
-        self._infer_thread = threading.Thread(
-            target=self._infer, name=f"infer-{self.name}", daemon=True
-        )
-        self._infer_thread.start()
+        self._infer_thread = SUPERVISOR.start(f"infer-{self.name}", self._infer, self._stop)
         log.info(
             "stream %s: %s on %s (%s)",
             self.name,
@@ -346,6 +341,7 @@ class StreamRunner:
 
     def _infer(self) -> None:
         while not self._stop.is_set():
+            fault_point()
             if self._pending is not None:
                 self._take_pending()
             frame = self._slot.get(_FRAME_WAIT_S)
@@ -387,6 +383,7 @@ class StreamRunner:
 
     def _events(self) -> None:
         while True:
+            fault_point()
             try:
                 item = self._results.get(timeout=_FRAME_WAIT_S)
             except queue.Empty:

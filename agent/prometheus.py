@@ -1,7 +1,8 @@
 """The optional Prometheus endpoint: the health message's figures as metrics.
 
-``prometheus_client`` serves ``/metrics`` from its own daemon thread; each
-scrape calls ``HealthCollector.collect`` there, which builds a fresh health
+The ``prometheus`` thread, a supervised part (``agent/supervisor.py``),
+serves ``/metrics`` one request at a time; each scrape calls
+``HealthCollector.collect`` there, which builds a fresh health
 snapshot (the same one the ``health`` topic publishes), so the two never
 disagree and nothing is computed between scrapes. Within the snapshot each
 stream's counters are read downstream first (a frame is counted captured
@@ -10,15 +11,21 @@ before inference can take it), so no scrape shows processed above captured.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edgefleet.runtime import EnvironmentProblem
 
 from .protocol import HealthMessage
+from .supervisor import SUPERVISOR, fault_point
+
+_REQUEST_WAIT_S = 0.5  # how often the serving loop looks at its stop event
 
 _STREAM_COUNTERS = {
     "captured": "Frames read from the source.",
@@ -94,10 +101,36 @@ def serve(health: Callable[[], HealthMessage], *, port: int, bind: str) -> Calla
     registry = CollectorRegistry()
     registry.register(HealthCollector(health))
     try:
-        server, _thread = start_http_server(port, addr=bind, registry=registry)
+        family = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("_Server", (WSGIServer,), {"address_family": family})
+        server: WSGIServer = make_server(
+            bind, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+        )
     except OSError as exc:
         raise EnvironmentProblem(
             f"health.prometheus_port: cannot listen on {bind}:{port} ({exc.strerror})",
             hint="choose a free port or unset health.prometheus_port",
         ) from exc
-    return server.shutdown
+    server.timeout = _REQUEST_WAIT_S
+    stop = threading.Event()
+
+    def run() -> None:  # prometheus thread
+        while not stop.is_set():
+            fault_point()
+            server.handle_request()
+
+    thread = SUPERVISOR.start("prometheus", run, stop)
+
+    def stop_serving() -> None:
+        stop.set()
+        thread.join(_REQUEST_WAIT_S * 4)
+        server.server_close()
+
+    return stop_serving
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Drop the line."""

@@ -268,6 +268,27 @@ class OutboxHealth(_Frozen):
 
     depth: int = Field(description="Events waiting for the broker's acknowledgement.")
     dropped: int = Field(description="Events dropped because the outbox was full (total).")
+    not_stored: int = Field(
+        0,
+        description="Events that could not be stored since the agent started because the "
+        "storage failed (disk full, I/O error); the streams' events_lost, summed.",
+    )
+    salvaged: int = Field(
+        0,
+        description="Events copied out of a damaged outbox file into the fresh one since the "
+        "agent started.",
+    )
+    lost: int = Field(
+        0,
+        description="Stored events lost to damage since the agent started: rows of a damaged "
+        "file that could not be read, or events missing against the depth recorded before "
+        "the last stop (a WAL cut by a power loss).",
+    )
+    problem: str | None = Field(
+        None,
+        description="Why the outbox cannot write now (e.g. 'the disk is full'), or why "
+        "acknowledged events cannot be removed; None when it works.",
+    )
 
 
 class MqttHealth(_Frozen):
@@ -332,6 +353,21 @@ class ClockHealth(_Frozen):
     )
 
 
+class PartHealth(_Frozen):
+    """One supervised agent thread (``agent/supervisor.py``)."""
+
+    state: Literal["running", "restarting", "failed"] = Field(
+        description="running; restarting: it raised and is restarted after a backoff; failed: "
+        "it raised too often and is not restarted (the agent then exits so systemd restarts it)."
+    )
+    restarts: int = Field(0, description="Times it was restarted since the agent started.")
+    last_error: str | None = Field(
+        None,
+        description="The last unexpected error it raised (type: message); the traceback is "
+        "in the agent's log.",
+    )
+
+
 class HealthMessage(_Message):
     """Periodic metrics (``health``)."""
 
@@ -350,6 +386,11 @@ class HealthMessage(_Message):
     )
     clock: ClockHealth = Field(
         default_factory=ClockHealth, description="Whether the clock can be trusted."
+    )
+    parts: dict[str, PartHealth] = Field(
+        default_factory=dict,
+        description="The agent's supervised threads by name (capture-<stream>, infer-<stream>, "
+        "events-<stream>, mqtt, publisher, commands, updates, health, prometheus).",
     )
 
 

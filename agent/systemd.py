@@ -175,8 +175,18 @@ class Watchdog:
     systemd restarts the service after ``WatchdogSec``.
     """
 
-    def __init__(self, notifier: Notifier, *, stale_after_s: float) -> None:
-        """Pet through ``notifier`` while the last progress is at most ``stale_after_s`` old."""
+    def __init__(
+        self,
+        notifier: Notifier,
+        *,
+        stale_after_s: float,
+        failed_parts: Callable[[], list[str]] = list,
+    ) -> None:
+        """Pet through ``notifier`` while the last progress is at most ``stale_after_s`` old.
+
+        ``failed_parts`` names the supervised parts that cannot run; while it names any,
+        ``WATCHDOG=1`` is withheld too, so systemd restarts the agent.
+        """
         if stale_after_s <= 0:
             raise SettingError(
                 f"watchdog stale_after_s must be positive, got {stale_after_s}",
@@ -184,6 +194,7 @@ class Watchdog:
             )
         self._notifier = notifier
         self._stale_after_s = stale_after_s
+        self._failed_parts = failed_parts
         # Written by the inference thread, read by the watchdog thread: one float
         # reference, replaced atomically, so no lock is needed.
         self._last_progress: float | None = None
@@ -244,7 +255,15 @@ class Watchdog:
         if last is None:
             return  # no result yet: start-up is bounded by TimeoutStartSec, not the watchdog
         age_s = time.monotonic() - last
-        if age_s <= self._stale_after_s:
+        failed = self._failed_parts()
+        if failed:
+            if not self._stalled:
+                log.error(
+                    "%s cannot run; withholding the systemd watchdog so the service is restarted",
+                    ", ".join(failed),
+                )
+            self._stalled = True
+        elif age_s <= self._stale_after_s:
             if self._stalled:
                 log.info("inference results arrive again; resuming the systemd watchdog")
             self._stalled = False

@@ -88,6 +88,7 @@ from .protocol import (
     UpdateReport,
     UpdateState,
 )
+from .supervisor import SUPERVISOR, fault_point
 from .validation import ValidationLimits, ValidationRefused, validate_model
 
 log = logging.getLogger(__name__)
@@ -299,8 +300,7 @@ class Updater:
     def start(self) -> None:
         """Start the ``updates`` thread."""
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="updates", daemon=True)
-        self._thread.start()
+        self._thread = SUPERVISOR.start("updates", self._run, self._stop)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop after the current step (a download or validation is abandoned, resumable)."""
@@ -440,6 +440,7 @@ class Updater:
             if self._clock_watch.jumped():  # refusals for the clock are checked again now
                 log.info("the clock was set: decisions that depend on it are checked again")
                 changed = True
+            fault_point()
             try:
                 if changed or time.monotonic() >= self._next_retry:
                     self._desired_changed.clear()

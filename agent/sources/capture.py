@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from edgefleet.agent.supervisor import SUPERVISOR, fault_point
+
 from .base import CapturedFrame, Size, Source, SourceError
 
 log = logging.getLogger(__name__)
@@ -134,10 +136,7 @@ class Capture:
             raise RuntimeError(f"capture of stream {self.stream} was already started")
         # A daemon like every agent thread: stop() joins with a timeout, and a source stuck
         # past it must not keep the process alive after SIGTERM.
-        self._thread = threading.Thread(
-            target=self._run, name=f"capture-{self.stream}", daemon=True
-        )
-        self._thread.start()
+        self._thread = SUPERVISOR.start(f"capture-{self.stream}", self._run, self._stop)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the thread and close the source, waiting up to ``timeout_s``."""
@@ -164,6 +163,7 @@ class Capture:
                         opened = True
                         continue  # look at the stop event between open and the first read
                     frame = self.source.read()
+                    fault_point()
                 except SourceError as exc:
                     self.source.close()
                     opened = False
