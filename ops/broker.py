@@ -42,15 +42,27 @@ def register(subcommands: Any) -> None:
         action="store_true",
         help="keep everything in memory: a broker restart forgets every device's desired state",
     )
+    changes = MosquittoSettings.model_fields["autosave_changes"].default
+    config.add_argument(
+        "--autosave-changes",
+        type=int,
+        default=changes,
+        metavar="N",
+        help="save the database after N changes (retained messages, queued messages, "
+        "subscriptions); 1 saves after each, so a crash loses no acknowledged desired "
+        "state, at the cost of a whole-database write per event; larger N loses up to N "
+        "changes on a crash; 0: save by time (--autosave-interval) instead "
+        f"(default: {changes})",
+    )
     autosave = MosquittoSettings.model_fields["autosave_interval_s"].default
     config.add_argument(
         "--autosave-interval",
         type=int,
         default=autosave,
         metavar="SECONDS",
-        help="save the database this often while running; a clean stop (SIGTERM) always "
-        "saves, a crash loses what changed since the last save; 0: on stop only "
-        f"(default: {autosave})",
+        help="with --autosave-changes 0: save the database this often while running; a "
+        "clean stop (SIGTERM) always saves, a crash loses what changed since the last "
+        f"save; 0: on stop only (default: {autosave})",
     )
     config.add_argument(
         "--user",
@@ -69,6 +81,7 @@ def _config(args: argparse.Namespace) -> int:
         settings = MosquittoSettings(
             listeners=[BrokerListener(port=args.port, bind_address=args.bind)],
             persistence_dir=None if args.no_persistence else args.persistence_dir,
+            autosave_changes=args.autosave_changes,
             autosave_interval_s=args.autosave_interval,
             allow_anonymous=args.allow_anonymous,
             run_as_user=args.user,
@@ -83,6 +96,7 @@ _OPTIONS = {
     "port": "--port",
     "bind_address": "--bind",
     "persistence_dir": "--persistence-dir",
+    "autosave_changes": "--autosave-changes",
     "autosave_interval_s": "--autosave-interval",
     "run_as_user": "--user",
 }

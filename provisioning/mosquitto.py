@@ -180,14 +180,24 @@ class MosquittoSettings(BaseModel):
         "keeps everything in memory only: a broker restart then loses queued commands and "
         "retained state.",
     )
+    autosave_changes: int = Field(
+        1,
+        ge=0,
+        description="Save the persistence database after this many changes (a retained "
+        "message such as a desired state, a message queued for an offline client, a "
+        "subscription): 1, the default, saves right after each, so a crash, kill -9 or power "
+        "cut loses no retained desired state the broker acknowledged. Each save rewrites the "
+        "whole database (retained model chunks, every queued message), so a larger number "
+        "costs less while many events queue for an offline subscriber and loses up to that "
+        "many changes on a crash. 0 saves by time instead (autosave_interval_s).",
+    )
     autosave_interval_s: int = Field(
         60,
         ge=0,
-        description="Seconds between saves of the persistence database while running. A "
-        "clean stop (SIGTERM: systemctl stop, a reboot) saves everything; a crash, kill -9 "
-        "or power cut loses what changed since the last save. Each save rewrites the whole "
-        "database, retained model chunks included, so a shorter interval loses less and "
-        "writes the SD card more. 0 saves on stop only.",
+        description="With autosave_changes 0 only: seconds between saves while running; a "
+        "crash loses what changed since the last save. A clean stop (SIGTERM: systemctl "
+        "stop, a reboot) always saves everything. 0 (with autosave_changes 0) saves on stop "
+        "only.",
     )
     max_queued_messages: int = Field(
         100_000,
@@ -326,8 +336,12 @@ def _persistence(settings: MosquittoSettings) -> list[str]:
             # Mosquitto 1.x joins location and file without a separator; 2.x adds one.
             f"persistence_location {settings.persistence_dir}/",
             "persistence_file mosquitto.db",
-            f"autosave_interval {settings.autosave_interval_s}",
         ]
+        if settings.autosave_changes:
+            # Mosquitto counts changes and saves once the count reaches autosave_interval.
+            lines += ["autosave_on_changes true", f"autosave_interval {settings.autosave_changes}"]
+        else:
+            lines.append(f"autosave_interval {settings.autosave_interval_s}")
     if settings.persistent_client_expiration_h is not None:
         lines.append(f"persistent_client_expiration {settings.persistent_client_expiration_h}h")
     if settings.run_as_user is not None:
