@@ -13,6 +13,16 @@ id it ran, in SQLite beside the model store, so a redelivered request (QoS 1
 after a reconnect, a controller retry) is answered from the recorded reply and
 never run twice, even across a restart. An expired request is refused.
 
+Time: expiry is judged at the trusted time (the clock, never before the newest
+trusted time seen, as for manifests), and a refusal says when the kernel's
+clock is not synchronised. The journal forgets ids by count (the newest
+``keep_count`` stay) and by age measured in the agent's own running time
+(monotonic, added up across restarts in the journal), never by the wall clock
+and never while the clock is unsynchronised: a clock stepped days ahead, or a
+restart, cannot make it forget an id, so a redelivered request is never run
+again. Running time never exceeds real time, so an id is kept at least
+``keep_s``.
+
 Threads: ``Commands.receive`` runs on the ``mqtt`` thread and only queues; the
 ``commands`` thread (``Commands._run``) checks the journal, runs the handler
 and sends the reply. Handlers therefore run one at a time, off the network
@@ -38,7 +48,10 @@ from pydantic import BaseModel, ValidationError
 
 from edgefleet.runtime import EdgefleetError
 
+from .acceptance import Clock, trusted_now
+from .clock import kernel_synchronised
 from .config import CommandSettings
+from .durable import looks_full
 from .mqtt import Inbound
 from .protocol import (
     COMMAND_ARGS,
@@ -57,9 +70,8 @@ log = logging.getLogger(__name__)
 
 _QUEUE_SIZE = 1024
 _WAIT_S = 0.5
+_PRUNE_EVERY_S = 3600.0  # a long-running agent forgets old ids this often (monotonic)
 _T = TypeVar("_T")
-# How often an unavailable journal (disk full) is tried again when commands arrive.
-_JOURNAL_RETRY_S = 1.0
 _LOG_EVERY = 100  # a flood of junk logs one line per this many rejects
 
 
@@ -119,6 +131,19 @@ def parse_command(name: str, payload: bytes, *, max_bytes: int) -> ParsedCommand
         return ParsedCommand(*_arguments(name, request))
     except _Rejected as rejected:
         return rejected.refused
+
+
+def _clock_note(clock: Clock) -> str:
+    """What an expiry refusal says about the clock it was judged by, if it may be wrong."""
+    notes = []
+    if clock.floor > clock.now:
+        notes.append(
+            f"judged at the newest trusted time, {clock.floor - clock.now:.0f} s ahead of the "
+            "device's clock"
+        )
+    if kernel_synchronised() is False:
+        notes.append("the device's clock is not synchronised (NTP); check its time")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _is_topic_name(topic: str) -> bool:
@@ -193,12 +218,22 @@ class CommandJournal:
     commands work again as soon as there is space, without a restart.
     """
 
-    def __init__(self, path: Path, *, keep_s: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        keep_s: float,
+        keep_count: int = 100_000,
+        synchronised: Callable[[], bool | None] = kernel_synchronised,
+    ) -> None:
         self._path = path
         self._keep_s = keep_s
+        self._keep_count = keep_count
+        self._synchronised = synchronised
+        self._runtime_base = 0.0  # the agent's running time when the journal was opened
+        self._opened_at = time.monotonic()
         self._db: sqlite3.Connection | None = None
         self._problem: str | None = None
-        self._retry_at = 0.0
         try:
             self._db = self._open()
         except (sqlite3.Error, OSError) as exc:
@@ -211,7 +246,6 @@ class CommandJournal:
 
     def _open(self) -> sqlite3.Connection:
         path = self._path
-        keep_s = self._keep_s
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
@@ -220,7 +254,8 @@ class CommandJournal:
                 "CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, command TEXT NOT NULL, "
                 "reply TEXT, created REAL NOT NULL)"
             )
-            db.execute("DELETE FROM commands WHERE created < ?", (time.time() - keep_s,))
+            self._load_runtime(db)
+            self._prune(db)
         except BaseException:
             db.close()
             raise
@@ -228,12 +263,14 @@ class CommandJournal:
 
     def _unavailable(self, action: str, exc: sqlite3.Error | OSError) -> JournalUnavailable:
         """Log (once per distinct problem) and return the error a command is answered with."""
-        full = getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or (
-            isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        name = getattr(exc, "sqlite_errorname", "")
+        full = (
+            name == "SQLITE_FULL"
+            or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+            or (name.startswith("SQLITE_IOERR") and looks_full(self._path.parent))
         )
         reason = "disk full" if full else str(exc)
         message = f"journal unavailable ({reason})"
-        self._retry_at = time.monotonic() + _JOURNAL_RETRY_S
         if self._problem != message:
             log.error(
                 "command journal %s: cannot %s (%s); commands are answered 'failed' "
@@ -252,9 +289,7 @@ class CommandJournal:
 
     def _use(self, action: str, op: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``op`` on the journal, reopening it if it was unavailable."""
-        if self._db is None:
-            if self._problem is not None and time.monotonic() < self._retry_at:
-                raise JournalUnavailable(self._problem)
+        if self._db is None:  # commands are rare: try again at each one
             try:
                 self._db = self._open()
             except (sqlite3.Error, OSError) as exc:
@@ -267,6 +302,42 @@ class CommandJournal:
             log.warning("command journal %s works again: commands run again", self._path)
             self._problem = None
         return result
+
+    def _load_runtime(self, db: sqlite3.Connection) -> None:
+        """Add the running-time column and record (older journals), then read it."""
+        columns = {row[1] for row in db.execute("PRAGMA table_info(commands)")}
+        if "runtime" not in columns:  # ids from before: age 0, forgotten keep_s from now
+            db.execute("ALTER TABLE commands ADD COLUMN runtime REAL NOT NULL DEFAULT 0")
+        db.execute("CREATE TABLE IF NOT EXISTS clock (key TEXT PRIMARY KEY, value REAL NOT NULL)")
+        saved = db.execute(
+            "SELECT max(v) FROM (SELECT value AS v FROM clock WHERE key = 'runtime_s' "
+            "UNION ALL SELECT max(runtime) FROM commands)"
+        ).fetchone()[0]
+        self._runtime_base = float(saved or 0.0)
+        self._opened_at = time.monotonic()
+
+    def runtime(self) -> float:
+        """The agent's running time in seconds, over every run this journal has seen.
+
+        Monotonic within a run, carried across restarts: never above the real time passed,
+        whatever the wall clock says.
+        """
+        return self._runtime_base + (time.monotonic() - self._opened_at)
+
+    def _prune(self, db: sqlite3.Connection) -> None:
+        now = self.runtime()
+        db.execute("INSERT OR REPLACE INTO clock (key, value) VALUES ('runtime_s', ?)", (now,))
+        db.execute(
+            "DELETE FROM commands WHERE rowid NOT IN "
+            "(SELECT rowid FROM commands ORDER BY rowid DESC LIMIT ?)",
+            (self._keep_count,),
+        )
+        if self._synchronised() is True:  # never while the clock may be wrong
+            db.execute("DELETE FROM commands WHERE runtime < ?", (now - self._keep_s,))
+
+    def prune(self) -> None:
+        """Forget ids past ``keep_count`` and older than ``keep_s`` of running time."""
+        self._use("prune", self._prune)
 
     def recorded(self, id: str) -> CommandReply | None:
         """The reply to ``id`` if it ran before; a run cut short by a restart says so."""
@@ -293,8 +364,9 @@ class CommandJournal:
         self._use(
             "record a command",
             lambda db: db.execute(
-                "INSERT INTO commands (id, command, reply, created) VALUES (?, ?, NULL, ?)",
-                (id, command, time.time()),
+                "INSERT INTO commands (id, command, reply, created, runtime) "
+                "VALUES (?, ?, NULL, ?, ?)",
+                (id, command, time.time(), self.runtime()),
             ),
         )
 
@@ -310,6 +382,13 @@ class CommandJournal:
     def close(self) -> None:
         """Close the database."""
         if self._db is not None:
+            try:  # the running time so far, for the next run's ages
+                self._db.execute(
+                    "INSERT OR REPLACE INTO clock (key, value) VALUES ('runtime_s', ?)",
+                    (self.runtime(),),
+                )
+            except sqlite3.Error:
+                pass  # at worst ages count less time: ids are kept longer, never shorter
             self._db.close()
 
 
@@ -324,8 +403,10 @@ class Commands:
         command_name: Callable[[str], str | None],
         send: Callable[[str, bytes, bytes | None], None],
         settings: CommandSettings,
+        clock: Callable[[], Clock] | None = None,
     ) -> None:
         self._handlers = handlers
+        self._clock = clock or (lambda: Clock(now=time.time()))
         self._journal = journal
         self._command_name = command_name
         self._send = send
@@ -360,8 +441,15 @@ class Commands:
             )
 
     def _run(self) -> None:  # commands thread
+        next_prune = time.monotonic() + _PRUNE_EVERY_S
         while not self._stop.is_set():
             fault_point()
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + _PRUNE_EVERY_S
+                try:
+                    self._journal.prune()
+                except JournalUnavailable:
+                    pass  # logged by the journal; the next prune tries again
             try:
                 message = self._queue.get(timeout=_WAIT_S)
             except queue.Empty:
@@ -390,11 +478,13 @@ class Commands:
             log.info("command %s %s: repeated id, answered from the record", name, request.id)
             self._answer(message, recorded, request.reply_to)
             return
-        if request.expires_at < time.time():
+        clock = self._clock()
+        now = trusted_now(clock)
+        if request.expires_at < now:
             reply = error_reply(
                 name,
                 ErrorCode.EXPIRED,
-                f"expired {time.time() - request.expires_at:.1f} s ago; not run",
+                f"expired {now - request.expires_at:.1f} s ago{_clock_note(clock)}; not run",
                 id_=request.id,
             )
             self._answer(message, reply, request.reply_to)

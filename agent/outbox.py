@@ -81,6 +81,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.runtime import EnvironmentProblem
 
+from .durable import looks_full
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -162,6 +164,7 @@ class Outbox:
         self._last_seq = 0
         self._full = False
         self._not_stored = 0
+        self._not_stored_before = 0
         self._salvaged = 0
         self._lost = 0
         self._problem: str | None = None
@@ -263,7 +266,7 @@ class Outbox:
             return [OutboxItem(*row) for row in rows]
 
         with self._lock:
-            return self._run("read events", select)
+            return self._run("read events", select, write=False)
 
     def ack(self, seqs: Iterable[int]) -> None:
         """Remove acknowledged events in one transaction; unknown or repeated seqs are ignored."""
@@ -376,21 +379,22 @@ class Outbox:
             self._dropped,
         )
 
-    def _run(self, action: str, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``op`` (lock held), noting a storage problem and its end in the log."""
+    def _run(self, action: str, op: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        """Run ``op`` (lock held), noting a storage problem and its end (a write that works)."""
         try:
             result = self._run_recovering(action, op)
         except OutboxError as exc:
-            if self._problem != exc.message:
+            if self._problem is None:  # once per outage, not once per failed write
                 log.error("%s", exc)
+                self._not_stored_before = self._not_stored
             self._problem = exc.message
             raise
-        if self._problem is not None:
+        if write and self._problem is not None:
             log.warning(
-                "outbox %s writable again (%d events could not be stored meanwhile, "
-                "%d since start)",
+                "outbox %s writable again: %d events could not be stored meanwhile "
+                "(%d since start)",
                 self._path,
-                self._not_stored,
+                self._not_stored - self._not_stored_before,
                 self._not_stored,
             )
             self._problem = None
@@ -579,7 +583,7 @@ class Outbox:
         """Translate a failure of the storage into what an operator can act on."""
         name = getattr(exc, "sqlite_errorname", "")
         directory = self._path.parent
-        if name == "SQLITE_FULL":
+        if name == "SQLITE_FULL" or (name.startswith("SQLITE_IOERR") and looks_full(directory)):
             return OutboxError(
                 f"outbox {self._path}: cannot {action}, the disk is full",
                 hint=f"free space on the filesystem holding {directory}, or lower "

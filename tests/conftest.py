@@ -7,7 +7,9 @@ need them skip with the reason; under CI (``CI`` set) that is a failure.
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +124,70 @@ def broker(tmp_path: Path, mosquitto_binary: Path) -> Iterator[Mosquitto]:
     """A running Mosquitto with the project's generated config on a free loopback port."""
     with Mosquitto(tmp_path / "broker") as running:
         yield running
+
+
+@dataclass(frozen=True)
+class SmallFs:
+    """A small ext4 filesystem loop-mounted at ``path``; ``fill`` and ``free`` its space."""
+
+    path: Path
+
+    @property
+    def filler(self) -> Path:
+        """The file that takes the free space."""
+        return self.path / "filler"
+
+    def fill(self) -> int:
+        """Write ``filler`` until the filesystem says it is full (ENOSPC); returns its size."""
+        written = 0
+        with self.filler.open("ab", buffering=0) as file:  # unbuffered: nothing left to flush
+            for block in (1 << 20, 1 << 12, 1):
+                chunk = b"\0" * block
+                while True:
+                    try:
+                        written += file.write(chunk) or 0
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        break
+            os.fsync(file.fileno())
+        return written
+
+    def free(self) -> None:
+        """Delete ``filler``: the space is back."""
+        self.filler.unlink(missing_ok=True)
+
+
+def _run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
+    """A 24 MB ext4 filesystem mounted from a file; a skip (a failure under CI) if mounting
+    is not permitted here (not root, no loop devices, a container without CAP_SYS_ADMIN)."""
+    image = tmp_path / "fs.img"
+    mountpoint = tmp_path / "fs"
+    mountpoint.mkdir()
+    with image.open("wb") as file:
+        file.truncate(24 << 20)
+    made = _run("mkfs.ext4", "-q", "-F", str(image))
+    mounted = made if made.returncode else _run("mount", "-o", "loop", str(image), str(mountpoint))
+    if mounted.returncode:
+        reason = (
+            f"cannot make and mount a small ext4 filesystem here "
+            f"({(mounted.stderr or mounted.stdout).strip()}): run as root on a machine with "
+            "loop devices (mkfs.ext4 from e2fsprogs, mount)"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI must run every test)")
+        pytest.skip(reason)
+    try:
+        yield SmallFs(mountpoint)
+    finally:
+        unmounted = _run("umount", str(mountpoint))
+        if unmounted.returncode:  # a process still holds a file: detach, it goes when closed
+            _run("umount", "-l", str(mountpoint))
 
 
 def pytest_report_header() -> str:
