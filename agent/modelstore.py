@@ -9,6 +9,7 @@ one, never on a broken one. Layout under the root (e.g.
                                     from the config file)
     streams/<stream>/current.json   pointer: {"sha256": ..., "previous": [sha, ...]},
                                     newest previous first
+    streams/<stream>/current.json.prev  the pointer before the last switch (kept for repair)
     streams/<stream>/update.json    the update state machine's record (opaque here)
     staging/<sha256>.part           downloads in progress
 
@@ -31,6 +32,15 @@ Why every instant is safe:
 - Leftovers of a crash (``models/.tmp-*``, ``*.tmp-*`` beside a pointer or
   record, staging files of stored models) are ignored by every reader and
   removed by :meth:`ModelStore.prune`.
+
+An unreadable pointer (disk damage: renames make a torn one impossible) is not
+skipped silently: :meth:`ModelStore.current` logs it at ERROR, moves it aside as
+``current.json.damaged`` and rebuilds it from the stream's committed update
+record, or else from the highest manifest version among the verified models
+the stream is known to have run (``current.json.prev``'s, leaving out the model
+of an update record that is not committed: in flight or refused), with the
+history of ``current.json.prev``. Only when none of those is usable
+does the stream have no pointer (it runs its config file's model).
 
 Verification: :meth:`ModelStore.has` hashes a model file once per instance and
 remembers the file's inode, size and times; a file replaced or rewritten since
@@ -107,6 +117,8 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 POINTER_FILE = "current.json"
+PREVIOUS_POINTER_FILE = "current.json.prev"
+DAMAGED_POINTER_FILE = "current.json.damaged"
 RECORD_FILE = "update.json"
 STAGING_SUFFIX = ".part"
 # Names of unfinished writes: never read, removed by prune().
@@ -284,21 +296,86 @@ class ModelStore:
     # -- streams -------------------------------------------------------------------------
 
     def current(self, stream: str) -> Pointer | None:
-        """The stream's pointer; None if it has none (or only a damaged one, logged)."""
-        data = _read_json(self._stream_dir(stream) / POINTER_FILE)
-        if data is None:
-            return None
+        """The stream's pointer; None if it has none. A damaged one is rebuilt (logged)."""
+        directory = self._stream_dir(stream)
+        pointer, damage = _load_pointer(directory / POINTER_FILE)
+        if damage is None:
+            return pointer
+        return self._rebuild_pointer(stream, damage)
+
+    def _rebuild_pointer(self, stream: str, damage: str) -> Pointer | None:
+        """Rebuild an unreadable pointer from what else the store knows (see the module)."""
+        directory = self._stream_dir(stream)
+        previous_pointer, _ = _load_pointer(directory / PREVIOUS_POINTER_FILE)
+        history = (previous_pointer.sha256, *previous_pointer.previous) if previous_pointer else ()
+        record = _read_json(directory / RECORD_FILE)
+        recorded = record.get("sha256") if isinstance(record, dict) else None
+        recorded = recorded if isinstance(recorded, str) and _SHA256.fullmatch(recorded) else None
+        sha256: str | None = None
+        source = ""
+        if recorded and record.get("state") == "committed" and self._intact(recorded):
+            sha256, source = recorded, "the committed update record"
+        else:
+            # A record not committed names an update in flight or refused: not that one.
+            versions = {
+                candidate: version
+                for candidate in dict.fromkeys(history)
+                if candidate != recorded
+                and (version := self._manifest_version(candidate)) is not None
+                and self._intact(candidate)
+            }
+            if versions:
+                sha256 = max(versions, key=lambda candidate: versions[candidate])
+                source = f"the highest verified stored model of the stream (v{versions[sha256]})"
         try:
-            pointer = _PointerFile.model_validate(data)
-        except ValidationError as exc:
-            log.warning(
-                "pointer of stream %s is invalid, treating the stream as having none: %s",
+            os.replace(directory / POINTER_FILE, directory / DAMAGED_POINTER_FILE)
+        except OSError as exc:
+            log.error("cannot move the damaged pointer of stream %s aside: %s", stream, exc)
+        if sha256 is None:
+            log.error(
+                "pointer %s of stream %s is unreadable (%s) and nothing in the store can "
+                "rebuild it: the stream runs its config file's model",
+                directory / POINTER_FILE,
                 stream,
-                exc,
+                damage,
                 extra={"stream": stream},
             )
             return None
-        return Pointer(pointer.sha256, pointer.previous)
+        left_out = {sha256} if source.startswith("the committed") else {sha256, recorded}
+        previous = tuple(dict.fromkeys(s for s in history if s not in left_out and self._intact(s)))
+        pointer = Pointer(sha256, previous[: self._keep_previous])
+        try:
+            self._write_pointer(stream, pointer, keep_old=False)
+        except OSError as exc:  # disk full: this run uses the rebuilt pointer all the same
+            log.error("rebuilt pointer of stream %s not written: %s", stream, exc)
+        log.error(
+            "pointer %s of stream %s is unreadable (%s): rebuilt from %s: model %s, previous %s",
+            directory / POINTER_FILE,
+            stream,
+            damage,
+            source,
+            sha256,
+            list(pointer.previous),
+            extra={"stream": stream},
+        )
+        return pointer
+
+    def _intact(self, sha256: str) -> bool:
+        """The model file is there and its bytes match (hashed now, no cache, no lock)."""
+        try:
+            return _file_sha256(self._models / sha256 / MODEL_FILE) == sha256
+        except OSError:
+            return False
+
+    def _manifest_version(self, sha256: str) -> int | None:
+        manifest = self._readable_manifest(sha256)
+        if manifest is None:
+            return None
+        try:
+            version = json.loads(manifest.payload).get("version")
+        except (ValueError, AttributeError):
+            return None
+        return version if isinstance(version, int) else None
 
     def activate(self, stream: str, sha256: str) -> Pointer:
         """Point the stream at a stored, verified model; the one it ran before becomes
@@ -467,9 +544,15 @@ class ModelStore:
             log.warning("listing model %s without its manifest: %s", sha256, exc)
             return None
 
-    def _write_pointer(self, stream: str, pointer: Pointer) -> None:
+    def _write_pointer(self, stream: str, pointer: Pointer, *, keep_old: bool = True) -> None:
+        """Replace the pointer; the one it replaces (if sound) becomes ``current.json.prev``."""
         directory = self._stream_dir(stream)
         self._make_stream_dir(directory)
+        if keep_old:
+            old, damage = _load_pointer(directory / POINTER_FILE)
+            if old is not None and damage is None and old != pointer:
+                kept = _PointerFile(sha256=old.sha256, previous=old.previous)
+                write_atomically(directory / PREVIOUS_POINTER_FILE, kept.model_dump_json().encode())
         data = _PointerFile(sha256=pointer.sha256, previous=pointer.previous)
         write_atomically(directory / POINTER_FILE, data.model_dump_json().encode())
 
@@ -553,6 +636,22 @@ def _file_sha256(path: Path) -> str:
         while chunk := file.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _load_pointer(path: Path) -> tuple[Pointer | None, str | None]:
+    """(the pointer, None); (None, None) if there is none; (None, why) if it is damaged."""
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"cannot be read: {exc.strerror or exc}"
+    try:
+        data = _PointerFile.model_validate_json(content)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return None, f"not a valid pointer: {first['msg']}"
+    return Pointer(data.sha256, data.previous), None
 
 
 def _read_json(path: Path) -> Any:

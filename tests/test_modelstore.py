@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import random
 import select
 import subprocess
@@ -311,14 +312,69 @@ def test_half_written_temporary_pointer_does_not_affect_current(
     assert ModelStore(root).current("cam") == Pointer(small.sha256, ())
 
 
-def test_damaged_pointer_is_treated_as_absent(
+def test_damaged_pointer_with_nothing_to_rebuild_it_from_is_absent(
     store: ModelStore, root: Path, small: ModelBytes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store.activate("cam", store.add(small.content))
+    store.activate("cam", store.add(small.content))  # no manifest, no record, no history
     (root / "streams" / "cam" / "current.json").write_bytes(b"\x00\x17garbage")
 
     assert store.current("cam") is None
     assert "current.json" in caplog.text
+    assert any(r.levelname == "ERROR" for r in caplog.records)
+
+
+def test_damaged_pointer_is_rebuilt_from_the_committed_record(
+    store: ModelStore,
+    root: Path,
+    small: ModelBytes,
+    large: ModelBytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    old = store.add(large.content, signed(large, version=3))
+    new = store.add(small.content, signed(small, version=2))  # lower version, but committed
+    store.activate("cam", old)
+    store.activate("cam", new)
+    store.write_record("cam", {"state": "committed", "sha256": new, "version": 2})
+    pointer = root / "streams" / "cam" / "current.json"
+    assert (root / "streams" / "cam" / "current.json.prev").is_file()
+    pointer.write_bytes(b'{"sha256": "zz')  # disk damage
+
+    with caplog.at_level(logging.ERROR, logger="edgefleet.agent.modelstore"):
+        rebuilt = store.current("cam")
+
+    assert rebuilt == Pointer(new, (old,))
+    assert ModelStore(root).current("cam") == rebuilt  # written back, whole
+    assert (root / "streams" / "cam" / "current.json.damaged").read_bytes() == b'{"sha256": "zz'
+    assert any("committed update record" in r.getMessage() for r in caplog.records)
+
+
+def test_damaged_pointer_without_a_record_takes_the_highest_verified_version(
+    store: ModelStore, root: Path, small: ModelBytes, large: ModelBytes
+) -> None:
+    high = store.add(large.content, signed(large, version=5))
+    low = store.add(small.content, signed(small, version=4))
+    store.activate("cam", low)
+    store.activate("cam", high)
+    store.activate("cam", low)  # current.json.prev now names high, with low before it
+    flip_byte(model_file(root, high))  # ...but high's bytes rotted: not verified
+    (root / "streams" / "cam" / "current.json").write_bytes(b"")
+
+    assert store.current("cam") == Pointer(low, ())
+
+
+def test_damaged_pointer_skips_a_record_that_is_not_committed(
+    store: ModelStore, root: Path, small: ModelBytes, large: ModelBytes
+) -> None:
+    first = store.add(small.content, signed(small, version=1))
+    second = store.add(large.content, signed(large, version=2))
+    store.activate("cam", first)
+    store.activate("cam", second)
+    store.write_record("cam", {"state": "probation", "sha256": second})
+    store.rollback("cam")  # probation failed: back on first; prev names second
+    (root / "streams" / "cam" / "current.json").write_bytes(b"\xff")
+
+    # Not the model of the update that did not commit, although its version is higher.
+    assert store.current("cam") == Pointer(first, ())
 
 
 def test_stream_name_with_path_traversal_is_rejected(store: ModelStore) -> None:
