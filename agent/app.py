@@ -236,7 +236,7 @@ class Agent:
                     self.reload()
                 if SUPERVISOR.failed() and not self.watchdog.running:
                     # Under a systemd watchdog, withholding it restarts the unit; without, exit.
-                    log.critical("stopping: %s cannot run", ", ".join(SUPERVISOR.failed()))
+                    log.critical("stopping, a part cannot run: %s", SUPERVISOR.failures_line())
                     return 1
         finally:
             self.stop()

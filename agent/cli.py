@@ -12,12 +12,19 @@ import logging
 import sys
 from pathlib import Path
 
-from edgefleet.runtime import EdgefleetError
+from .limits import is_out_of_memory, out_of_memory_line
 
-from .app import AGENT_VERSION, Agent
-from .config import ConfigError, StreamSettings, check_config, json_schema, load_config
-from .logs import configure_logging
-from .sources import mask_credentials
+try:  # the first thing to fail under a small memory limit: say so in one line
+    from edgefleet.runtime import EdgefleetError
+
+    from .app import AGENT_VERSION, Agent
+    from .config import ConfigError, StreamSettings, check_config, json_schema, load_config
+    from .logs import configure_logging
+    from .sources import mask_credentials
+except (MemoryError, ImportError, OSError) as _exc:
+    if not is_out_of_memory(_exc):
+        raise
+    sys.exit(f"edgefleet-agent: cannot start: {out_of_memory_line()}")
 
 log = logging.getLogger(__name__)
 
@@ -139,4 +146,7 @@ def _run(path: Path, *, verbose: bool) -> int:
         return agent.run()
     except EdgefleetError as exc:
         log.critical("agent cannot start: %s", exc)
+        return 1
+    except MemoryError:  # one line naming the limit; a traceback would only hide it
+        log.critical("agent stopped: %s", out_of_memory_line())
         return 1

@@ -8,7 +8,7 @@ returns the part is done. When it raises:
 
 - the failure is logged once at ERROR with its traceback (the same failure
   again is counted, not logged again; ``MemoryError`` is one line naming the
-  memory limit, see ``memory_limits``);
+  memory limit, see ``limits.py``);
 - ``parts()`` shows the part as ``restarting`` with its last error and
   restart count (the ``parts`` section of the health message);
 - the function is called again after a jittered backoff on the monotonic
@@ -36,15 +36,15 @@ import enum
 import logging
 import os
 import random
-import resource
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from edgefleet.runtime import EnvironmentProblem
+
+from .limits import out_of_memory_line
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_FAILURES = 5
 WINDOW_S = 300.0
-_CGROUP_MEMORY_MAX = Path("/sys/fs/cgroup/memory.max")
 
 
 class PartState(str, enum.Enum):
@@ -76,29 +75,6 @@ class PartStatus:
     restarts: int = 0
     last_error: str | None = None
     failed_at: deque[float] = field(default_factory=deque)  # monotonic, within the window
-
-
-def memory_limits() -> str:
-    """The memory limits this process runs under, as a phrase ("no memory limit" if none)."""
-    limits = []
-    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
-        limits.append(f"address-space limit (RLIMIT_AS) {soft // 2**20} MiB")
-    try:
-        cgroup = _CGROUP_MEMORY_MAX.read_text().strip()
-    except OSError:
-        cgroup = "max"
-    if cgroup != "max":
-        limits.append(f"cgroup memory.max {int(cgroup) // 2**20} MiB")
-    return " and ".join(limits) or "no memory limit"
-
-
-def out_of_memory_line() -> str:
-    """One line for an agent that ran out of memory: the limit, and what to do."""
-    return (
-        f"out of memory under the {memory_limits()}: raise the limit "
-        "(LimitAS=, MemoryMax= in the unit) or run fewer or smaller streams"
-    )
 
 
 def _parse_faults(value: str) -> dict[str, int]:
@@ -176,6 +152,15 @@ class Supervisor:
         with self._lock:
             return [n for n, s in self._parts.items() if s.state is PartState.FAILED]
 
+    def failures_line(self) -> str:
+        """The failed parts with their last errors, as one line."""
+        with self._lock:
+            return "; ".join(
+                f"{n}: {s.last_error}"
+                for n, s in self._parts.items()
+                if s.state is PartState.FAILED
+            )
+
     def _supervise(
         self, name: str, run: Callable[[], None], stop: threading.Event, status: PartStatus
     ) -> None:
@@ -202,7 +187,8 @@ class Supervisor:
         self, name: str, exc: Exception, status: PartStatus, logged: set[str], attempt: int
     ) -> float | None:
         """Record and log a failure; the backoff before the restart, or None if it failed."""
-        error = f"{type(exc).__name__}: {exc}"
+        memory = isinstance(exc, MemoryError)
+        error = out_of_memory_line() if memory else f"{type(exc).__name__}: {exc}"
         now = time.monotonic()
         with self._lock:
             status.last_error = error
@@ -213,11 +199,12 @@ class Supervisor:
             status.state = PartState.FAILED if given_up else PartState.RESTARTING
             if not given_up:
                 status.restarts += 1
-        if isinstance(exc, MemoryError):
-            log.error("%s: %s", name, out_of_memory_line(), extra={"part": name})
-        elif error not in logged:
+        if error not in logged:
             logged.add(error)
-            log.error("%s failed unexpectedly; restarting it", name, exc_info=exc)
+            if memory:  # not a bug: a traceback would only hide the limit
+                log.error("%s: %s", name, error, extra={"part": name})
+            else:
+                log.error("%s failed unexpectedly; restarting it", name, exc_info=exc)
         if given_up:
             log.error(
                 "%s failed %d times within %.0f s: not restarting it; the agent stops so "

@@ -98,6 +98,10 @@ def _parse_name(value: str, source: str) -> BackendName:
         ) from None
 
 
+# What the dynamic loader says when mmap fails for want of address space or memory.
+_OUT_OF_MEMORY = ("failed to map segment", "Cannot allocate memory")
+
+
 def explain_import_failure(name: BackendName, exc: ImportError | OSError) -> BackendUnavailable:
     """The error to raise for a backend whose import failed with ``exc``.
 
@@ -106,6 +110,12 @@ def explain_import_failure(name: BackendName, exc: ImportError | OSError) -> Bac
     backend is not importable and how to install it.
     """
     missing = _MISSING_VERSION.search(str(exc))
+    if any(sign in str(exc) for sign in _OUT_OF_MEMORY):
+        return BackendUnavailable(
+            f"backend {name.value} is installed but there is no memory to load it ({exc})",
+            hint="raise the process's memory limit (ulimit -v; LimitAS= or MemoryMax= in the "
+            "systemd unit) or run fewer or smaller streams",
+        )
     if missing is None:
         return BackendUnavailable(
             f"backend {name.value} is not importable ({exc})", hint=_INSTALL_HINTS[name]

@@ -25,14 +25,9 @@ from broker import Mosquitto, MqttProbe, free_port
 from conftest import Assets
 from fleet import ROOT, SMALL, agent_config, device_probe, event_count, healths, video
 
+from edgefleet.agent.limits import memory_limits, out_of_memory_line
 from edgefleet.agent.protocol import CommandReply
-from edgefleet.agent.supervisor import (
-    FAULTS_ENV,
-    PartState,
-    Supervisor,
-    memory_limits,
-    out_of_memory_line,
-)
+from edgefleet.agent.supervisor import FAULTS_ENV, PartState, Supervisor
 from edgefleet.agent.systemd import Notifier, Watchdog
 
 FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
@@ -328,7 +323,10 @@ def test_a_part_that_keeps_failing_stops_the_real_agent(
         log = agent.log()
     assert code == 1, log
     assert "commands failed 5 times within 300 s" in log
-    assert "stopping: commands cannot run" in log
+    assert (
+        f"stopping, a part cannot run: commands: InjectedFault: fault injected into commands "
+        f"({FAULTS_ENV})" in log
+    )
     assert log.count("Traceback (most recent call last)") == 1, "the same failure logged once"
     restarting = [h.parts["commands"] for h in healths(probe) if "commands" in h.parts]
     assert any(p.state == "restarting" for p in restarting) or any(

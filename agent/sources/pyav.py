@@ -234,9 +234,16 @@ class _AvSource(Source):
 
     def _deliver(self, frame: av.VideoFrame) -> CapturedFrame:
         width, height = self._output_size or (frame.width, frame.height)
-        rgb = frame.reformat(
-            width=width, height=height, format="rgb24", interpolation=self._interpolation
-        )
+        try:
+            rgb = frame.reformat(
+                width=width, height=height, format="rgb24", interpolation=self._interpolation
+            )
+        except (av.error.MemoryError, av.error.BlockingIOError) as exc:
+            # swscale could not allocate (seen as EAGAIN under an address-space limit):
+            # the agent's memory, not the source; the supervisor names the limit.
+            raise MemoryError(f"{self.name}: no memory to convert a frame ({exc})") from exc
+        except av.FFmpegError as exc:
+            raise SourceError(self.name, f"cannot convert the frame ({_reason(exc)})") from exc
         pixels = cast(Frame, rgb.to_ndarray())  # rgb24 is always HxWx3 uint8
         scaled = (width, height) != (frame.width, frame.height)
         captured = CapturedFrame(
