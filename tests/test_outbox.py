@@ -32,6 +32,20 @@ for i in range(int(sys.argv[2])):
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
+# Puts N events, waits past the depth record's pace, puts one more (recorded), SIGKILLs itself.
+PUT_RECORD_THEN_KILL = """
+import os, signal, sys, time
+from pathlib import Path
+from edgefleet.agent.outbox import Outbox, OutboxSettings
+outbox = Outbox(OutboxSettings(path=Path(sys.argv[1])))
+count = int(sys.argv[2])
+for i in range(count):
+    outbox.put("cam", "t", str(i).encode() * 200)
+time.sleep(1.5)
+outbox.put("cam", "t", str(count).encode() * 200)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
 # Puts until the file size limit makes a write fail, then reports what it saw.
 PUT_PAST_FILE_SIZE_LIMIT = """
 import json, resource, signal, sys
@@ -151,6 +165,66 @@ def test_outbox_keeps_every_put_when_the_process_is_killed(tmp_path: Path, sync:
     with Outbox(OutboxSettings(path=path)) as reopened:
         assert reopened.depth == count
         assert payloads(reopened.peek(count + 1)) == [str(i).encode() for i in range(count)]
+
+
+def test_outbox_cut_wal_after_a_power_cut_is_warned_about_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    count = 400
+    child = subprocess.run(
+        [sys.executable, "-c", PUT_RECORD_THEN_KILL, str(path), str(count)],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    recorded = json.loads(path.with_name("outbox.sqlite3.state").read_text())
+    assert recorded["depth"] == count + 1
+    wal = Path(f"{path}-wal")
+    frame = 24 + 4096
+    frames = (wal.stat().st_size - 32) // frame
+    os.truncate(wal, 32 + frames // 2 * frame + 100)  # half the frames and a torn one: gone
+
+    with caplog.at_level(logging.WARNING, logger="edgefleet.agent.outbox"):
+        reopened = Outbox(OutboxSettings(path=path))
+    with reopened:
+        depth, lost = reopened.depth, reopened.lost
+        kept = payloads(reopened.peek(count + 1))
+
+    assert 0 < depth < count + 1
+    assert lost == count + 1 - depth  # exactly what the record says is missing
+    assert kept == [str(i).encode() * 200 for i in range(depth)]  # a prefix, in order
+    warning = next(r.getMessage() for r in caplog.records if "were recorded" in r.getMessage())
+    assert f"opened with {depth} events" in warning
+    assert f"{lost} events lost" in warning
+
+
+def test_outbox_salvages_the_readable_rows_of_a_corrupt_page_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(OutboxSettings(path=path)) as outbox:
+        stored = {outbox.put("cam", "t", os.urandom(1000)): i for i in range(2000)}
+    # The clean close checkpointed everything into the file; the depth record says 2000.
+    pages = path.stat().st_size // 4096
+    with path.open("r+b") as damaged:  # one leaf page in the middle: a few rows
+        damaged.seek(pages // 2 * 4096)
+        damaged.write(os.urandom(4096))
+
+    with caplog.at_level(logging.ERROR, logger="edgefleet.agent.outbox"):
+        reopened = Outbox(OutboxSettings(path=path))
+    with reopened:
+        items = reopened.peek(3000)
+        salvaged, lost, depth = reopened.salvaged, reopened.lost, reopened.depth
+
+    assert salvaged == len(items) == depth
+    assert 0 < lost < 20  # one 4 KiB page holds a handful of 1 KB rows
+    assert salvaged + lost == 2000
+    assert [i.seq for i in items] == sorted(i.seq for i in items)
+    assert {i.seq for i in items} <= stored.keys()
+    assert any(f"{salvaged} events copied, {lost} lost" in r.getMessage() for r in caplog.records)
 
 
 def test_outbox_drops_oldest_past_the_bound(tmp_path: Path) -> None:
