@@ -26,6 +26,7 @@ from edgefleet.provisioning.signing import SigningError, TrustedKeys
 from edgefleet.runtime import EdgefleetError, TaskName, select_backend
 
 from . import prometheus
+from .acceptance import Clock
 from .commands import CommandJournal, Commands
 from .config import DELEGATE_TYPES, SOURCE_TYPES, AgentConfig, StreamSettings, load_config
 from .handlers import handlers
@@ -113,6 +114,7 @@ class Agent:
             self.journal = CommandJournal(
                 updates.store_dir / "commands.sqlite3",
                 keep_s=self.config.commands.journal_days * 86400,
+                keep_count=self.config.commands.journal_max_ids,
             )
             steps.callback(self.journal.close)
             self.link = MqttLink(
@@ -144,6 +146,7 @@ class Agent:
                 command_name=self.topics.command_name,
                 send=self._send_reply,
                 settings=self.config.commands,
+                clock=lambda: Clock(now=time.time(), floor=self.updater.marks.clock_floor),
             )
             self.streams = self._make_streams(self.config.streams)
             self._reporting = True

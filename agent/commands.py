@@ -31,6 +31,7 @@ thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -382,13 +383,13 @@ class CommandJournal:
     def close(self) -> None:
         """Close the database."""
         if self._db is not None:
-            try:  # the running time so far, for the next run's ages
+            # The running time so far, for the next run's ages; failing that, ages count
+            # less time: ids are kept longer, never shorter.
+            with contextlib.suppress(sqlite3.Error):
                 self._db.execute(
                     "INSERT OR REPLACE INTO clock (key, value) VALUES ('runtime_s', ?)",
                     (self.runtime(),),
                 )
-            except sqlite3.Error:
-                pass  # at worst ages count less time: ids are kept longer, never shorter
             self._db.close()
 
 
@@ -446,10 +447,8 @@ class Commands:
             fault_point()
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + _PRUNE_EVERY_S
-                try:
+                with contextlib.suppress(JournalUnavailable):  # logged; tried again later
                     self._journal.prune()
-                except JournalUnavailable:
-                    pass  # logged by the journal; the next prune tries again
             try:
                 message = self._queue.get(timeout=_WAIT_S)
             except queue.Empty:

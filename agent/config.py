@@ -286,7 +286,17 @@ class CommandSettings(_Section):
         256 * 1024, ge=1024, description="Larger command payloads are refused unread."
     )
     journal_days: float = Field(
-        7.0, gt=0, description="How long executed command ids are remembered (at-most-once)."
+        7.0,
+        gt=0,
+        description="How long executed command ids are remembered (at-most-once), in the "
+        "agent's running time (a wall-clock step does not shorten it; time switched off does "
+        "not count, so ids may be kept longer).",
+    )
+    journal_max_ids: int = Field(
+        100_000,
+        ge=1000,
+        description="At most this many command ids are remembered (the newest); the journal "
+        "also forgets by count while the clock is unsynchronised, when it never forgets by age.",
     )
 
 

@@ -45,6 +45,7 @@ from edgefleet.runtime import (
 from edgefleet.runtime.delegates import LoadedDelegate
 from edgefleet.runtime.preprocess import Frame
 
+from .clock import kernel_synchronised
 from .config import ModelSettings, StreamSettings
 from .events import EventDraft, EventFilter
 from .metrics import LatencyWindow
@@ -72,6 +73,7 @@ class _Results:
     inference_ts: float
     inference_ms: float
     model: ModelRef
+    latency_ms: float  # capture to inference done, on the monotonic clock
 
 
 class EventSink(Protocol):
@@ -303,7 +305,9 @@ class StreamRunner:
             self._events_thread.join(timeout_s)
         drafts = self._filter.flush(time.time())
         if drafts:
-            self._emit(drafts, inference_ts=time.time(), inference_ms=0.0, model=self.model)
+            self._emit(
+                drafts, inference_ts=time.time(), inference_ms=0.0, model=self.model, latency_ms=0.0
+            )
         self.predictor.close()
 
     def health(self) -> StreamHealth:
@@ -356,7 +360,8 @@ class StreamRunner:
                 self._failed(exc)
                 continue
             done = time.time()
-            self.latency.add((done - frame.capture_ts) * 1000.0)
+            latency_ms = (time.monotonic() - frame.captured_at) * 1000.0
+            self.latency.add(latency_ms)
             self.inference.add(prediction.latency_ms)
             stats.processed += 1
             stats.inference.add(prediction.latency_ms)
@@ -367,6 +372,7 @@ class StreamRunner:
                 done,
                 prediction.latency_ms,
                 self.model,
+                latency_ms,
             )
             while not self._stop.is_set():
                 try:
@@ -398,6 +404,7 @@ class StreamRunner:
                     inference_ts=item.inference_ts,
                     inference_ms=item.inference_ms,
                     model=item.model,
+                    latency_ms=item.latency_ms,
                 )
 
     def _log_tracking_warning(self) -> None:  # events thread
@@ -422,8 +429,15 @@ class StreamRunner:
         inference_ts: float,
         inference_ms: float,
         model: ModelRef,
+        latency_ms: float,
     ) -> None:
-        payloads = [self._serialize(d, inference_ts, inference_ms, model) for d in drafts]
+        synced = kernel_synchronised()  # one adjtimex(2) read per frame with events
+        payloads = [
+            self._serialize(
+                d, inference_ts, inference_ms, model, latency_ms=latency_ms, synced=synced
+            )
+            for d in drafts
+        ]
         try:
             self._sink.emit(self.name, self._topic, payloads)
         except EdgefleetError as exc:  # disk full, I/O error: count it, keep the stream running
@@ -437,7 +451,14 @@ class StreamRunner:
         self._counters.events += len(payloads)
 
     def _serialize(
-        self, draft: EventDraft, inference_ts: float, inference_ms: float, model: ModelRef
+        self,
+        draft: EventDraft,
+        inference_ts: float,
+        inference_ms: float,
+        model: ModelRef,
+        *,
+        latency_ms: float,
+        synced: bool | None,
     ) -> bytes:
         self._seq += 1
         message = EventMessage(
@@ -454,7 +475,8 @@ class StreamRunner:
             model=model,
             capture_ts=draft.capture_ts,
             inference_ts=inference_ts,
-            latency_ms=round((inference_ts - draft.capture_ts) * 1000.0, 3),
+            latency_ms=round(latency_ms, 3),
+            clock_synced=synced,
             inference_ms=round(inference_ms, 3),
             first_seen_ts=draft.first_seen_ts,
             last_seen_ts=draft.last_seen_ts,

@@ -190,9 +190,20 @@ class EventMessage(_Message):
     score: float | None = Field(None, description="Main score of the event.")
     zones: list[str] = Field(default_factory=list, description="Zones the object is in.")
     model: ModelRef = Field(description="The model that produced the results.")
-    capture_ts: float = Field(description="Frame capture time, Unix seconds.")
+    capture_ts: float = Field(
+        description="Frame capture time, Unix seconds (the device's wall clock: see clock_synced)."
+    )
     inference_ts: float = Field(description="Time inference finished, Unix seconds.")
-    latency_ms: float = Field(description="Capture to inference done, milliseconds.")
+    latency_ms: float = Field(
+        description="Capture to inference done, milliseconds, on the monotonic clock (a step "
+        "of the wall clock does not change it)."
+    )
+    clock_synced: bool | None = Field(
+        None,
+        description="Whether the kernel considered the wall clock synchronised (NTP) when the "
+        "event was made; false: capture_ts may be far off (a board without real-time clock "
+        "before NTP). Absent where that cannot be read.",
+    )
     inference_ms: float = Field(description="Interpreter invoke time, milliseconds.")
     first_seen_ts: float | None = Field(None, description="For tracks: when the object appeared.")
     last_seen_ts: float | None = Field(

@@ -801,13 +801,14 @@ class Updater:
                 continue
             if runner.model.sha256 != record.sha256:
                 continue
-            started = record.probation_started or record.ts
             before = record.before
             manifest = _parse_installed(record.signed)
             verdict = probation_verdict(
                 runner.model_stats,
                 captured=runner.captured_by_model,
-                elapsed_s=time.time() - started,
+                # The monotonic clock: a wall-clock step must neither end probation early nor
+                # stretch it (a restart in probation starts the window again, as ``starts`` does).
+                elapsed_s=time.monotonic() - runner.model_stats.started_s,
                 validated_p50_ms=record.validated_p50_ms,
                 settings=self.settings,
                 before=None if before is None else Throughput(**before.model_dump()),

@@ -5,7 +5,7 @@
 #       interpreter backend this python3 can install (runtime/platforms.py decides: LiteRT on
 #       64-bit, tflite-runtime on 32-bit bookworm, a message where neither exists).
 # test: also a C compiler (one test builds a stub delegate library), openssl (test
-#       certificates), the dev tools,
+#       certificates), faketime (a stepped clock for the agent process), the dev tools,
 #       and .venv-tflite (tflite-runtime with numpy<2) to test the second backend.
 # Debian packages are installed when running as root; otherwise the script says which
 # ones are missing and stops.
@@ -25,6 +25,8 @@ need_packages() {
   if [ "$mode" = test ]; then
     command -v cc >/dev/null || missing+=(gcc libc6-dev)
     command -v openssl >/dev/null || missing+=(openssl)
+    # libfaketime: tests/test_clock_step.py steps the agent process's wall clock.
+    command -v faketime >/dev/null || missing+=(faketime)
   fi
   for package in "$@"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q ' installed$' || missing+=("$package")

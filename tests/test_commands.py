@@ -14,10 +14,12 @@ import hashlib
 import io
 import json
 import re
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -37,7 +39,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
-from edgefleet.agent.commands import CommandJournal, ParsedCommand, Refused, parse_command
+from edgefleet.agent.acceptance import Clock
+from edgefleet.agent.commands import (
+    CommandJournal,
+    Commands,
+    ParsedCommand,
+    Refused,
+    parse_command,
+)
+from edgefleet.agent.config import CommandSettings
+from edgefleet.agent.mqtt import Inbound
 from edgefleet.agent.protocol import (
     COMMAND_ARGS,
     COMMAND_ID_PATTERN,
@@ -333,18 +344,107 @@ def test_journal_remembers_ids_across_instances(tmp_path: Path) -> None:
     second.close()
 
 
-def test_journal_forgets_ids_older_than_keep_s_at_open(tmp_path: Path) -> None:
-    path = tmp_path / "commands.sqlite3"
+def _journal_with_old_id(path: Path) -> None:
     first = CommandJournal(path, keep_s=3600)
     first.begin("old", "ping")
     first.finish("old", ok_reply("old", "ping"))
+    time.sleep(0.05)  # the agent runs on: the id gets older than keep_s=0.01 below
     first.close()
-    time.sleep(0.05)
 
-    second = CommandJournal(path, keep_s=0.01)
+
+def test_journal_forgets_ids_older_than_keep_s_of_running_time_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "commands.sqlite3"
+    _journal_with_old_id(path)
+
+    second = CommandJournal(path, keep_s=0.01, synchronised=lambda: True)
 
     assert second.recorded("old") is None
     second.close()
+
+
+def test_journal_never_forgets_by_age_while_the_clock_is_unsynchronised(tmp_path: Path) -> None:
+    path = tmp_path / "commands.sqlite3"
+    _journal_with_old_id(path)
+
+    for synchronised in (False, None):  # not synchronised, or cannot be told
+        second = CommandJournal(path, keep_s=0.01, synchronised=lambda s=synchronised: s)
+        assert second.recorded("old") is not None
+        second.close()
+
+
+def test_journal_ages_ids_by_running_time_not_by_the_wall_clock(tmp_path: Path) -> None:
+    """Recorded 30 days ago by the wall clock (the clock has since been stepped 30 days ahead):
+    the agent ran only moments since, so the id is kept and a redelivery is not run again."""
+    path = tmp_path / "commands.sqlite3"
+    first = CommandJournal(path, keep_s=7 * 86400)
+    first.begin("stepped", "ping")
+    first.finish("stepped", ok_reply("stepped", "ping"))
+    first.close()
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE commands SET created = created - ?", (30 * 86400,))
+
+    second = CommandJournal(path, keep_s=7 * 86400, synchronised=lambda: True)
+
+    recorded = second.recorded("stepped")
+    assert recorded is not None
+    assert (recorded.id, recorded.ok) == ("stepped", True)
+    second.close()
+
+
+def test_journal_running_time_adds_up_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "commands.sqlite3"
+    first = CommandJournal(path, keep_s=3600)
+    time.sleep(0.05)
+    ran = first.runtime()
+    first.close()
+
+    second = CommandJournal(path, keep_s=3600)
+
+    assert second.runtime() >= ran >= 0.05
+    second.close()
+
+
+def test_journal_keeps_only_the_newest_keep_count_ids(tmp_path: Path) -> None:
+    path = tmp_path / "commands.sqlite3"
+    first = CommandJournal(path, keep_s=3600)
+    for n in range(5):
+        first.begin(f"c-{n}", "ping")
+        first.finish(f"c-{n}", ok_reply(f"c-{n}", "ping"))
+    first.close()
+
+    second = CommandJournal(path, keep_s=3600, keep_count=3, synchronised=lambda: False)
+
+    kept = [n for n in range(5) if second.recorded(f"c-{n}") is not None]
+    assert kept == [2, 3, 4]
+    second.close()
+
+
+def test_expiry_is_judged_at_the_trusted_time_when_the_clock_is_behind(tmp_path: Path) -> None:
+    """A board that booted a day in the past runs nothing that expired by the trusted time."""
+    ran: list[str] = []
+    sent: list[bytes] = []
+    journal = CommandJournal(tmp_path / "commands.sqlite3", keep_s=3600)
+    real = time.time()
+    commands = Commands(
+        {CommandName.PING: lambda args: ran.append("ping") or {}},
+        journal=journal,
+        command_name=lambda topic: topic.rsplit("/", 1)[-1],
+        send=lambda topic, payload, correlation: sent.append(payload),
+        settings=CommandSettings(),
+        clock=lambda: Clock(now=real - 86400, floor=real),
+    )
+    request = {"schema_version": 1, "id": "late-by-trust", "expires_at": real - 10}
+    commands.start()
+    try:
+        commands.receive(Inbound("d/cmd/ping", json.dumps(request).encode(), "d/replies"))
+        wait_until(lambda: sent or None, "the reply", timeout_s=10)
+    finally:
+        commands.stop()
+        journal.close()
+
+    reply = CommandReply.model_validate_json(sent[0])
+    assert (reply.ok, reply.error, ran) == (False, ErrorCode.EXPIRED, [])
+    assert "judged at the newest trusted time, 86400 s ahead of the device's clock" in reply.message
 
 
 # -- the agent, end to end -------------------------------------------------------------

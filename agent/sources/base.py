@@ -18,7 +18,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict
 
@@ -41,6 +41,10 @@ class SourceError(EdgefleetError):
 class CapturedFrame:
     """One frame as captured: RGB pixels, wall-clock capture time, number since open.
 
+    ``capture_ts`` (wall clock) is what events report; ``captured_at`` (monotonic, taken when
+    the frame is made, right after capture) is what latency is measured from, so a stepped
+    wall clock (NTP after boot) never shows as a negative or hour-long latency.
+
     ``full``, when the source scaled ``pixels`` to the model's size, makes the same frame at
     the source's own resolution on request (a snapshot), from what the source still holds:
     the decoded picture, the image file, the camera's full-size stream. It may raise
@@ -51,6 +55,7 @@ class CapturedFrame:
     capture_ts: float
     index: int
     full: Callable[[], Frame] | None = None
+    captured_at: float = field(default_factory=time.monotonic)
 
 
 class BaseSourceSettings(BaseModel):
