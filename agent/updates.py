@@ -332,7 +332,23 @@ class Updater:
             self.reports[name] = record.report()
             if record.state in (UpdateState.ACTIVATING, UpdateState.PROBATION):
                 self._count_start(name, record)
-        return self.current_model(settings)
+        loaded = self.current_model(settings)
+        if (
+            record is not None
+            and record.state is UpdateState.COMMITTED
+            and loaded.ref.sha256 != record.sha256
+        ):
+            # The committed model is not what runs (its stored copy or the pointer was lost):
+            # the report says so instead of claiming it.
+            reason = (
+                f"v{record.version} was committed, but its stored model cannot run (damaged "
+                f"or missing); running {loaded.ref.sha256[:12]} instead"
+            )
+            log.error("stream %s: %s", name, reason, extra={"stream": name})
+            self.reports[name] = record.model_copy(
+                update={"state": UpdateState.ROLLED_BACK, "reason": reason}
+            ).report()
+        return loaded
 
     def current_model(self, settings: StreamSettings) -> LoadedModel:
         """The store's current model of a stream (the config's file if it changed), loaded.
