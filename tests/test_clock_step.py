@@ -22,6 +22,9 @@ import pytest
 from agentproc import AgentProcess
 from broker import Mosquitto, MqttProbe
 from conftest import Assets
+from fleet import DEVICE as OTA_DEVICE
+from fleet import SMALL, STREAM, Fleet, agent_config, device_probe, sha256, variant, video
+from httpserver import ModelServer
 
 from edgefleet.agent.protocol import CommandReply, EventMessage, Topics
 
@@ -60,7 +63,12 @@ class SteppedAgent:
 
 
 def _config(assets: Assets, port: int, workdir: Path) -> dict[str, Any]:
-    """The SSD detector on one still image, 5 frames/s, tracking kites (updates every 1 s)."""
+    """The SSD detector on one still image as fast as it goes, tracking kites.
+
+    An update event per track and frame, and each frame captured while the one before is
+    inferred: every step lands between some frame's capture and its inference, where a
+    latency taken from the wall clock would show it.
+    """
     frames = workdir / "frames"
     frames.mkdir()
     shutil.copy(assets.image("kite_and_cold.jpg"), frames / "kite.jpg")
@@ -70,11 +78,11 @@ def _config(assets: Assets, port: int, workdir: Path) -> dict[str, Any]:
         "streams": [
             {
                 "name": "still",
-                "source": {"type": "images", "folder": str(frames), "interval_s": 0.2},
+                "source": {"type": "images", "folder": str(frames), "interval_s": 0.0},
                 "model": {"path": str(assets.ssd), "labels": str(assets.coco_labels), "threads": 1},
                 "events": {
                     "labels": ["kite"],
-                    "tracking": {"enabled": True, "end_after_s": 3.0, "update_interval_s": 1.0},
+                    "tracking": {"enabled": True, "end_after_s": 3.0, "update_interval_s": 0.01},
                 },
             }
         ],
@@ -87,18 +95,20 @@ def _config(assets: Assets, port: int, workdir: Path) -> dict[str, Any]:
 @pytest.fixture
 def observer(broker: Mosquitto) -> Iterator[MqttProbe]:
     """The controller's side: events and command replies."""
+    _parsed.clear()
     with MqttProbe(broker, "controller", timeout_s=60) as probe:
         probe.subscribe(f"{TOPICS.base}/events/#")
         probe.subscribe(REPLIES)
         yield probe
 
 
+_parsed: list[EventMessage] = []  # the observer's events so far, each parsed once
+
+
 def _events(probe: MqttProbe) -> list[EventMessage]:
-    return [
-        EventMessage.model_validate_json(m.payload)
-        for m in probe.messages()
-        if m.topic.startswith(f"{TOPICS.base}/events/")
-    ]
+    received = [m for m in probe.messages() if m.topic.startswith(f"{TOPICS.base}/events/")]
+    _parsed.extend(EventMessage.model_validate_json(m.payload) for m in received[len(_parsed) :])
+    return list(_parsed)
 
 
 def _wait_for_event(probe: MqttProbe, what: str, matches: Callable[[EventMessage], bool]) -> None:
@@ -158,3 +168,39 @@ def test_a_wall_clock_step_costs_no_latency_no_track_and_no_second_run_of_a_comm
     log = agent.process.log()
     assert log.count("command ping ping-before-the-step done") == 1, log
     assert "ping-before-the-step: repeated id, answered from the record" in log
+
+
+PROBATION_S = 30.0
+
+
+@pytest.fixture
+def fleet(broker: Mosquitto, tmp_path: Path) -> Iterator[Fleet]:
+    """The controller of the updated device, trusted by the agent in ``tmp_path / "agent"``."""
+    probe = device_probe(broker)
+    with ModelServer() as server:
+        yield Fleet(tmp_path / "agent" / "keys", server, probe, OTA_DEVICE)
+    probe.disconnect()
+
+
+def test_probation_lasts_its_set_time_across_a_wall_clock_step(
+    broker: Mosquitto, fleet: Fleet, assets: Assets, tmp_path: Path
+) -> None:
+    model = assets.model(SMALL)
+    config = agent_config(
+        tmp_path / "agent", broker.port, model, video(assets), probation_s=PROBATION_S
+    )
+    agent = SteppedAgent(tmp_path, config)
+    with agent.process:
+        fleet.deploy(STREAM, fleet.sign(fleet.manifest(variant(model.read_bytes(), 1), version=2)))
+        fleet.wait_for_update(STREAM, 2, {"probation"}, timeout_s=120)
+
+        agent.step(+HOUR_S)  # an hour passes on the wall clock at once: not the window
+        time.sleep(5)  # the agent judges probation every second
+        reported = fleet.reported()
+        assert reported is not None
+        assert reported.updates[STREAM].state == "probation", reported.updates[STREAM]
+
+        agent.step(0)  # and back: the window is not stretched by an hour either
+        committed = fleet.wait_for_update(STREAM, 2, {"committed"}, timeout_s=PROBATION_S + 60)
+        agent.process.terminate()
+    assert committed.updates[STREAM].sha256 == sha256(variant(model.read_bytes(), 1))
