@@ -138,7 +138,9 @@ class SystemMetrics:
         """Find the CPU thermal zone and ``vcgencmd`` now; read them at each snapshot."""
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # the baseline the first snapshot measures from
-        self._started = self._process.create_time()
+        # The process's start on the monotonic clock (read once, now): uptime never jumps with
+        # a wall-clock step (NTP after boot).
+        self._started = time.monotonic() - max(0.0, time.time() - self._process.create_time())
         self._lock = threading.Lock()
         self._zone = find_cpu_thermal_zone(thermal_root)
         self._vcgencmd = shutil.which(vcgencmd)
@@ -157,7 +159,7 @@ class SystemMetrics:
                 rss_mb=self._process.memory_info().rss / _BYTES_PER_MB,
                 cpu_temperature_c=self._temperature_c(),
                 throttled=self._throttled(),
-                uptime_s=max(0.0, time.time() - self._started),
+                uptime_s=max(0.0, time.monotonic() - self._started),
                 load_1m=os.getloadavg()[0],
             )
 

@@ -94,7 +94,7 @@ class CaptureStats:
     skipped: int = 0
     failures: int = 0
     last_error: str | None = None
-    degraded_since: float | None = None
+    degraded_since: float | None = None  # monotonic
 
 
 class Capture:
@@ -198,7 +198,7 @@ class Capture:
             if first:
                 self._stats.state = "degraded"
                 self._stats.failures += 1
-                self._stats.degraded_since = time.time()
+                self._stats.degraded_since = time.monotonic()
         if first:
             log.warning(
                 "stream %s: source lost, retrying until it is back: %s",
@@ -225,7 +225,7 @@ class Capture:
         if previous == "degraded" and since is not None:
             log.info(
                 "stream %s: %s recovered after %.1f s", self.stream, self.source.name,
-                time.time() - since, extra=self._extra,
+                time.monotonic() - since, extra=self._extra,
             )  # fmt: skip
         else:
             log.info(
