@@ -237,6 +237,47 @@ class ModelStore:
         log.info("model %s stored (%d bytes)", sha256, len(content))
         return sha256
 
+    def add_staged(self, staging: Path, manifest: SignedManifest) -> str:
+        """Move a verified download from ``staging`` (``staging_path``) into the store by
+        renames, without a second copy of its bytes (which a nearly full disk may not hold);
+        returns its sha256. A model stored already only gets the manifest; the staging file
+        is gone afterwards either way."""
+        sha256 = staging.name.removesuffix(STAGING_SUFFIX)
+        _check_sha256(sha256)
+        _check_manifest(manifest, sha256, None)
+        with self._lock, self._translated(f"store model {sha256}"):
+            actual = _file_sha256(staging)
+            if actual != sha256:
+                staging.unlink(missing_ok=True)
+                raise StoreError(
+                    f"staged download {staging} is not the model named (its sha256 is {actual})",
+                    hint="it was deleted and is downloaded again at the next try",
+                )
+            if self._is_verified(sha256, trust_cache=False):
+                self._store_manifest(sha256, manifest)
+                staging.unlink(missing_ok=True)
+                return sha256
+            if (self._models / sha256).exists():
+                self._retire(sha256)
+            building = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self._models))
+            try:
+                with staging.open("rb+") as file:
+                    os.fsync(file.fileno())
+                staging.rename(building / MODEL_FILE)
+                write_durably(building / MANIFEST_FILE, _manifest_bytes(manifest))
+                fsync_directory(building)
+                building.rename(self._models / sha256)
+            except BaseException:
+                if (building / MODEL_FILE).exists():  # keep the download for the next try
+                    (building / MODEL_FILE).rename(staging)
+                shutil.rmtree(building, ignore_errors=True)
+                raise
+            fsync_directory(self._models)
+            fsync_directory(self._staging)
+            self._verified[sha256] = _stamp((self._models / sha256 / MODEL_FILE).stat())
+        log.info("model %s stored from its staging file", sha256)
+        return sha256
+
     def load(self, sha256: str) -> ModelBytes:
         """The model's bytes, verified against their sha256."""
         path = self._model_path(sha256)

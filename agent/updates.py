@@ -74,6 +74,7 @@ from .chunks import Subscriber, fetch_over_mqtt
 from .clock import ClockWatch, kernel_synchronised
 from .config import StreamSettings, UpdateSettings
 from .download import DownloadError, DownloadFailed, DownloadIncomplete, download
+from .durable import free_bytes
 from .marks import Marks
 from .modelstore import ModelStore, NothingToRollBack, StoreError
 from .mqtt import Inbound
@@ -96,6 +97,8 @@ log = logging.getLogger(__name__)
 _TICK_S = 1.0
 _NICE = 10
 _PROGRESS_EVERY_BYTES = 256 * 1024
+# Free space a download must leave on the store's filesystem: the outbox's and journal's share.
+_ROOM_MARGIN_BYTES = 8 * 1024 * 1024
 _LOCK_WAIT_S = 30.0
 _IN_PROGRESS = {
     UpdateState.VERIFYING,
@@ -119,6 +122,10 @@ class _UntrustedKey(UpdateRefused):
 
 class _ClockRefused(UpdateRefused):
     """Refused for the clock (not yet valid, expired by the clock alone): checked again."""
+
+
+class _NoRoom(EdgefleetError):
+    """The store's filesystem cannot hold the download now: the update waits, retried."""
 
 
 class _InSync(Exception):
@@ -468,6 +475,14 @@ class Updater:
                 log.error(
                     "model update step failed, retrying in %.0f s: %s", self.settings.retry_s, exc
                 )
+                if self._desired is not None:  # the reported state says why it waits
+                    for name, signed in self._desired.models.items():
+                        self._note(
+                            name,
+                            signed,
+                            f"{exc.message}; retrying in {self.settings.retry_s:.0f} s",
+                            state=None,
+                        )
 
     def _reconcile(self, desired: DesiredState) -> None:
         seen = self.marks.desired_revision
@@ -581,6 +596,43 @@ class Updater:
                 UpdateState.DOWNLOADING,
                 reason=f"{exc.message}; retrying in {self.settings.retry_s:.0f} s",
             )
+        except (_NoRoom, StoreError) as exc:  # a full disk, a failing card: said, retried
+            log.error("stream %s: update waits: %s", name, exc, extra={"stream": name})
+            self._note(
+                name,
+                signed,
+                f"{exc.message}; retrying in {self.settings.retry_s:.0f} s",
+                state=UpdateState.DOWNLOADING if isinstance(exc, _NoRoom) else None,
+            )
+
+    def _note(
+        self, name: str, signed: SignedManifest, reason: str, *, state: UpdateState | None
+    ) -> None:
+        """Put ``reason`` (and ``state``) in the reported state, also when the record cannot
+        be written (a full disk)."""
+        record = self._record(name)
+        persist = record is not None and record.signed == signed
+        if record is None or not persist:  # its first record was not written: memory only
+            claimed = _claims(signed)
+            record = _Record(
+                state=state or UpdateState.VERIFYING,
+                signed=signed,
+                model_id=str(claimed.get("model_id", "?")),
+                version=claimed["version"] if isinstance(claimed.get("version"), int) else 0,
+                sha256=str(claimed.get("sha256", "?")),
+                ts=time.time(),
+            )
+        changes: dict[str, Any] = {"reason": reason, "ts": time.time()}
+        if state is not None:
+            changes["state"] = state
+        updated = record.model_copy(update=changes)
+        try:
+            if persist:
+                self.store.write_record(name, updated.model_dump(mode="json"))
+        except StoreError as exc:
+            log.warning("stream %s: update record not written: %s", name, exc)
+        self.reports[name] = updated.report()
+        self._on_change()
 
     def _verify(self, name: str, signed: SignedManifest, revision: int) -> Manifest:
         try:
@@ -654,6 +706,7 @@ class Updater:
     def _download(self, name: str, signed: SignedManifest, manifest: Manifest) -> ModelBytes:
         if self.store.has(manifest.sha256):
             return self.store.load(manifest.sha256)
+        self._check_room(manifest)
         self._progress(name, signed, UpdateState.DOWNLOADING, bytes_done=0)
         last = [0]
 
@@ -675,10 +728,36 @@ class Updater:
                 if isinstance(exc, DownloadIncomplete):
                     raise
                 raise UpdateRefused(f"download refused: {exc.message}") from exc
-            self.store.add(content, signed)
-            self.store.staging_path(manifest.sha256).unlink(missing_ok=True)
+            staging = self.store.staging_path(manifest.sha256)
+            if staging.exists():  # renamed into the store: no second copy of the bytes
+                self.store.add_staged(staging, signed)
+            else:
+                self.store.add(content, signed)
             return self.store.load(manifest.sha256)
         raise UpdateRefused("no URL could be downloaded")
+
+    def _check_room(self, manifest: Manifest) -> None:
+        """Raise _NoRoom unless the store's filesystem holds the rest of the download plus
+        a margin left for the outbox and the command journal."""
+        staging = self.store.staging_path(manifest.sha256)
+        try:
+            staged = staging.stat().st_size
+        except OSError:
+            staged = 0
+        needed = max(manifest.size - staged, 0) + _ROOM_MARGIN_BYTES
+        try:
+            free = free_bytes(self.store.root)
+        except OSError as exc:
+            log.warning("free space of %s unknown (%s); downloading anyway", self.store.root, exc)
+            return
+        if free < needed:
+            raise _NoRoom(
+                f"not enough space for the download: needs {needed / 1e6:.1f} MB "
+                f"({max(manifest.size - staged, 0) / 1e6:.1f} MB of model, "
+                f"{_ROOM_MARGIN_BYTES / 1e6:.0f} MB kept for the outbox), has "
+                f"{free / 1e6:.1f} MB free in {self.store.root}",
+                hint="free space on that filesystem; the update goes on by itself",
+            )
 
     def _fetch(self, url: str, manifest: Manifest, progress: Callable[[int], None]) -> bytes:
         """The model's bytes from ``url``: HTTP(S) with resume, or chunks over the broker."""

@@ -137,8 +137,9 @@ class SmallFs:
         """The file that takes the free space."""
         return self.path / "filler"
 
-    def fill(self) -> int:
-        """Write ``filler`` until the filesystem says it is full (ENOSPC); returns its size."""
+    def fill(self, *, leave: int = 0) -> int:
+        """Write ``filler`` until the filesystem says it is full (ENOSPC), then give ``leave``
+        bytes back; returns the filler's size."""
         written = 0
         with self.filler.open("ab", buffering=0) as file:  # unbuffered: nothing left to flush
             for block in (1 << 20, 1 << 12, 1):
@@ -150,6 +151,9 @@ class SmallFs:
                         if exc.errno != errno.ENOSPC:
                             raise
                         break
+            if leave:
+                written = max(written - leave, 0)
+                file.truncate(written)
             os.fsync(file.fileno())
         return written
 

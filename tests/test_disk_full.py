@@ -8,6 +8,7 @@ deleting the filler gives the space back. Nothing is restarted in between.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,19 @@ import pytest
 from agentproc import AgentProcess
 from broker import Mosquitto, MqttProbe
 from conftest import Assets, SmallFs
-from fleet import ROOT, SMALL, STREAM, agent_config, video
+from fleet import (
+    DEVICE,
+    ROOT,
+    SMALL,
+    STREAM,
+    Fleet,
+    agent_config,
+    device_probe,
+    sha256,
+    variant,
+    video,
+)
+from httpserver import ModelServer
 
 from edgefleet.agent.protocol import CommandReply, HealthMessage
 
@@ -213,3 +226,38 @@ def test_the_agent_starts_on_a_full_disk_degraded_and_recovers(
         assert agent.process is not None
         assert agent.process.poll() is None
     assert "Traceback" not in agent.log()
+
+
+def test_an_update_onto_a_full_disk_says_so_and_installs_once_there_is_room(
+    tmp_path: Path, small_fs: SmallFs, broker: Mosquitto, assets: Assets
+) -> None:
+    probe = device_probe(broker)
+    with ModelServer() as server:
+        fleet = Fleet(tmp_path / "keys", server, probe, DEVICE)
+        config = agent_config(
+            small_fs.path / "agent",
+            broker.port,
+            assets.model(SMALL),
+            video(assets),
+            trusted_keys=[str(tmp_path / "keys")],
+        )
+        release = variant(assets.model(SMALL).read_bytes(), 17)
+        with AgentProcess(tmp_path / "agent", config) as agent:
+            probe.wait_until(fleet.reported, "the first reported state", WAIT_S)
+            small_fs.fill(leave=2 << 20)  # room for records, not for the model and the margin
+            fleet.deploy(STREAM, fleet.sign(fleet.manifest(release, version=2)))
+            waiting = fleet.wait_for_update(
+                STREAM, 2, {"downloading", "verifying"}, WAIT_S, reason="not enough space"
+            )
+            reason = waiting.updates[STREAM].reason
+            assert reason is not None
+            assert re.search(r"needs \d+\.\d MB .* has \d+\.\d MB free", reason), reason
+            assert waiting.models[STREAM].sha256 == sha256(assets.model(SMALL).read_bytes())
+
+            small_fs.free()
+            done = fleet.wait_for_update(STREAM, 2, {"committed"}, WAIT_S)
+            assert agent.process is not None
+            assert agent.process.poll() is None
+    probe.disconnect()
+    assert done.models[STREAM].sha256 == sha256(release)
+    assert not list((small_fs.path / "agent" / "store" / "staging").iterdir())  # renamed
