@@ -34,6 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgefleet.agent.config import BrokerSettings
 from edgefleet.agent.mqtt import MqttLink, OutboxPublisher
 from edgefleet.agent.outbox import Outbox, OutboxSettings
+from edgefleet.provisioning.mosquitto import MosquittoSettings
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -122,11 +123,22 @@ def edgefleet(broker: Mosquitto, n: int, workdir: Path) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument(
+        "--autosave-changes",
+        type=int,
+        default=MosquittoSettings.model_fields["autosave_changes"].default,
+        help="the broker saves its database after this many changes (0: every 60 s)",
+    )
     args = parser.parse_args()
     n = args.events
     print(f"machine   {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
     print(f"python    {platform.python_version()}, paho-mqtt {metadata.version('paho-mqtt')}")
-    with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp) / "broker") as broker:
+    print(f"broker    saves after {args.autosave_changes} changes (0: every 60 s)")
+    overrides = {"autosave_changes": args.autosave_changes}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Mosquitto(Path(tmp) / "broker", settings_overrides=overrides) as broker,
+    ):
         plain = plain_paho(broker, n)
         ours, put_rate = edgefleet(broker, n, Path(tmp))
     print(
