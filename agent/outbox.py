@@ -53,10 +53,10 @@ the damage later.
 Silent loss: a power cut can cut the WAL's tail, which SQLite then ignores
 without any error. The outbox therefore records its depth and last seq in
 ``<name>.state`` (JSON, replaced atomically at most once a second and on
-close); an outbox that opens with fewer events than recorded, or with a lower
-last seq, logs a WARNING naming both and counts the difference as ``lost``.
-Events acknowledged in the last second before a crash can make the depth
-lower legitimately; the warning says so.
+close); an outbox that opens with a lower last seq than recorded (committed
+events are gone) logs a WARNING naming both depths and counts the difference
+as ``lost``. A lower depth with the last seq intact is events acknowledged in
+the last second before a crash, logged at INFO.
 
 Misuse (a negative ``limit``, a closed outbox) raises the ordinary Python
 exception.
@@ -531,7 +531,9 @@ class Outbox:
             return
         depth, last_seq = int(record["depth"]), int(record["last_seq"])
         missing = depth - self._depth
-        if missing > 0 or last_seq > self._last_seq:
+        # Rows acknowledged after the record was written lower the depth legitimately; a
+        # last seq lower than recorded cannot happen unless committed events were lost.
+        if last_seq > self._last_seq:
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record["ts"]))
             self._lost += max(missing, 0)
             log.warning(
@@ -545,6 +547,14 @@ class Outbox:
                 last_seq,
                 when,
                 max(missing, 0),
+            )
+        elif missing > 0:
+            log.info(
+                "outbox %s opened with %d events, %d fewer than recorded: acknowledged just "
+                "before the agent stopped",
+                self._path,
+                self._depth,
+                missing,
             )
         self._record(force=True)
 
