@@ -214,9 +214,16 @@ class RawTask(Task):
 
     def results(self, engine: Engine, transform: Transform) -> list[Result]:
         return [
-            RawTensor(spec.name, spec.shape, dequantize(engine.output(i), spec).tolist())
+            RawTensor(spec.name, spec.shape, _as_list(dequantize(engine.output(i), spec)))
             for i, spec in enumerate(engine.outputs)
         ]
+
+
+def _as_list(values: npt.NDArray[Any]) -> list[Any]:
+    """The tensor's values as (nested) lists; a scalar tensor as a one-value list, since
+    ``tolist()`` gives a bare number for it (which broke the events of a model with one)."""
+    listed = values.tolist()
+    return listed if isinstance(listed, list) else [listed]
 
 
 def make_task(

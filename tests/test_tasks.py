@@ -196,6 +196,18 @@ def test_raw_task_returns_every_output_dequantized() -> None:
     assert results == [RawTensor("flat", (1, 6), [[0.0, 1.0, 2.0, -5.0, 122.5, 5.0]])]
 
 
+def test_raw_task_gives_a_scalar_output_as_a_one_value_list() -> None:
+    # tolist() of a 0-d tensor is a bare number, which the event payload refused.
+    model = ModelBytes.from_bytes(tb.slows_down_model(fast_invokes=0, loops=1), "s.tflite")
+    with Predictor.open(model, task="raw") as predictor:
+        frame = np.zeros(predictor.engine.inputs[0].shape[1:], np.uint8)
+        results = predictor.predict(frame).results
+
+    scalars = [r for r in results if isinstance(r, RawTensor) and r.shape == ()]
+    assert scalars, "the model has a scalar output"
+    assert all(isinstance(r.values, list) and len(r.values) == 1 for r in scalars)
+
+
 def test_detection_task_on_a_classifier_is_refused(assets: Assets) -> None:
     with pytest.raises(UnsupportedModel, match="TFLite_Detection_PostProcess"):
         Predictor.open(assets.mobilenet_v2, task="detection")
