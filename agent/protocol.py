@@ -109,6 +109,16 @@ class Topics:
         """Retained reported state, written by the device."""
         return f"{self.base}/reported"
 
+    @property
+    def renew_request(self) -> str:
+        """Where the device sends a CSR to renew its certificate (authenticated by it)."""
+        return f"{self.base}/{RENEW_LEVEL}/request"
+
+    @property
+    def renew_answer(self) -> str:
+        """Where the enrollment service answers a renewal request."""
+        return f"{self.base}/{RENEW_LEVEL}/answer"
+
     def command_name(self, topic: str) -> str | None:
         """The command named by a ``cmd/<name>`` topic of this device, else None."""
         prefix = f"{self.base}/cmd/"
@@ -687,6 +697,37 @@ class SignedManifest(_Frozen):
     payload: str = Field(max_length=65_536, description="The manifest as JSON text.")
     key_id: str = Field(max_length=64, description="Which fleet key signed it.")
     signature: str = Field(max_length=200, description="base64 ed25519 signature of payload.")
+
+
+# -- identities and trust ----------------------------------------------------------
+
+RENEW_LEVEL = "renew"
+"""Level, under a device's subtree, of certificate renewal (``request`` and ``answer``)."""
+
+ENROLL_LEVEL = "_enroll"
+"""Level, under the root, of first-boot enrollment over the claim listener."""
+
+TRUST_LEVEL = "_trust"
+"""Level, under the root, of fleet-wide trust data the controller publishes (retained)."""
+
+
+def enroll_request_topic(topic_root: str, claim_identity: str, session: str) -> str:
+    """``<root>/_enroll/<claim identity>/<session>/request``: a claim session's request.
+
+    The broker's claim ACL grants it as ``%u/%c``: only that claim identity, and only the
+    session whose client id is ``session`` (a random value the device picks), writes here.
+    """
+    return f"{topic_root}/{ENROLL_LEVEL}/{claim_identity}/{session}/request"
+
+
+def enroll_answer_topic(topic_root: str, claim_identity: str, session: str) -> str:
+    """``<root>/_enroll/<claim identity>/<session>/answer``: read by that session alone."""
+    return f"{topic_root}/{ENROLL_LEVEL}/{claim_identity}/{session}/answer"
+
+
+def key_set_topic(topic_root: str) -> str:
+    """``<root>/_trust/keyset``: the retained, root-signed set of trusted release keys."""
+    return f"{topic_root}/{TRUST_LEVEL}/keyset"
 
 
 # -- models over the broker ---------------------------------------------------------
