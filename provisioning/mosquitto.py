@@ -33,7 +33,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from edgefleet.agent.protocol import MODELS_LEVEL
+from edgefleet.agent.protocol import ENROLL_LEVEL, MODELS_LEVEL, RENEW_LEVEL, TRUST_LEVEL
 from edgefleet.runtime.errors import SettingError
 
 TOPIC_ROOT = "edgefleet/v1"
@@ -54,15 +54,31 @@ certificate for CN ``dev2/cmd`` reads dev2's commands and, through the ``status`
 writes ``edgefleet/v1/dev2/cmd/status``. The CA must issue only identities that match this.
 """
 
-DEVICE_WRITE_TOPICS: tuple[str, ...] = ("status", "events/+", "health", "reported", "reply/#")
+DEVICE_WRITE_TOPICS: tuple[str, ...] = (
+    "status",
+    "events/+",
+    "health",
+    "reported",
+    "reply/#",
+    f"{RENEW_LEVEL}/request",
+)
 """What a device may publish, relative to its own subtree ``<root>/<device>/``.
 
-``reply/#`` is where command responses go (the MQTT 5 response topic the controller sets).
-Everything else in the subtree (``cmd/#``, ``desired``) is the controller's to write.
+``reply/#`` is where command responses go (the MQTT 5 response topic the controller sets);
+``renew/request`` carries a certificate renewal, authenticated by this grant alone.
+Everything else in the subtree (``cmd/#``, ``desired``, ``renew/answer``) is the
+controller's to write.
 """
 
-CONTROLLER_WRITE_TOPICS: tuple[str, ...] = ("cmd/#", "desired")
+CONTROLLER_WRITE_TOPICS: tuple[str, ...] = ("cmd/#", "desired", f"{RENEW_LEVEL}/answer")
 """What only the controller may publish, relative to any device's subtree."""
+
+TRUST_TOPICS = f"{TRUST_LEVEL}/#"
+"""Fleet-wide trust data (the root-signed release-key set), relative to the root: the
+controller writes, every device reads."""
+
+ENROLL_ANSWERS = f"{ENROLL_LEVEL}/+/+/answer"
+"""The enrollment service's answers to claim sessions, relative to the root."""
 
 MODEL_TRANSFER_TOPICS = f"{MODELS_LEVEL}/#"
 """Models published over the broker, relative to the root: the controller writes, all read.
@@ -161,6 +177,13 @@ class BrokerListener(BaseModel):
         "use_identity_as_username), so no client can take over another's session or kick it "
         "off by reusing its client id. Every connection of one identity then shares one "
         "session: controller replicas need one identity each.",
+    )
+    acl_file: ConfPath | None = Field(
+        None,
+        description="This listener's own ACL file. Set on any listener, every listener gets "
+        "its own authentication and ACL settings (Mosquitto's per_listener_settings): this "
+        "file here, the broker-wide acl_file on the others. Messages still flow between "
+        "listeners; only who may connect and what each may read and write differ.",
     )
 
 
@@ -310,7 +333,7 @@ def render_mosquitto_conf(settings: MosquittoSettings) -> str:
         _persistence(settings),
         _security(settings),
         _logging(settings),
-        *(_listener(listener) for listener in settings.listeners),
+        *(_listener(listener, settings) for listener in settings.listeners),
     ]
     return "\n\n".join("\n".join(section) for section in sections) + "\n"
 
@@ -349,16 +372,29 @@ def _persistence(settings: MosquittoSettings) -> list[str]:
     return lines
 
 
+def _per_listener(settings: MosquittoSettings) -> bool:
+    return any(listener.acl_file is not None for listener in settings.listeners)
+
+
 def _security(settings: MosquittoSettings) -> list[str]:
-    lines = [
+    if _per_listener(settings):
+        return [
+            "# Each listener has its own authentication and ACL settings (after its line).",
+            "per_listener_settings true",
+        ]
+    return [
         "# One set of authentication and ACL settings for every listener.",
         "per_listener_settings false",
-        f"allow_anonymous {_bool(settings.allow_anonymous)}",
+        *_authentication(settings, settings.acl_file),
     ]
+
+
+def _authentication(settings: MosquittoSettings, acl_file: Path | None) -> list[str]:
+    lines = [f"allow_anonymous {_bool(settings.allow_anonymous)}"]
     if settings.password_file is not None:
         lines.append(f"password_file {settings.password_file}")
-    if settings.acl_file is not None:
-        lines.append(f"acl_file {settings.acl_file}")
+    if acl_file is not None:
+        lines.append(f"acl_file {acl_file}")
     return lines
 
 
@@ -371,12 +407,14 @@ def _logging(settings: MosquittoSettings) -> list[str]:
     return lines
 
 
-def _listener(listener: BrokerListener) -> list[str]:
+def _listener(listener: BrokerListener, settings: MosquittoSettings) -> list[str]:
     lines = [
         f"listener {listener.port} {listener.bind_address}",
         "protocol mqtt",
         f"use_username_as_clientid {_bool(listener.use_username_as_clientid)}",
     ]
+    if _per_listener(settings):
+        lines += _authentication(settings, listener.acl_file or settings.acl_file)
     tls = listener.tls
     if tls is not None:
         lines += [
@@ -397,40 +435,111 @@ def _bool(value: bool) -> str:
 
 
 def render_acl(topic_root: str = TOPIC_ROOT, controller_identity: str = CONTROLLER_IDENTITY) -> str:
-    """The Mosquitto ACL file text: devices own their subtree, the controller writes commands.
+    """The Mosquitto ACL file text for one listener that devices and the controller share.
 
     Devices are granted by pattern on their username (``%u``): each reads all of
     ``<topic_root>/<device>/#`` and writes only :data:`DEVICE_WRITE_TOPICS` there. The
     controller reads every device's subtree (and ``$SYS``) and writes
     :data:`CONTROLLER_WRITE_TOPICS` for any device. Every identity reads the models published
-    over the broker (:data:`MODEL_TRANSFER_TOPICS`); only the controller writes them.
-    Anonymous clients may write nothing.
+    over the broker (:data:`MODEL_TRANSFER_TOPICS`) and the trust data
+    (:data:`TRUST_TOPICS`); only the controller writes them. Anonymous clients may write
+    nothing. A fleet broker puts the two halves on listeners of their own instead
+    (:func:`render_device_acl`, :func:`render_operator_acl`).
     """
-    _check_topic_root(topic_root)
-    _check_identity(controller_identity, "controller_identity")
     return "\n".join(
         [
-            _HEADER,
-            "# Grants go by username (the certificate CN), never by client id: a client picks",
-            "# its own client id, so '%c' would let one device write another's topics.",
-            "",
-            "# The controller reads every device and alone writes commands and desired state.",
-            f"user {controller_identity}",
-            f"topic read {topic_root}/#",
-            *_grants("topic write", f"{topic_root}/+", CONTROLLER_WRITE_TOPICS),
-            "# It publishes models, as retained chunks, for devices that reach only the broker.",
-            f"topic write {topic_root}/{MODEL_TRANSFER_TOPICS}",
-            "topic read $SYS/#",
-            "",
-            "# Each device reads its own subtree and writes only what it reports.",
-            f"pattern read {topic_root}/%u/#",
-            *_grants("pattern write", f"{topic_root}/%u", DEVICE_WRITE_TOPICS),
-            "# Every device reads the models the controller publishes: one copy for the fleet,",
-            "# so no %u (devices cannot write there: a forged chunk would reach every device).",
-            f"pattern read {topic_root}/{MODEL_TRANSFER_TOPICS}",
+            *_acl_header(),
+            *_operator_grants(topic_root, controller_identity),
+            *_device_grants(topic_root),
+        ]
+    )
+
+
+def render_device_acl(topic_root: str = TOPIC_ROOT) -> str:
+    """The ACL of the devices' listener: each device its own subtree, by ``%u`` only."""
+    return "\n".join([*_acl_header(), *_device_grants(topic_root)])
+
+
+def render_operator_acl(
+    topic_root: str = TOPIC_ROOT, identities: Iterable[str] = (CONTROLLER_IDENTITY,)
+) -> str:
+    """The ACL of the operators' listener: each of ``identities`` has the controller's rights.
+
+    The controller service, the enrollment service and each operator connect with an identity
+    of their own from the operator CA, so that none shares a session (client id) with another.
+    """
+    names = list(identities)
+    if not names:
+        raise SettingError("no operator identity", hint="name at least the controller")
+    lines = _acl_header()
+    for name in names:
+        lines += _operator_grants(topic_root, name)
+    return "\n".join(lines)
+
+
+def render_claim_acl(topic_root: str = TOPIC_ROOT) -> str:
+    """The ACL of the claim listener, where unenrolled devices present an enrollment token.
+
+    Every new device holds the same claim certificate, so ``%u`` cannot tell two of them
+    apart; the session is the client id (``%c``, which this listener lets each client choose):
+    a random value the device picks for each attempt. A claim session writes only its own
+    request and reads only its own answer; it cannot list other sessions (Mosquitto delivers
+    nothing a subscription's ACL does not allow) and cannot guess their 128-bit ids.
+    """
+    _check_topic_root(topic_root)
+    enroll = f"{topic_root}/{ENROLL_LEVEL}/%u/%c"
+    return "\n".join(
+        [
+            *_acl_header(),
+            "# A claim session writes its own enrollment request and reads its own answer;",
+            "# it reaches nothing else: no device's topics, no models, no trust data.",
+            f"pattern write {enroll}/request",
+            f"pattern read {enroll}/answer",
             "",
         ]
     )
+
+
+def _acl_header() -> list[str]:
+    return [
+        _HEADER,
+        "# Grants go by username (the certificate CN), never by a client id a client picks",
+        "# for itself, except on the claim listener, where the client id is the session.",
+        "",
+    ]
+
+
+def _operator_grants(topic_root: str, identity: str) -> list[str]:
+    _check_topic_root(topic_root)
+    _check_identity(identity, "controller_identity")
+    return [
+        "# The controller reads every device and alone writes commands and desired state.",
+        f"user {identity}",
+        f"topic read {topic_root}/#",
+        *_grants("topic write", f"{topic_root}/+", CONTROLLER_WRITE_TOPICS),
+        "# It publishes models, as retained chunks, for devices that reach only the broker,",
+        "# the root-signed release-key set, and the answers to enrollment requests.",
+        f"topic write {topic_root}/{MODEL_TRANSFER_TOPICS}",
+        f"topic write {topic_root}/{TRUST_TOPICS}",
+        f"topic write {topic_root}/{ENROLL_ANSWERS}",
+        "topic read $SYS/#",
+        "",
+    ]
+
+
+def _device_grants(topic_root: str) -> list[str]:
+    _check_topic_root(topic_root)
+    return [
+        "# Each device reads its own subtree and writes only what it reports.",
+        f"pattern read {topic_root}/%u/#",
+        *_grants("pattern write", f"{topic_root}/%u", DEVICE_WRITE_TOPICS),
+        "# Every device reads the models and the trust data the controller publishes: one",
+        "# copy for the fleet, so no %u (devices cannot write there: a forged chunk would",
+        "# reach every device).",
+        f"pattern read {topic_root}/{MODEL_TRANSFER_TOPICS}",
+        f"pattern read {topic_root}/{TRUST_TOPICS}",
+        "",
+    ]
 
 
 def _grants(rule: str, subtree: str, suffixes: Iterable[str]) -> list[str]:
@@ -452,3 +561,76 @@ def _check_identity(identity: str, name: str) -> None:
             f"invalid {name} {identity!r}",
             hint="use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
+
+
+DEVICE_PORT = 8883
+CLAIM_PORT = 8884
+OPERATOR_PORT = 8885
+
+
+class FleetBrokerFiles(BaseModel):
+    """What a fleet broker reads: its certificate, the three CAs, the CRL and the three ACLs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    certfile: ConfPath = Field(description="The broker's certificate, from the device CA.")
+    keyfile: ConfPath = Field(description="The broker's private key.")
+    device_cafile: ConfPath = Field(description="The CA of device certificates.")
+    crlfile: ConfPath = Field(description="The device CA's revocation list.")
+    operator_cafile: ConfPath = Field(
+        description="The CA of the controller's, the enrollment service's and operators' "
+        "certificates: a separate CA, so no device certificate opens the operators' listener."
+    )
+    claim_cafile: ConfPath = Field(
+        description="The CA of the shared claim certificate: a separate CA, so the claim "
+        "certificate opens the claim listener only."
+    )
+    device_acl: ConfPath = Field(description="The devices' ACL (render_device_acl).")
+    operator_acl: ConfPath = Field(description="The operators' ACL (render_operator_acl).")
+    claim_acl: ConfPath = Field(description="The claim listener's ACL (render_claim_acl).")
+
+
+def fleet_listeners(
+    files: FleetBrokerFiles,
+    *,
+    bind_address: str = "0.0.0.0",
+    device_port: int = DEVICE_PORT,
+    claim_port: int = CLAIM_PORT,
+    operator_port: int = OPERATOR_PORT,
+) -> list[BrokerListener]:
+    """The fleet broker's three TLS listeners, each for one kind of client and its own CA.
+
+    Devices (``device_port``): the certificate CN is the username and the client id, so no
+    device can take over another's session; the CRL is checked. Claim sessions
+    (``claim_port``): the shared claim certificate, a client id of the device's choosing (the
+    session; see :func:`render_claim_acl`). Operators (``operator_port``): the controller,
+    the enrollment service and people, whose tools open several connections at once under
+    one identity, so their client ids stay their own; no device certificate opens it.
+    """
+
+    def tls(cafile: Path, crlfile: Path | None = None) -> TlsFiles:
+        return TlsFiles(
+            cafile=cafile, certfile=files.certfile, keyfile=files.keyfile, crlfile=crlfile
+        )
+
+    return [
+        BrokerListener(
+            port=device_port,
+            bind_address=bind_address,
+            tls=tls(files.device_cafile, files.crlfile),
+            use_username_as_clientid=True,
+            acl_file=files.device_acl,
+        ),
+        BrokerListener(
+            port=claim_port,
+            bind_address=bind_address,
+            tls=tls(files.claim_cafile),
+            acl_file=files.claim_acl,
+        ),
+        BrokerListener(
+            port=operator_port,
+            bind_address=bind_address,
+            tls=tls(files.operator_cafile),
+            acl_file=files.operator_acl,
+        ),
+    ]

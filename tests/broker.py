@@ -17,6 +17,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -197,6 +198,18 @@ class Mosquitto:
             process.kill()
             process.wait(timeout=10)
 
+    def reload(self, timeout_s: float = 10) -> None:
+        """SIGHUP, as ``systemctl reload mosquitto`` sends; wait until the broker says it
+        reloaded."""
+        assert self._process is not None, f"{self} is not running"
+        before = self.log_text().count("Reloading config")
+        self._process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while self.log_text().count("Reloading config") == before:
+            if time.monotonic() > deadline:
+                raise BrokerFailed(self._failure("did not reload on SIGHUP"))
+            time.sleep(0.05)
+
     def restart(self, timeout_s: float = 10) -> None:
         """Stop and start again: same port, same config, same persistence."""
         self.stop(timeout_s)
@@ -331,6 +344,33 @@ class MqttProbe:
         )
         self.client.loop_start()
         return self._wait_for(lambda: self._connack, "CONNACK")
+
+    def connect_refused(self) -> str:
+        """Try to connect, expecting the broker to refuse; say how it refused.
+
+        A refusal is a TLS handshake that fails, a failing CONNACK, or the broker closing
+        the connection (TLS 1.3 checks a client certificate after the client's handshake
+        has finished). A connection the broker accepts and keeps fails the test.
+        """
+        try:
+            self.client.connect(self.broker.host, self.port, keepalive=30)
+        except OSError as exc:  # ssl.SSLError included
+            return f"refused at connect: {exc}"
+        self.client.loop_start()
+        try:
+            self._wait_for(
+                lambda: (
+                    (self._connack is not None and self._connack.is_failure)
+                    or self._disconnections
+                    or None
+                ),
+                "a refusal (the broker accepted the client)",
+            )
+        finally:
+            self.client.loop_stop()
+        if self._connack is not None and self._connack.is_failure:
+            return f"CONNACK {self._connack}"
+        return "the broker closed the connection"
 
     @property
     def session_present(self) -> bool:
