@@ -58,7 +58,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edgefleet.provisioning.signing import SigningError, TrustedKeys, UnknownSigningKey
+from edgefleet.provisioning.signing import (
+    KeysNotAccepting,
+    SigningError,
+    TrustedKeys,
+    UnknownSigningKey,
+)
 from edgefleet.runtime import EdgefleetError, ModelBytes, read_model
 
 from . import acceptance
@@ -521,7 +526,8 @@ class Updater:
         if record is None or record.signed != signed:
             return True
         if record.state is UpdateState.REFUSED and record.untrusted_key:
-            return signed.key_id in self._keys().key_ids
+            keys = self._keys()
+            return signed.key_id in keys.key_ids and keys.refusal is None
         if record.state is UpdateState.REFUSED and record.clock_dependent:
             return self._clock_allows(name, signed)
         return record.state in _IN_PROGRESS
@@ -636,8 +642,8 @@ class Updater:
 
     def _verify(self, name: str, signed: SignedManifest, revision: int) -> Manifest:
         try:
-            manifest = self._keys().verify(signed)
-        except UnknownSigningKey as exc:
+            manifest = self._keys().verify_new(signed)
+        except (UnknownSigningKey, KeysNotAccepting) as exc:  # tried again once trusted
             raise _UntrustedKey(f"manifest rejected: {exc.message}") from exc
         except SigningError as exc:
             raise UpdateRefused(f"manifest rejected: {exc.message}") from exc

@@ -16,6 +16,8 @@ Errors, by whose fault they are::
     └── SigningError              root of this module's errors
         ├── BadSignature          the signature does not verify (bad input: forged or altered)
         ├── UnknownSigningKey     signed by a key this device does not trust (bad input)
+        ├── RevokedSigningKey     signed by a key the root-signed key set revoked (bad input)
+        ├── KeysNotAccepting      the trusted keys admit no new manifest now (an expired key set)
         ├── MalformedManifest     signature not base64, or the signed text is not a Manifest
         └── KeyFileError          a key file missing, unreadable, not ed25519, or in the way
 
@@ -28,7 +30,8 @@ import base64
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -58,6 +61,14 @@ class BadSignature(SigningError):
 
 class UnknownSigningKey(SigningError):
     """The manifest names a signing key that is not among the trusted keys."""
+
+
+class RevokedSigningKey(SigningError):
+    """The manifest names a signing key that the fleet's key set revoked: never accepted again."""
+
+
+class KeysNotAccepting(SigningError):
+    """The trusted keys admit no new manifest now (the key set they come from expired)."""
 
 
 class MalformedManifest(SigningError):
@@ -196,11 +207,36 @@ def sign_manifest(manifest: Manifest, key: Ed25519PrivateKey) -> SignedManifest:
     )
 
 
-class TrustedKeys:
-    """The fleet public keys a device trusts."""
+@dataclass(frozen=True)
+class Revocation:
+    """A key the fleet's key set revoked: which set version revoked it, and why."""
 
-    def __init__(self, keys: Iterable[Ed25519PublicKey]) -> None:
+    key_id: str
+    version: int
+    reason: str
+
+
+class TrustedKeys:
+    """The fleet public keys a device trusts, and the ones it must never trust again.
+
+    ``revoked``: keys a root-signed key set revoked, by key id; a manifest they signed is
+    refused with :class:`RevokedSigningKey`. ``refusal``: set when these keys admit no new
+    manifest now (the key set expired); :meth:`verify` still checks stored manifests, and
+    :meth:`verify_new` refuses with it.
+    """
+
+    def __init__(
+        self,
+        keys: Iterable[Ed25519PublicKey],
+        *,
+        revoked: Mapping[str, Revocation] | None = None,
+        refusal: str | None = None,
+    ) -> None:
+        self._revoked = dict(revoked or {})
         self._keys = {key_id(key): key for key in keys}
+        for revoked_id in self._revoked:
+            self._keys.pop(revoked_id, None)  # a revoked key is never trusted, listed or not
+        self.refusal = refusal
 
     @classmethod
     def from_paths(cls, paths: Iterable[Path]) -> TrustedKeys:
@@ -224,8 +260,31 @@ class TrustedKeys:
         """The ids of the trusted keys."""
         return frozenset(self._keys)
 
+    @property
+    def revoked(self) -> Mapping[str, Revocation]:
+        """The revoked keys, by key id."""
+        return dict(self._revoked)
+
+    def verify_new(self, signed: SignedManifest) -> Manifest:
+        """As :meth:`verify`, for a manifest not installed yet: refused while ``refusal`` is set."""
+        if self.refusal is not None:
+            raise KeysNotAccepting(
+                f"manifest not accepted now: {self.refusal}",
+                hint="publish a new key set signed by the root key ('edgefleet keys rotate' "
+                "or 'edgefleet keys revoke', then 'edgefleet keys publish')",
+            )
+        return self.verify(signed)
+
     def verify(self, signed: SignedManifest) -> Manifest:
         """The manifest, once its signature verifies with a trusted key; else a SigningError."""
+        revocation = self._revoked.get(signed.key_id)
+        if revocation is not None:
+            raise RevokedSigningKey(
+                f"manifest signed by key {signed.key_id}, which key set version "
+                f"{revocation.version} revoked ({revocation.reason})",
+                hint="sign the manifest again with a current release key "
+                "('edgefleet keys show' lists them)",
+            )
         key = self._keys.get(signed.key_id)
         if key is None:
             raise UnknownSigningKey(
