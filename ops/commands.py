@@ -48,9 +48,10 @@ from edgefleet.agent.protocol import (
 )
 from edgefleet.runtime import SettingError
 
-from .connection import BrokerConnection, add_broker_options, broker_options
+from .connection import BrokerConnection
 from .deploy import check_topic_level
 from .errors import ContractBroken, NoReply
+from .profile import add_broker_options, broker_options, broker_profile
 
 DEFAULT_COMMAND_TIMEOUT_S = 10.0
 KIB = 1024
@@ -153,7 +154,8 @@ def _cmd(args: argparse.Namespace) -> int:
     command_args = _command_args(name, args.args, args.pairs, args.settings)
     if args.out is not None and name is not CommandName.SNAPSHOT:
         raise SettingError(f"--out is for snapshot, not {name.value}", hint="leave out --out")
-    topics = Topics(args.device, args.topic_root)
+    resolved = broker_profile(args)
+    topics = Topics(args.device, resolved.profile.topic_root)
     request_id = uuid.uuid4().hex
     # Under the device's own subtree: the generated ACL lets a device write only there.
     reply_topic = f"{topics.base}/reply/{request_id}"
@@ -164,7 +166,7 @@ def _cmd(args: argparse.Namespace) -> int:
         reply_to=reply_topic,  # for a device on MQTT 3.1.1, which gets no response topic
     )
     deadline = time.monotonic() + args.timeout
-    with BrokerConnection(args.host, args.port) as broker:
+    with BrokerConnection(resolved) as broker:
         broker.subscribe(reply_topic)
         broker.publish(
             topics.command(name.value),

@@ -1,8 +1,14 @@
-"""One MQTT 5 connection per operator command, and the broker options every such command takes.
+"""One MQTT 5 connection per operator command, over TLS with the operator's certificate.
 
 Every ``edgefleet`` command that talks to the broker (``deploy``, ``undeploy``, ``cmd``,
-``transfer``) takes ``--host`` (default localhost), ``--port`` (default 1883) and
-``--topic-root`` (default edgefleet/v1) through ``add_broker_options``.
+``transfer``, ``watch``) takes the same options (``add_broker_options``: ``--profile``,
+``--host``, ``--port``, ``--topic-root``, ``--cafile``, ``--cert``, ``--key``,
+``--insecure``), resolved with the environment and the operator profile file into one
+:class:`~edgefleet.ops.profile.ResolvedProfile` (``edgefleet.ops.profile``). The
+connection is TLS 1.2 or later, the broker's certificate checked against the CA and its
+name against the host, and presents the client certificate (``prepare_client``); without
+those files a command refuses, and ``--insecure`` alone gives plain MQTT with a warning.
+TLS failures become :class:`BrokerError` messages that say what to check.
 
 Threads: a command runs in the CLI's main thread. ``BrokerConnection`` starts paho's network
 thread (``loop_start``) and stops it on exit; its callbacks only record acknowledgements
@@ -12,9 +18,10 @@ with a deadline.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import queue
+import ssl
+import sys
 import threading
 import time
 import uuid
@@ -28,52 +35,138 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgefleet.agent.protocol import MODELS_LEVEL, TOPIC_ROOT
+from edgefleet.agent.protocol import MODELS_LEVEL
 
 from .errors import BrokerError
+from .profile import TLS_PORT, ProfileError, ResolvedProfile
 
-DEFAULT_HOST = "localhost"
-DEFAULT_PORT = 1883
 ACK_TIMEOUT_S = 10.0
 KEEPALIVE_S = 30
 # Under the fleet-wide models level, which the controller may write and read: a marker
 # topic there is allowed by the generated ACL, and no device subscribes to it.
 _SYNC_LEVEL = "_sync"
 _T = TypeVar("_T")
+_X509_HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
 
 
-def add_broker_options(parser: argparse.ArgumentParser) -> None:
-    """``--host``, ``--port`` and ``--topic-root``, the same in every broker command."""
-    parser.add_argument(
-        "--host",
-        default=DEFAULT_HOST,
-        help=f"broker host name or address (default: {DEFAULT_HOST})",
+def tls_context(resolved: ResolvedProfile) -> ssl.SSLContext:
+    """A TLS 1.2+ client context that checks the broker's certificate and name against the
+    profile's CA and presents the profile's client certificate."""
+    resolved.check_transport()
+    p = resolved.profile
+    assert p.cafile is not None, "check_transport: TLS has every file"
+    assert p.certfile is not None, "check_transport: TLS has every file"
+    assert p.keyfile is not None, "check_transport: TLS has every file"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=str(p.cafile))
+    except (OSError, ssl.SSLError) as exc:
+        raise _unreadable(resolved, "cafile", exc, "a CA certificate (PEM)") from exc
+    try:
+        context.load_cert_chain(str(p.certfile), str(p.keyfile))
+    except (OSError, ssl.SSLError) as exc:
+        missing = [n for n in ("certfile", "keyfile") if not getattr(p, n).is_file()]
+        if missing:
+            raise _unreadable(resolved, missing[0], exc, "a file") from exc
+        raise ProfileError(
+            f"cannot load the client certificate {p.certfile} with its key {p.keyfile} "
+            f"({_reason(exc)}; {resolved.named('certfile')}, {resolved.named('keyfile')})",
+            hint="pass a PEM certificate and the unencrypted PEM key it was issued for, e.g. "
+            "DIR/operators/controller.crt and .key from 'edgefleet provision init DIR'",
+        ) from exc
+    return context
+
+
+def _unreadable(resolved: ResolvedProfile, name: str, exc: Exception, what: str) -> ProfileError:
+    path = getattr(resolved.profile, name)
+    return ProfileError(
+        f"{resolved.named(name)} {path}: cannot load it as {what} ({_reason(exc)})",
+        hint="check the path ('edgefleet profile show' says where it came from)",
     )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        metavar="PORT",
-        help=f"broker port (default: {DEFAULT_PORT})",
-    )
-    parser.add_argument(
-        "--topic-root",
-        default=TOPIC_ROOT,
-        metavar="ROOT",
-        help=f"topic root (default: {TOPIC_ROOT})",
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+def prepare_client(client: mqtt.Client, resolved: ResolvedProfile) -> None:
+    """Set up ``client``'s transport: TLS with the client certificate, or (insecure) plain
+    MQTT with one warning line on stderr. Refuses (:class:`ProfileError`) neither set."""
+    resolved.check_transport()
+    p = resolved.profile
+    if p.insecure:
+        print(
+            f"edgefleet: warning: insecure ({resolved.source('insecure')}): plain MQTT to "
+            f"{p.address}, no TLS, no client certificate; anyone on the network can read "
+            "and forge this traffic",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    client.tls_set_context(tls_context(resolved))
+
+
+def connect_client(client: mqtt.Client, resolved: ResolvedProfile) -> None:
+    """``client.connect`` to the profile's broker, its failures as :class:`BrokerError`."""
+    p = resolved.profile
+    try:
+        client.connect(p.host, p.broker_port, keepalive=KEEPALIVE_S)
+    except ssl.SSLCertVerificationError as exc:
+        raise _untrusted_broker(resolved, exc) from exc
+    except ssl.SSLError as exc:
+        raise BrokerError(
+            f"the TLS handshake with the broker at {p.address} failed ({_reason(exc)})",
+            hint=f"check that {p.address} is the broker's TLS listener (port {TLS_PORT} by "
+            "default) and not a plain one; with a plain lab broker pass --insecure",
+        ) from exc
+    except OSError as exc:
+        raise BrokerError(
+            f"cannot reach the broker at {p.address} ({exc})",
+            hint="check --host and --port (or the profile: 'edgefleet profile show'), and that "
+            "the broker runs",
+        ) from exc
+
+
+def _untrusted_broker(resolved: ResolvedProfile, exc: ssl.SSLCertVerificationError) -> BrokerError:
+    p = resolved.profile
+    reason = exc.verify_message or _reason(exc)
+    if exc.verify_code == _X509_HOSTNAME_MISMATCH:
+        return BrokerError(
+            f"the broker at {p.address} presented a certificate not made out to {p.host!r} "
+            f"({reason})",
+            hint="connect with a host name the broker's certificate names (its subject "
+            "alternative names, set by 'edgefleet provision init'), in --host or the profile",
+        )
+    return BrokerError(
+        f"the broker at {p.address} presented a certificate that does not verify against "
+        f"{p.cafile} ({reason}; {resolved.named('cafile')})",
+        hint="check that cafile is the fleet's CA (DIR/ca/ca.crt), that this is the fleet's "
+        "broker, and that its certificate has not expired",
     )
 
 
-def broker_options(args: argparse.Namespace) -> str:
-    """The broker options of ``args``, as typed on a command line (only those not default)."""
-    options = []
-    if args.host != DEFAULT_HOST:
-        options.append(f"--host {args.host}")
-    if args.port != DEFAULT_PORT:
-        options.append(f"--port {args.port}")
-    if args.topic_root != TOPIC_ROOT:
-        options.append(f"--topic-root {args.topic_root}")
-    return " ".join(options)
+def closed_before_connack(resolved: ResolvedProfile, socket_error: str | None) -> BrokerError:
+    """Why a broker that closed the connection before its CONNACK did, as far as we can tell."""
+    p = resolved.profile
+    said = f" ({socket_error})" if socket_error else ""
+    if p.insecure:
+        return BrokerError(
+            f"the broker at {p.address} closed the plain connection before accepting it{said}",
+            hint=f"a TLS listener drops plain clients: check that port {p.broker_port} is a "
+            "plain listener, or drop --insecure and connect with the operator profile; else "
+            "the broker log says why",
+        )
+    return BrokerError(
+        f"the broker at {p.address} closed the TLS connection before accepting it{said}",
+        hint=f"check that the client certificate {p.certfile} is issued by the broker's CA, "
+        "has not expired and is not revoked, and that the broker allows its identity; the "
+        "broker log says why",
+    )
 
 
 def sync_topic(topic_root: str) -> str:
@@ -84,9 +177,11 @@ def sync_topic(topic_root: str) -> str:
 class BrokerConnection:
     """One MQTT 5 connection for one command; each call waits, with a deadline, for its ack."""
 
-    def __init__(self, host: str, port: int, timeout_s: float = ACK_TIMEOUT_S) -> None:
-        self._host, self._port = host, port
+    def __init__(self, resolved: ResolvedProfile, timeout_s: float = ACK_TIMEOUT_S) -> None:
+        self._resolved = resolved
+        self._host, self._port = resolved.profile.host, resolved.profile.broker_port
         self._timeout_s = timeout_s
+        self._socket_error: str | None = None  # paho's last socket error, for a message
         self._changed = threading.Condition()
         self._connack: ReasonCode | None = None
         self._max_packet_bytes: int | None = None
@@ -101,16 +196,12 @@ class BrokerConnection:
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_log = self._on_log
+        prepare_client(client, resolved)
         self._client = client
 
     def __enter__(self) -> BrokerConnection:
-        try:
-            self._client.connect(self._host, self._port, keepalive=KEEPALIVE_S)
-        except OSError as exc:
-            raise BrokerError(
-                f"cannot reach the broker at {self._host}:{self._port} ({exc})",
-                hint="check --host and --port, and that the broker runs",
-            ) from exc
+        connect_client(self._client, self._resolved)
         self._client.loop_start()
         try:
             connack = self._wait(lambda: self._connack, "CONNACK")
@@ -211,6 +302,8 @@ class BrokerConnection:
             result = ready()
             if result is not None:
                 return result
+            if self._closed is not None and self._connack is None:
+                raise closed_before_connack(self._resolved, self._socket_error)
             if self._closed is not None:
                 raise self._lost(f"waiting for its {what}")
         raise BrokerError(
@@ -285,3 +378,8 @@ class BrokerConnection:
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self._messages.put(message)
+
+    def _on_log(self, client: mqtt.Client, userdata: object, level: int, text: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:  # a TLS alert from the broker shows up only here
+            with self._changed:
+                self._socket_error = text

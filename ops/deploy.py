@@ -51,8 +51,9 @@ from edgefleet.agent.protocol import (
 )
 from edgefleet.runtime import SettingError
 
-from .connection import BrokerConnection, add_broker_options, broker_options, sync_topic
+from .connection import BrokerConnection, sync_topic
 from .errors import ContractBroken, Refused
+from .profile import add_broker_options, broker_options, broker_profile
 
 _GAVE_UP = (UpdateState.ROLLED_BACK, UpdateState.REFUSED)
 _M = TypeVar("_M", bound=BaseModel)
@@ -351,8 +352,9 @@ def _deploy(args: argparse.Namespace) -> int:
     check_topic_level("device id", args.device)
     check_topic_level("stream name", args.stream)
     signed, manifest = read_signed_manifest(args.manifest)
-    topics = Topics(args.device, args.topic_root)
-    with BrokerConnection(args.host, args.port) as broker:
+    resolved = broker_profile(args)
+    topics = Topics(args.device, resolved.profile.topic_root)
+    with BrokerConnection(resolved) as broker:
         record = read_device(broker, topics)
         judgement = judge_deploy(args.device, args.stream, signed, manifest, record)
         _report(judgement, force=args.force)
@@ -399,8 +401,9 @@ def _report(judgement: Judgement, *, force: bool) -> None:
 def _undeploy(args: argparse.Namespace) -> int:
     check_topic_level("device id", args.device)
     check_topic_level("stream name", args.stream)
-    topics = Topics(args.device, args.topic_root)
-    with BrokerConnection(args.host, args.port) as broker:
+    resolved = broker_profile(args)
+    topics = Topics(args.device, resolved.profile.topic_root)
+    with BrokerConnection(resolved) as broker:
         device = read_device(broker, topics)
         current = device.desired
         if args.stream not in current.models:

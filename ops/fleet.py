@@ -75,9 +75,10 @@ from edgefleet.provisioning import (
 )
 from edgefleet.runtime import SettingError, TaskName, TensorInfo, inspect_model, read_model
 
-from .connection import BrokerConnection, add_broker_options, broker_options, sync_topic
+from .connection import BrokerConnection, sync_topic
 from .deploy import read_signed
 from .errors import NotPublished, Refused
+from .profile import add_broker_options, broker_options, broker_profile
 
 DEFAULT_EXPIRES_IN_DAYS = 30.0
 DEFAULT_ROLLBACK_EXPIRES_IN = "6h"
@@ -594,10 +595,11 @@ def model_chunks(content: bytes, chunk_bytes: int) -> tuple[ChunkedModelMeta, li
 def _transfer_publish(args: argparse.Namespace) -> int:
     model = read_model(args.model)
     meta, chunks = model_chunks(model.content, args.chunk_kib * KIB)
-    root, sha256 = args.topic_root, meta.sha256
+    resolved = broker_profile(args)
+    root, sha256 = resolved.profile.topic_root, meta.sha256
     messages = [(model_chunk_topic(root, sha256, i), chunk) for i, chunk in enumerate(chunks)]
     meta_topic, meta_payload = model_meta_topic(root, sha256), meta.model_dump_json().encode()
-    with BrokerConnection(args.host, args.port) as broker:
+    with BrokerConnection(resolved) as broker:
         _check_chunks_fit(broker, messages[-1][0], meta.chunk_bytes)
         earlier = _published(broker, root, sha256)
         # What this publication will not overwrite goes first, the meta before the chunks: a
@@ -626,14 +628,15 @@ def _transfer_clear(args: argparse.Namespace) -> int:
         raise SettingError(
             f"{args.sha256!r} is not a sha256", hint="give the 64 hex digits 'publish' printed"
         )
-    root = args.topic_root
+    resolved = broker_profile(args)
+    root = resolved.profile.topic_root
     meta_topic = model_meta_topic(root, sha256)
-    with BrokerConnection(args.host, args.port) as broker:
+    with BrokerConnection(resolved) as broker:
         published = _published(broker, root, sha256)
         if not published:
             raise NotPublished(
                 f"nothing is published under {model_transfer_topic(root, sha256)}/ on the "
-                f"broker at {args.host}:{args.port}",
+                f"broker at {resolved.profile.address}",
                 hint="check the sha256 and --topic-root; 'edgefleet transfer publish' prints both",
             )
         # The meta first: it says every chunk is there, which stops being true now.

@@ -12,8 +12,11 @@ carries none. The fleet-wide models published over the broker (``<root>/_models/
 as ``fleet``: their meta is one line; their chunks, raw bytes, are not even subscribed to
 unless ``--chunks``. A payload that does not parse is printed as such, never fatal.
 
-``--host``, ``--port`` and ``--topic-root`` are the broker options of every command
-(``connection.add_broker_options``).
+The broker options (``--profile``, ``--host``, ``--port``, ``--topic-root``, ``--cafile``,
+``--cert``, ``--key``, ``--insecure``) are those of every broker command
+(``profile.add_broker_options``): TLS with the operator's certificate, or plain MQTT when
+asked. A broker that closes the first connection before accepting it (a TLS alert, a plain
+client on a TLS port) ends the watch with what it said; later losses reconnect.
 
 Threads: paho's network thread (``loop_start``) runs the callbacks, which only put what
 arrived on a queue (and resubscribe after a reconnect); the main thread takes it from the
@@ -54,8 +57,9 @@ from edgefleet.agent.protocol import (
 )
 from edgefleet.runtime import SettingError
 
-from .connection import KEEPALIVE_S, add_broker_options
+from .connection import closed_before_connack, connect_client, prepare_client
 from .errors import BrokerError
+from .profile import ResolvedProfile, add_broker_options, broker_profile
 
 FLEET = "fleet"
 """How a line about the fleet-wide models (``<root>/_models/...``) names its device."""
@@ -277,17 +281,27 @@ class _Arrived:
 class _Watcher:
     """The MQTT side: subscribe on every (re)connect, queue what arrives. Network thread."""
 
-    def __init__(self, filters: list[str]) -> None:
+    def __init__(self, filters: list[str], resolved: ResolvedProfile) -> None:
         self.filters = filters
         self.arrived: queue.Queue[_Arrived | str] = queue.Queue()  # str: a note for stderr
         self.refused: str | None = None
+        self.accepted = False  # a CONNACK came: later losses are a network's, retried
+        self.closed_early = False  # closed before the first CONNACK: not let in
+        self.socket_error: str | None = None  # paho's last socket error (a TLS alert)
         self.events = 0  # counted by the main thread
         client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_log = self._on_log
+        prepare_client(client, resolved)
         self.client = client
+
+    @property
+    def done(self) -> bool:
+        """The broker would not have us: refused, or closed before accepting."""
+        return self.refused is not None or self.closed_early
 
     def _on_connect(
         self,
@@ -301,6 +315,7 @@ class _Watcher:
             self.refused = str(reason_code)
             self.arrived.put(f"the broker refused the connection: {reason_code}")
             return
+        self.accepted = True
         client.subscribe([(topic_filter, 1) for topic_filter in self.filters])
 
     def _on_subscribe(
@@ -327,8 +342,15 @@ class _Watcher:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        if self.refused is None:
+        if not self.accepted and self.refused is None:
+            self.closed_early = True
+            client.disconnect()  # no reconnecting to a broker that will not have us
+        elif self.refused is None:
             self.arrived.put(f"lost the broker ({reason_code}); reconnecting")
+
+    def _on_log(self, client: mqtt.Client, userdata: object, level: int, text: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:  # a TLS alert from the broker shows up only here
+            self.socket_error = text
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self.arrived.put(
@@ -345,17 +367,13 @@ def _watch(args: argparse.Namespace) -> int:
         )
     if args.count is not None and args.count < 1:
         raise SettingError(f"--count must be at least 1, not {args.count}")
-    watcher = _Watcher(topic_filters(args.topic_root, args.device, chunks=args.chunks))
-    try:
-        watcher.client.connect(args.host, args.port, keepalive=KEEPALIVE_S)
-    except OSError as exc:
-        raise BrokerError(
-            f"cannot reach the broker at {args.host}:{args.port} ({exc})",
-            hint="check --host and --port, and that the broker runs",
-        ) from exc
+    resolved = broker_profile(args)
+    root = resolved.profile.topic_root
+    watcher = _Watcher(topic_filters(root, args.device, chunks=args.chunks), resolved)
+    connect_client(watcher.client, resolved)
     watcher.client.loop_start()
     try:
-        _print_until_done(watcher, args)
+        _print_until_done(watcher, args, root)
     except KeyboardInterrupt:
         pass  # the usual way to stop
     finally:
@@ -363,17 +381,19 @@ def _watch(args: argparse.Namespace) -> int:
         watcher.client.loop_stop()
     if watcher.refused is not None:
         raise BrokerError(
-            f"the broker at {args.host}:{args.port} refused the connection: {watcher.refused}",
+            f"the broker at {resolved.profile.address} refused the connection: {watcher.refused}",
             hint="check that the broker lets this client in (its ACL, anonymous access)",
         )
+    if watcher.closed_early:
+        raise closed_before_connack(resolved, watcher.socket_error)
     print(f"{watcher.events} event(s)", file=sys.stderr)
     return 0
 
 
-def _print_until_done(watcher: _Watcher, args: argparse.Namespace) -> None:
+def _print_until_done(watcher: _Watcher, args: argparse.Namespace, root: str) -> None:
     """Print what arrives until the deadline, the event count, or a refusal."""
     deadline = time.monotonic() + args.seconds if args.seconds else None
-    while watcher.refused is None:
+    while not watcher.done:
         wait = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
         if wait <= 0:
             break
@@ -384,7 +404,7 @@ def _print_until_done(watcher: _Watcher, args: argparse.Namespace) -> None:
         if isinstance(arrived, str):
             print(f"edgefleet watch: {arrived}", file=sys.stderr, flush=True)
             continue
-        described = describe(arrived.topic, arrived.payload, topic_root=args.topic_root)
+        described = describe(arrived.topic, arrived.payload, topic_root=root)
         is_event = "/events/" in arrived.topic and not arrived.retained
         watcher.events += is_event  # before the print, so a Ctrl-C after it counts it
         print(
