@@ -22,11 +22,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
-from edgefleet.provisioning.signing import SigningError, TrustedKeys
 from edgefleet.runtime import EdgefleetError, TaskName, select_backend
 
 from . import prometheus
-from .acceptance import Clock
+from .acceptance import Clock, trusted_now
 from .commands import CommandJournal, Commands
 from .config import DELEGATE_TYPES, SOURCE_TYPES, AgentConfig, StreamSettings, load_config
 from .handlers import handlers
@@ -46,9 +45,11 @@ from .protocol import (
     StatusMessage,
     SystemHealth,
     Topics,
+    key_set_topic,
 )
 from .supervisor import SUPERVISOR, fault_point
 from .systemd import Notifier, Watchdog
+from .trust import KeySetTrust, device_trust
 from .updates import Updater
 
 log = logging.getLogger(__name__)
@@ -129,10 +130,13 @@ class Agent:
                 self.outbox, self.link, window=self.config.broker.max_inflight
             )
             self.sink = _OutboxSink(self.outbox, self.publisher)
+            self.trust = device_trust(updates, now=self._trusted_time)
+            if isinstance(self.trust, KeySetTrust):  # newer key sets come retained
+                self.link.route(key_set_topic(self.config.broker.topic_root), self.trust.on_message)
             self.updater = Updater(
                 updates,
                 store=self.store,
-                keys=_FleetKeys(updates.trusted_keys),
+                keys=self.trust,
                 streams=lambda: {s.name: s for s in self.streams},
                 replace_stream=self._replace_stream,
                 on_change=self._publish_reported,
@@ -140,6 +144,7 @@ class Agent:
                 broker=self.link,
                 topic_root=self.config.broker.topic_root,
             )
+            self.trust.load()
             self.commands = Commands(
                 handlers(self),
                 journal=self.journal,
@@ -482,11 +487,16 @@ class Agent:
                 desired_malformed=self.updater.malformed_desired,
             ),
             clock=self.updater.clock_health(),
+            trust=self.trust.health(),
             parts={
                 name: PartHealth(state=s.state.value, restarts=s.restarts, last_error=s.last_error)
                 for name, s in SUPERVISOR.parts().items()
             },
         )
+
+    def _trusted_time(self) -> float:  # any thread: when a key set's expiry is judged
+        """The clock, never before the newest trusted time (as manifests' expiry)."""
+        return trusted_now(Clock(now=time.time(), floor=self.updater.marks.clock_floor))
 
     def _status_line(self) -> str:
         parts = [f"{s.name}: {s.capture.stats.state}" for s in self.streams]
@@ -507,30 +517,3 @@ class Agent:
         self.link.publish(
             self.topics.health, message.model_dump_json(exclude_none=True).encode(), qos=0
         )
-
-
-class _FleetKeys:
-    """The fleet keys found at ``paths``, read again at each call; changes are logged once."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self._paths = paths
-        self._seen: frozenset[str] | None = None
-
-    def __call__(self) -> TrustedKeys:
-        present = [p for p in self._paths if p.exists()]
-        problem = None
-        try:
-            keys = TrustedKeys.from_paths(present)
-        except SigningError as exc:
-            keys, problem = TrustedKeys([]), exc
-        if keys.key_ids != self._seen:
-            self._seen = keys.key_ids
-            if keys.key_ids:
-                log.info("trusted fleet keys: %s", ", ".join(sorted(keys.key_ids)))
-            else:
-                where = ", ".join(str(p) for p in self._paths) or "(none configured)"
-                log.warning(
-                    "no fleet public key trusted (%s): model updates will be refused",
-                    problem or f"none at {where}",
-                )
-        return keys

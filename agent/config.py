@@ -205,7 +205,19 @@ class UpdateSettings(_Section):
     trusted_keys: list[Path] = Field(
         [Path("/etc/edgefleet/fleet-keys")],  # pydantic copies a mutable default per instance
         description="Fleet public keys (.pub files, or folders of them) that may sign "
-        "manifests; a missing path trusts nothing from it.",
+        "manifests; a missing path trusts nothing from it. Ignored, with a warning, when "
+        "root_key is set.",
+    )
+    root_key: Path | None = Field(
+        None,
+        description="The fleet's root public key (root.pub): when set, the keys that may "
+        "sign manifests are the installed root-signed key set's (<store_dir>/keyset.json), "
+        "updated from the retained key-set message, not trusted_keys.",
+    )
+    key_set: Path | None = Field(
+        None,
+        description="The key set of the device's bundle (keyset.json), installed at start "
+        "when the store holds no newer one; needs root_key.",
     )
     probation_s: float = Field(
         60.0, ge=0, description="How long a new model is watched before it is committed."
@@ -457,6 +469,10 @@ def _resolve_paths(config: AgentConfig, base_dir: Path) -> None:
     config.outbox.path = resolve(config.outbox.path)
     config.updates.store_dir = resolve(config.updates.store_dir)
     config.updates.trusted_keys = [resolve(p) for p in config.updates.trusted_keys]
+    if config.updates.root_key is not None:
+        config.updates.root_key = resolve(config.updates.root_key)
+    if config.updates.key_set is not None:
+        config.updates.key_set = resolve(config.updates.key_set)
     for stream in config.streams:
         stream.model.path = resolve(stream.model.path)
         if stream.model.labels is not None:

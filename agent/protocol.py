@@ -374,6 +374,29 @@ class ClockHealth(_Frozen):
     )
 
 
+class TrustHealth(_Frozen):
+    """The root-signed release-key set this device trusts (set with ``updates.root_key``)."""
+
+    key_set_version: int | None = Field(
+        None, description="Version of the installed key set; null: none installed."
+    )
+    expires_at: float | None = Field(
+        None,
+        description="When the installed set expires, Unix seconds; after it no new "
+        "manifest is accepted until a newer set arrives.",
+    )
+    last_refusal: str | None = Field(
+        None,
+        description="Why the last key set offered (bundle or retained message) was "
+        "refused: not signed by the root, older than the installed one, expired, malformed.",
+    )
+    problem: str | None = Field(
+        None,
+        description="Why no new manifest is accepted now: no usable root key, no set "
+        "installed, or the installed set expired.",
+    )
+
+
 class PartHealth(_Frozen):
     """One supervised agent thread (``agent/supervisor.py``)."""
 
@@ -412,6 +435,9 @@ class HealthMessage(_Message):
         default_factory=dict,
         description="The agent's supervised threads by name (capture-<stream>, infer-<stream>, "
         "events-<stream>, mqtt, publisher, commands, updates, health, prometheus).",
+    )
+    trust: TrustHealth | None = Field(
+        None, description="The release-key set trusted; unset when keys come from files."
     )
 
 
