@@ -38,7 +38,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edgefleet.agent.protocol import MODELS_LEVEL
 
 from .errors import BrokerError
-from .profile import TLS_PORT, ProfileError, ResolvedProfile
+from .profile import TLS_PORT, OperatorProfile, ProfileError, ResolvedProfile
 
 ACK_TIMEOUT_S = 10.0
 KEEPALIVE_S = 30
@@ -118,18 +118,24 @@ def connect_client(client: mqtt.Client, resolved: ResolvedProfile) -> None:
         client.connect(p.host, p.broker_port, keepalive=KEEPALIVE_S)
     except ssl.SSLCertVerificationError as exc:
         raise _untrusted_broker(resolved, exc) from exc
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, ConnectionResetError) as exc:
+        if p.insecure and isinstance(exc, ConnectionResetError):
+            raise _unreachable(p, exc) from exc
         raise BrokerError(
             f"the TLS handshake with the broker at {p.address} failed ({_reason(exc)})",
             hint=f"check that {p.address} is the broker's TLS listener (port {TLS_PORT} by "
             "default) and not a plain one; with a plain lab broker pass --insecure",
         ) from exc
     except OSError as exc:
-        raise BrokerError(
-            f"cannot reach the broker at {p.address} ({exc})",
-            hint="check --host and --port (or the profile: 'edgefleet profile show'), and that "
-            "the broker runs",
-        ) from exc
+        raise _unreachable(p, exc) from exc
+
+
+def _unreachable(p: OperatorProfile, exc: OSError) -> BrokerError:
+    return BrokerError(
+        f"cannot reach the broker at {p.address} ({exc})",
+        hint="check --host and --port (or the profile: 'edgefleet profile show'), and that "
+        "the broker runs",
+    )
 
 
 def _untrusted_broker(resolved: ResolvedProfile, exc: ssl.SSLCertVerificationError) -> BrokerError:

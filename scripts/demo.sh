@@ -30,7 +30,9 @@ say "2. the agent: kite video -> SSD -> events over MQTT"
 work=$(mktemp -d)
 port=$("$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-# A throwaway broker: memory only (a fleet's keeps retained state in /var/lib/mosquitto).
+# A throwaway broker: memory only (a fleet's keeps retained state in /var/lib/mosquitto),
+# plain and anonymous, so the operator commands below pass --insecure (a fleet's broker has
+# TLS and client certificates: `edgefleet provision init`, then the operator profile).
 ef broker config --port "$port" --allow-anonymous --no-persistence > "$work/mosquitto.conf"
 "$mosquitto" -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
 broker_pid=$!
@@ -71,7 +73,7 @@ ef keys generate "$work/keys"
 "$bin/edgefleet-agent" run --config "$work/agent.yaml" 2> "$work/agent.log" &
 agent_pid=$!
 echo "(each event line: stream, model, then what it saw; '#N' is the track id, one per object followed across frames)" >&2
-ef watch --host 127.0.0.1 --port "$port" --seconds 10
+ef watch --insecure --host 127.0.0.1 --port "$port" --seconds 10
 
 say "3. an over-the-air update of the shelf stream: mobilenet_v1 0.25 -> mobilenet_v2"
 http_port=$("$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -80,10 +82,10 @@ http_pid=$!
 ef manifest create "$m/mobilenet_v2_1.0_224_quant.tflite" --model-id shelf-classifier --version 2 \
   --url "http://127.0.0.1:$http_port/mobilenet_v2_1.0_224_quant.tflite" --key "$work/keys/fleet.key" \
   --allow-slower --out "$work/shelf-v2.json"  # a deliberate upgrade to a 16x bigger model
-ef deploy demo-pi shelf "$work/shelf-v2.json" --host 127.0.0.1 --port "$port"
+ef deploy demo-pi shelf "$work/shelf-v2.json" --insecure --host 127.0.0.1 --port "$port"
 echo "(the update's states: verifying, downloading, validating, activating, probation, then committed, refused or rolled_back)" >&2
-ef watch --host 127.0.0.1 --port "$port" --seconds 12 | grep -E 'reported:|/shelf event' || true
-ef cmd demo-pi list_models --host 127.0.0.1 --port "$port"
+ef watch --insecure --host 127.0.0.1 --port "$port" --seconds 12 | grep -E 'reported:|/shelf event' || true
+ef cmd demo-pi list_models --insecure --host 127.0.0.1 --port "$port"
 kill -TERM "$agent_pid"
 wait "$agent_pid" && echo "agent stopped cleanly (SIGTERM, exit 0)" >&2
 agent_pid=

@@ -71,8 +71,9 @@ def link(broker: Mosquitto) -> Iterator[MqttLink]:
 
 
 def transfer(broker: Mosquitto, *args: object) -> int:
-    """``edgefleet transfer ARGS --host --port`` against the test broker."""
-    return main(["transfer", *map(str, args), "--host", broker.host, "--port", str(broker.port)])
+    """``edgefleet transfer ARGS --host --port --insecure`` against the plain test broker."""
+    options = ["--host", broker.host, "--port", str(broker.port), "--insecure"]
+    return main(["transfer", *map(str, args), *options])
 
 
 def publish(

@@ -14,6 +14,7 @@ import pytest
 from conftest import Assets
 
 from edgefleet.ops.cli import build_parser
+from edgefleet.ops.profile import broker_profile
 from edgefleet.runtime import BackendName, select_backend
 from edgefleet.runtime.engine import _native_stderr_to_log
 
@@ -315,16 +316,22 @@ def test_every_option_help_states_its_default() -> None:
     ],
 )
 def test_every_broker_command_takes_host_port_and_topic_root_with_one_default(
-    command: list[str],
+    command: list[str], tmp_path: Path
 ) -> None:
     parser = build_parser()
-    defaults = parser.parse_args(command)
-    given = parser.parse_args([*command, "--host", "h", "--port", "8883", "--topic-root", "r/v1"])
+    no_profile = {"HOME": str(tmp_path)}  # no profile file, no EDGEFLEET_* variable
+    defaults = broker_profile(parser.parse_args(command), no_profile).profile
+    given = parser.parse_args([*command, "--host", "h", "--port", "1884", "--topic-root", "r/v1"])
+    insecure = broker_profile(parser.parse_args([*command, "--insecure"]), no_profile).profile
 
-    assert (defaults.host, defaults.port, defaults.topic_root) == (
-        "localhost", 1883, "edgefleet/v1"
+    assert (defaults.host, defaults.broker_port, defaults.topic_root) == (
+        "localhost", 8883, "edgefleet/v1"
     )  # fmt: skip
-    assert (given.host, given.port, given.topic_root) == ("h", 8883, "r/v1")
+    assert insecure.broker_port == 1883
+    given_profile = broker_profile(given, no_profile).profile
+    assert (given_profile.host, given_profile.broker_port, given_profile.topic_root) == (
+        "h", 1884, "r/v1"
+    )  # fmt: skip
 
 
 def test_verbose_goes_before_or_after_the_command() -> None:

@@ -250,7 +250,7 @@ def test_forced_deploys_to_two_streams_keep_both_in_the_retained_desired_state(
 ) -> None:
     door = signed_manifest_file(tmp_path / "door.json", "ssd")
     yard = signed_manifest_file(tmp_path / "yard.json", "mobilenet")
-    options = ["--host", broker.host, "--port", broker.port, "--force"]
+    options = ["--insecure", "--host", broker.host, "--port", broker.port, "--force"]
 
     first = edgefleet("deploy", "dev1", "door", door, *options)
     second = edgefleet("deploy", "dev1", "yard", yard, *options)
@@ -273,7 +273,7 @@ def test_deploy_to_a_device_that_never_connected_is_refused_with_exit_3(
 ) -> None:
     manifest = signed_manifest_file(tmp_path / "door.json", "ssd")
 
-    result = edgefleet("deploy", "nobody", "door", manifest, "--host", broker.host,
+    result = edgefleet("deploy", "nobody", "door", manifest, "--insecure", "--host", broker.host,
                        "--port", broker.port)  # fmt: skip
 
     assert_clean_failure(result, 3, "nobody has never connected to this broker", "--force")
@@ -288,7 +288,7 @@ def test_deploy_of_a_file_that_is_not_a_signed_manifest_is_refused_before_connec
     not_signed.write_text('{"model_id": "ssd", "version": 1}')
     unused_port = free_port()
 
-    result = edgefleet("deploy", "dev1", "door", not_signed, "--host", "127.0.0.1",
+    result = edgefleet("deploy", "dev1", "door", not_signed, "--insecure", "--host", "127.0.0.1",
                        "--port", unused_port)  # fmt: skip
 
     assert_clean_failure(result, 2, "is not a signed manifest", "payload: Field required")
@@ -297,7 +297,7 @@ def test_deploy_of_a_file_that_is_not_a_signed_manifest_is_refused_before_connec
 def test_deploy_of_an_expired_manifest_is_refused(tmp_path: Path) -> None:
     expired = signed_manifest_file(tmp_path / "old.json", "ssd", expires_in_s=-1)
 
-    result = edgefleet("deploy", "dev1", "door", expired, "--host", "127.0.0.1",
+    result = edgefleet("deploy", "dev1", "door", expired, "--insecure", "--host", "127.0.0.1",
                        "--port", free_port())  # fmt: skip
 
     assert_clean_failure(result, 2, "expired at")
@@ -310,7 +310,7 @@ def test_deploy_leaves_a_desired_state_it_cannot_read_alone(
         probe.publish(Topics("dev1").desired, b'{"revision": "many"}', retain=True)
     manifest = signed_manifest_file(tmp_path / "door.json", "ssd")
 
-    result = edgefleet("deploy", "dev1", "door", manifest, "--host", broker.host,
+    result = edgefleet("deploy", "dev1", "door", manifest, "--insecure", "--host", broker.host,
                        "--port", broker.port)  # fmt: skip
 
     assert_clean_failure(result, 1, "is not a desired state", "revision")
@@ -322,7 +322,7 @@ def test_deploy_leaves_a_desired_state_it_cannot_read_alone(
 def test_deploy_without_a_broker_fails_cleanly(tmp_path: Path) -> None:
     manifest = signed_manifest_file(tmp_path / "door.json", "ssd")
 
-    result = edgefleet("deploy", "dev1", "door", manifest, "--host", "127.0.0.1",
+    result = edgefleet("deploy", "dev1", "door", manifest, "--insecure", "--host", "127.0.0.1",
                        "--port", free_port())  # fmt: skip
 
     assert_clean_failure(result, 1, "cannot reach the broker")
@@ -387,7 +387,7 @@ class Responder:
 def test_cmd_json_prints_the_devices_reply_and_exits_0(broker: Mosquitto) -> None:
     with Responder(broker, "dev1") as device:
         result = edgefleet("cmd", "dev1", "snapshot", "--args", '{"stream": "door"}', "--json",
-                           "--host", broker.host, "--port", broker.port)  # fmt: skip
+                           "--insecure", "--host", broker.host, "--port", broker.port)  # fmt: skip
 
     assert result.returncode == 0, result.stderr
     reply = CommandReply.model_validate_json(result.stdout)
@@ -407,7 +407,8 @@ def test_cmd_json_prints_the_devices_reply_and_exits_0(broker: Mosquitto) -> Non
 def test_cmd_that_the_device_refuses_prints_the_reply_and_exits_1(broker: Mosquitto) -> None:
     with Responder(broker, "dev1", ok=False):
         result = edgefleet("cmd", "dev1", "restart_stream", "--args", '{"stream": "attic"}',
-                           "--json", "--host", broker.host, "--port", broker.port)  # fmt: skip
+                           "--json", "--insecure", "--host", broker.host,
+                           "--port", broker.port)  # fmt: skip
 
     assert result.returncode == 1
     assert json.loads(result.stdout)["error"] == "not_found"
@@ -416,7 +417,7 @@ def test_cmd_that_the_device_refuses_prints_the_reply_and_exits_1(broker: Mosqui
 
 def test_cmd_that_nobody_answers_exits_1_after_the_timeout(broker: Mosquitto) -> None:
     started = time.monotonic()
-    result = edgefleet("cmd", "dev1", "ping", "--timeout", 1, "--host", broker.host,
+    result = edgefleet("cmd", "dev1", "ping", "--timeout", 1, "--insecure", "--host", broker.host,
                        "--port", broker.port)  # fmt: skip
 
     assert_clean_failure(result, 1, "no reply from dev1 to ping within 1 s")
@@ -430,12 +431,12 @@ def test_cmd_with_arguments_the_command_does_not_take_exits_2_before_sending(
     with MqttProbe(broker) as probe:
         probe.subscribe("edgefleet/v1/dev1/cmd/#")
 
-        missing = edgefleet("cmd", "dev1", "snapshot", "--args", "{}", "--host", broker.host,
-                            "--port", broker.port)  # fmt: skip
-        not_json = edgefleet("cmd", "dev1", "ping", "--args", "{oops", "--host", broker.host,
-                             "--port", broker.port)  # fmt: skip
+        missing = edgefleet("cmd", "dev1", "snapshot", "--args", "{}", "--insecure",
+                            "--host", broker.host, "--port", broker.port)  # fmt: skip
+        not_json = edgefleet("cmd", "dev1", "ping", "--args", "{oops", "--insecure",
+                             "--host", broker.host, "--port", broker.port)  # fmt: skip
         extra = edgefleet("cmd", "dev1", "ping", "--args", '{"stream": "door"}',
-                          "--host", broker.host, "--port", broker.port)  # fmt: skip
+                          "--insecure", "--host", broker.host, "--port", broker.port)  # fmt: skip
 
         assert probe.messages() == []
     assert_clean_failure(missing, 2, "--args for snapshot: stream: Field required")
@@ -448,11 +449,11 @@ def test_cmd_takes_the_arguments_as_key_value_words_json_values_or_strings(
 ) -> None:
     with Responder(broker, "dev1") as device:
         words = edgefleet("cmd", "dev1", "bench_model", "stream=door", "runs=20",
-                          "--host", broker.host, "--port", broker.port)  # fmt: skip
+                          "--insecure", "--host", broker.host, "--port", broker.port)  # fmt: skip
         both = edgefleet("cmd", "dev1", "rollback_model", "stream=door", "--args",
                          '{"stream": "yard", "reason": "too slow"}',
-                         "--host", broker.host, "--port", broker.port)  # fmt: skip
-    bad = edgefleet("cmd", "dev1", "snapshot", "door", "--port", free_port())
+                         "--insecure", "--host", broker.host, "--port", broker.port)  # fmt: skip
+    bad = edgefleet("cmd", "dev1", "snapshot", "door", "--insecure", "--port", free_port())
 
     assert words.returncode == 0, words.stderr
     assert both.returncode == 0, both.stderr
@@ -468,7 +469,8 @@ def test_cmd_set_sends_a_json_merge_patch_built_from_the_dotted_keys(broker: Mos
         result = edgefleet(
             "cmd", "dev1", "set_config", "--set", "streams.door.events.min_score=0.6",
             "--set", "streams.door.events.labels=[\"person\"]", "--set", "logging.level=DEBUG",
-            "--set", "streams.yard=null", "--host", broker.host, "--port", broker.port,
+            "--set", "streams.yard=null", "--insecure", "--host", broker.host,
+            "--port", broker.port,
         )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
@@ -488,11 +490,11 @@ def test_cmd_set_that_is_not_key_value_or_not_for_set_config_exits_2_before_send
     with MqttProbe(broker) as probe:
         probe.subscribe("edgefleet/v1/dev1/cmd/#")
 
-        no_value = edgefleet("cmd", "dev1", "set_config", "--set", "streams.door",
+        no_value = edgefleet("cmd", "dev1", "set_config", "--set", "streams.door", "--insecure",
                              "--host", broker.host, "--port", broker.port)  # fmt: skip
         clash = edgefleet("cmd", "dev1", "set_config", "--set", "a=1", "--set", "a.b=2",
-                          "--host", broker.host, "--port", broker.port)  # fmt: skip
-        not_config = edgefleet("cmd", "dev1", "ping", "--set", "a=1",
+                          "--insecure", "--host", broker.host, "--port", broker.port)  # fmt: skip
+        not_config = edgefleet("cmd", "dev1", "ping", "--set", "a=1", "--insecure",
                                "--host", broker.host, "--port", broker.port)  # fmt: skip
 
         assert probe.messages() == []
@@ -658,8 +660,9 @@ class Device:
     workdir: Path
 
     def cli(self, *args: object) -> subprocess.CompletedProcess[str]:
-        """``edgefleet`` with this broker's options."""
-        return edgefleet(*args, "--host", self.broker.host, "--port", self.broker.port)
+        """``edgefleet`` with this broker's options (plain: the test broker has no TLS)."""
+        broker = self.broker
+        return edgefleet(*args, "--insecure", "--host", broker.host, "--port", broker.port)
 
     def manifest(self, version: int, padding: int, *extra: object, tag: str = "") -> Path:
         """A release of the classifier (``padding`` bytes more: another sha256), signed by

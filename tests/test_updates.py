@@ -291,7 +291,8 @@ def test_update_over_the_broker_alone_installs_from_retained_chunks(
     release = variant(content, 7)
     (tmp_path / "release.tflite").write_bytes(release)
     args = ["transfer", "publish", str(tmp_path / "release.tflite"), "--chunk-kib", "32"]
-    assert edgefleet_cli([*args, "--host", broker.host, "--port", str(broker.port)]) == 0
+    options = ["--host", broker.host, "--port", str(broker.port), "--insecure"]
+    assert edgefleet_cli([*args, *options]) == 0
     workdir = tmp_path / "agent"
     manifest = fleet.manifest(release, version=2, urls=["mqtt:"])
     config = agent_config(workdir, broker.port, assets.model(SMALL), video(assets))

@@ -66,7 +66,9 @@ class Watch:
     """``edgefleet watch`` as a child process; its output read line by line as it comes."""
 
     def __init__(self, broker: Mosquitto, *options: str) -> None:
-        self.command = [str(EDGEFLEET), "watch", "--port", str(broker.port), *options]
+        # The test broker is plain: --insecure (test_operator_profile.py watches over TLS).
+        self.command = [str(EDGEFLEET), "watch", "--insecure", "--port", str(broker.port)]
+        self.command += options
         self.out: list[str] = []
         self.err: list[str] = []
         self._changed = threading.Condition()
@@ -260,7 +262,9 @@ def test_watch_takes_the_broker_options_of_the_other_broker_commands() -> None:
         assert options("watch") == options(other), other
 
 
-BROKER_OPTIONS = ("--host", "--port", "--topic-root")
+BROKER_OPTIONS = (
+    "--profile", "--host", "--port", "--topic-root", "--cafile", "--cert", "--key", "--insecure"
+)  # fmt: skip
 
 
 # -- against a real broker -----------------------------------------------------------------
@@ -378,7 +382,8 @@ def test_ctrl_c_stops_watch_cleanly_with_the_event_count(
 
 
 def test_watch_without_a_broker_fails_cleanly() -> None:
-    command = ["watch", "--host", "127.0.0.1", "--port", str(free_port()), "--seconds", "1"]
+    command = ["watch", "--insecure", "--host", "127.0.0.1", "--port", str(free_port())]
+    command += ["--seconds", "1"]
     result = subprocess.run([str(EDGEFLEET), *command], capture_output=True, text=True, check=False)
 
     assert result.returncode == 1
