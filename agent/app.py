@@ -29,6 +29,7 @@ from .acceptance import Clock, trusted_now
 from .commands import CommandJournal, Commands
 from .config import DELEGATE_TYPES, SOURCE_TYPES, AgentConfig, StreamSettings, load_config
 from .handlers import handlers
+from .identity import Renewer, device_files, prepare_identity
 from .metrics import SystemMetrics
 from .modelstore import ModelStore
 from .mqtt import Inbound, MqttLink, OutboxPublisher
@@ -107,6 +108,13 @@ class Agent:
 
     def start(self) -> None:
         """Open the outbox, load the models, connect, start the streams. Undone by ``stop``."""
+        if not prepare_identity(
+            self.config,
+            source=str(self.config_path or "the configuration"),
+            stop=self._stop,
+            notifier=self.notifier,
+        ):
+            return  # stopped while waiting to be enrolled: nothing was opened
         updates = self.config.updates
         with ExitStack() as steps:
             self.outbox = Outbox(self.config.outbox)
@@ -125,6 +133,10 @@ class Agent:
                 on_connected=self._on_connected,
                 subscriptions=[self.topics.commands, self.topics.desired],
                 on_message=self._on_message,
+            )
+            files = device_files(self.config)
+            self.renewer = (
+                Renewer(files, self.config, self.link, self.topics) if files is not None else None
             )
             self.publisher = OutboxPublisher(
                 self.outbox, self.link, window=self.config.broker.max_inflight
@@ -157,6 +169,9 @@ class Agent:
             self._reporting = True
             self.link.start()
             steps.callback(self.link.stop)
+            if self.renewer is not None:
+                self.renewer.start()
+                steps.callback(self.renewer.stop)
             self.publisher.start()
             steps.callback(self.publisher.stop)
             self.commands.start()
@@ -492,6 +507,7 @@ class Agent:
                 name: PartHealth(state=s.state.value, restarts=s.restarts, last_error=s.last_error)
                 for name, s in SUPERVISOR.parts().items()
             },
+            certificate_days_left=self.renewer.days_left if self.renewer is not None else None,
         )
 
     def _trusted_time(self) -> float:  # any thread: when a key set's expiry is judged

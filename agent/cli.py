@@ -18,7 +18,14 @@ try:  # the first thing to fail under a small memory limit: say so in one line
     from edgefleet.runtime import EdgefleetError
 
     from .app import AGENT_VERSION, Agent
-    from .config import ConfigError, StreamSettings, check_config, json_schema, load_config
+    from .config import (
+        ConfigError,
+        StreamSettings,
+        check_config,
+        json_schema,
+        key_file_problems,
+        load_config,
+    )
     from .logs import configure_logging
     from .sources import mask_credentials
 except (MemoryError, ImportError, OSError) as _exc:
@@ -133,6 +140,9 @@ def _describe(stream: StreamSettings) -> str:
 def _run(path: Path, *, verbose: bool) -> int:
     try:
         config = load_config(path)
+        exposed = key_file_problems(config)
+        if exposed:  # before anything reads the key: refuse a key others may have copied
+            raise ConfigError(str(path), exposed)
     except ConfigError as exc:
         return _report(exc)
     level = "DEBUG" if verbose else config.logging.level
@@ -144,6 +154,9 @@ def _run(path: Path, *, verbose: bool) -> int:
     try:
         agent = Agent(config, config_path=path)
         return agent.run()
+    except ConfigError as exc:  # found at start (a certificate for another device id)
+        log.critical("agent cannot start: %s", exc)
+        return 2
     except EdgefleetError as exc:
         log.critical("agent cannot start: %s", exc)
         return 1

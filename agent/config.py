@@ -312,6 +312,68 @@ class CommandSettings(_Section):
     )
 
 
+class EnrollmentSettings(_Section):
+    """Zero-touch enrollment at first boot, and certificate renewal before expiry.
+
+    Enrollment runs at start when the claim files are set and broker.tls.certfile does not
+    exist: the agent makes its key (broker.tls.keyfile, 0600; one already there is kept)
+    and a CSR, presents the single-use token over the broker's claim listener with the
+    shared claim certificate, and stores the certificate it gets at broker.tls.certfile.
+    Renewal needs none of the claim files: it goes over the device's own connection.
+    """
+
+    claim_certfile: Path | None = Field(
+        None, description="The shared claim certificate (PEM); unset: no enrollment."
+    )
+    claim_keyfile: Path | None = Field(
+        None, description="The claim certificate's private key (PEM, mode 0600)."
+    )
+    token_file: Path | None = Field(
+        None,
+        description="File holding this device's single-use enrollment token (ef1.…); "
+        "removed once the certificate is stored, when the agent may.",
+    )
+    cafile: Path | None = Field(
+        None,
+        description="CA that signed the broker's certificate, to verify the claim listener "
+        "and check the certificates the enrollment service sends; default broker.tls.cafile.",
+    )
+    claim_host: str | None = Field(
+        None, description="Host of the claim listener; default broker.host."
+    )
+    claim_port: int = Field(8884, ge=1, le=65535, description="Port of the claim listener.")
+    timeout_s: float = Field(
+        30.0, gt=0, description="How long to wait for the enrollment or renewal answer."
+    )
+    retry_min_s: float = Field(
+        5.0, gt=0, description="First wait after a refused or unanswered enrollment."
+    )
+    retry_max_s: float = Field(
+        300.0, gt=0, description="Longest wait between enrollment attempts (doubling)."
+    )
+    renew_before_days: float | None = Field(
+        30.0,
+        gt=0,
+        description="Renew the device certificate when it expires in fewer days than "
+        "this; unset: never renew.",
+    )
+    renew_check_s: float = Field(
+        3600.0, gt=0, description="How often the certificate's expiry is looked at."
+    )
+
+    @property
+    def configured(self) -> bool:
+        """Whether enrollment can run (the claim certificate, its key and a token are set)."""
+        return None not in (self.claim_certfile, self.claim_keyfile, self.token_file)
+
+    @model_validator(mode="after")
+    def _claim_files_together(self) -> EnrollmentSettings:
+        given = [self.claim_certfile, self.claim_keyfile, self.token_file]
+        if any(p is not None for p in given) and not self.configured:
+            raise ValueError("claim_certfile, claim_keyfile and token_file go together")
+        return self
+
+
 class AgentConfig(_Section):
     """The whole agent configuration."""
 
@@ -331,6 +393,10 @@ class AgentConfig(_Section):
     shutdown_flush_s: float = Field(
         5.0, ge=0, description="On stop, how long to keep sending queued events."
     )
+    enrollment: EnrollmentSettings = Field(
+        default_factory=EnrollmentSettings,
+        description="Zero-touch enrollment and certificate renewal.",
+    )
 
     @field_validator("streams")
     @classmethod
@@ -340,6 +406,16 @@ class AgentConfig(_Section):
         if duplicates:
             raise ValueError(f"stream names must be unique: {', '.join(duplicates)} repeated")
         return streams
+
+    @model_validator(mode="after")
+    def _enrollment_needs_tls_files(self) -> AgentConfig:
+        tls = self.broker.tls
+        if self.enrollment.configured and (tls is None or None in (tls.certfile, tls.keyfile)):
+            raise ValueError(
+                "enrollment needs broker.tls with certfile and keyfile: where the enrolled "
+                "certificate and the device key go"
+            )
+        return self
 
     @model_validator(mode="after")
     def _client_id(self) -> AgentConfig:
@@ -473,6 +549,11 @@ def _resolve_paths(config: AgentConfig, base_dir: Path) -> None:
         config.updates.root_key = resolve(config.updates.root_key)
     if config.updates.key_set is not None:
         config.updates.key_set = resolve(config.updates.key_set)
+    enrollment = config.enrollment
+    for name in ("claim_certfile", "claim_keyfile", "token_file", "cafile"):
+        value = getattr(enrollment, name)
+        if value is not None:
+            setattr(enrollment, name, resolve(value))
     for stream in config.streams:
         stream.model.path = resolve(stream.model.path)
         if stream.model.labels is not None:
@@ -491,7 +572,50 @@ def check_files(config: AgentConfig) -> list[str]:
         problems += _model_problems(f"streams[{i}].model", stream.model)
         problems += _source_problems(f"streams[{i}].source", stream.source)
     if config.broker.tls is not None:
-        problems += _tls_problems(config.broker.tls)
+        problems += _tls_problems(config.broker.tls, enrolling=config.enrollment.configured)
+    problems += _enrollment_problems(config.enrollment)
+    return problems + key_file_problems(config)
+
+
+def key_file_problems(config: AgentConfig) -> list[str]:
+    """The private keys the agent would use that others may read or write: it refuses them.
+
+    One line each, naming the file and the ``chmod`` that fixes it.
+    """
+    keys = [("enrollment.claim_keyfile", config.enrollment.claim_keyfile)]
+    if config.broker.tls is not None:
+        keys.insert(0, ("broker.tls.keyfile", config.broker.tls.keyfile))
+    problems = []
+    for where, path in keys:
+        problem = key_mode_problem(path) if path is not None else None
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+    return problems
+
+
+def key_mode_problem(path: Path) -> str | None:
+    """Why the private key at ``path`` must not be used (group or others may read or write
+    it), or None (it is the owner's alone, or not there)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot look at {path} ({exc.strerror or exc})"
+    if mode & 0o077 == 0:
+        return None
+    return (
+        f"the private key {path} is readable or writable by group or others (mode "
+        f"{mode:04o}); the agent refuses to use it: run chmod 600 {path}"
+    )
+
+
+def _enrollment_problems(enrollment: EnrollmentSettings) -> list[str]:
+    problems = []
+    for name in ("claim_certfile", "claim_keyfile", "token_file", "cafile"):
+        value = getattr(enrollment, name)
+        if value is not None and not value.is_file():
+            problems.append(f"enrollment.{name}: no such file {value}")
     return problems
 
 
@@ -532,9 +656,10 @@ def _source_problems(where: str, source: SourceSettings) -> list[str]:
     return []
 
 
-def _tls_problems(tls: TlsSettings) -> list[str]:
+def _tls_problems(tls: TlsSettings, *, enrolling: bool = False) -> list[str]:
     problems = []
-    for name in ("cafile", "certfile", "keyfile"):
+    # While enrolling, the certificate and key are made at start: only the CA must be there.
+    for name in ("cafile",) if enrolling else ("cafile", "certfile", "keyfile"):
         value = getattr(tls, name)
         if value is not None and not value.is_file():
             problems.append(f"broker.tls.{name}: no such file {value}")

@@ -89,6 +89,17 @@ def _read_password(settings: BrokerSettings) -> str | None:
         ) from exc
 
 
+def tls_context(cafile: Path, certfile: Path | None, keyfile: Path | None) -> ssl.SSLContext:
+    """A TLS 1.2+ client context: the broker verified against ``cafile`` (and its host
+    name), this client's certificate when given. Raises ``OSError``/``ssl.SSLError``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the peer and host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cafile=str(cafile))
+    if certfile is not None:
+        context.load_cert_chain(str(certfile), str(keyfile) if keyfile is not None else None)
+    return context
+
+
 @dataclass(frozen=True)
 class IdConflict:
     """Another client uses this client id: what to tell the operator and how long to wait."""
@@ -220,6 +231,11 @@ class MqttLink:
         self._ack_lock = threading.Lock()
         self._pending: dict[int, Callable[[], None] | None] = {}
         self._early: set[int] = set()
+        # The TLS context the client connects with, owned here so that a renewed certificate
+        # applies at the next connection; _switch asks the mqtt thread to make that now.
+        self._tls: ssl.SSLContext | None = None
+        self._switch = threading.Event()
+        self._switching = False  # mqtt thread only
         self.client = self._make_client(will_topic, will_payload)
 
     def _make_client(self, will_topic: str, will_payload: bytes) -> paho.Client:
@@ -237,17 +253,13 @@ class MqttLink:
             client.username_pw_set(s.username, _read_password(s))
         if s.tls is not None:
             try:
-                client.tls_set(
-                    ca_certs=str(s.tls.cafile),
-                    certfile=str(s.tls.certfile) if s.tls.certfile else None,
-                    keyfile=str(s.tls.keyfile) if s.tls.keyfile else None,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
+                self._tls = tls_context(s.tls.cafile, s.tls.certfile, s.tls.keyfile)
             except (OSError, ssl.SSLError) as exc:
                 raise BrokerSettingsError(
                     f"broker.tls: cannot load the certificates ({exc})",
                     hint="check cafile, certfile and keyfile (PEM, readable by the agent)",
                 ) from exc
+            client.tls_set_context(self._tls)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -346,6 +358,25 @@ class MqttLink:
         if self.connected:
             self.client.subscribe(topic_filter, qos=1)
 
+    def switch_certificate(self, certfile: Path, keyfile: Path) -> None:
+        """Use this certificate and key from now on: reconnect with them (any thread).
+
+        The mqtt thread disconnects cleanly (no last will) and connects again at once; paho
+        resends what was in flight, and the outbox holds everything else.
+        """
+        if self._tls is None:
+            raise BrokerSettingsError(
+                "cannot switch certificates without TLS", hint="configure broker.tls"
+            )
+        try:
+            self._tls.load_cert_chain(str(certfile), str(keyfile))
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerSettingsError(
+                f"cannot load the new certificate {certfile} ({exc})",
+                hint="check the certificate matches the key",
+            ) from exc
+        self._switch.set()
+
     def unroute(self, topic_filter: str) -> None:
         """Undo ``route``."""
         with self._routes_lock:
@@ -372,11 +403,18 @@ class MqttLink:
                     delay = self.settings.reconnect_min_s
                     if self._watch.holding(time.monotonic()):
                         log.info("the client id conflict is over: the connection has held")
+                    if self._switch.is_set() and not self._switching:
+                        self._switching = True
+                        self.client.disconnect()  # clean: the broker keeps the session
             if self._stop.is_set():
                 # Let the orderly shutdown drain what is in flight: keep looping briefly.
                 return
             self._connected.clear()
             self._connack = False
+            if self._switching:  # our own disconnect: no conflict, no wait
+                self._switching = False
+                self._switch.clear()
+                continue
             conflict = self._watch.lost(time.monotonic(), reason=self._disconnect_reason)
             self._disconnect_reason = None
             if conflict is not None:
@@ -471,6 +509,8 @@ class MqttLink:
             log.info("disconnected from the broker")
         elif self._connected.is_set() and from_broker:
             log.warning("the broker disconnected us: %s", reason)
+        elif self._switching:
+            log.info("reconnecting with the renewed certificate")
         elif self._connected.is_set():
             log.warning("connection to the broker lost (no reason given)")
         self._connected.clear()

@@ -439,6 +439,11 @@ class HealthMessage(_Message):
     trust: TrustHealth | None = Field(
         None, description="The release-key set trusted; unset when keys come from files."
     )
+    certificate_days_left: float | None = Field(
+        None,
+        description="Days until the device certificate in use expires (negative once it "
+        "has); the agent renews it before (enrollment.renew_before_days). Unset without TLS.",
+    )
 
 
 # -- commands ----------------------------------------------------------------------
@@ -749,6 +754,47 @@ def enroll_request_topic(topic_root: str, claim_identity: str, session: str) -> 
 def enroll_answer_topic(topic_root: str, claim_identity: str, session: str) -> str:
     """``<root>/_enroll/<claim identity>/<session>/answer``: read by that session alone."""
     return f"{topic_root}/{ENROLL_LEVEL}/{claim_identity}/{session}/answer"
+
+
+_PEM_MAX = 16_384
+ENROLL_SESSION_PATTERN = r"^[0-9a-f]{32}$"
+"""A claim session: the 128-bit random client id, in hex, a device picks per attempt."""
+
+
+class EnrollRequest(_Message):
+    """A claim session's request (``_enroll/<claim>/<session>/request``): token and CSR."""
+
+    token: str = Field(max_length=256, description="The single-use enrollment token (ef1.…).")
+    csr: str = Field(
+        max_length=_PEM_MAX, description="PEM certificate signing request for the device key."
+    )
+
+
+class RenewRequest(_Message):
+    """A device's renewal request (``<device>/renew/request``): authenticated by the
+    connection's own certificate, so no token."""
+
+    csr: str = Field(
+        max_length=_PEM_MAX, description="PEM certificate signing request for a new key."
+    )
+
+
+class EnrollAnswer(_Message):
+    """The enrollment service's answer to an enrollment or renewal request."""
+
+    ok: bool = Field(description="True: ``certificate`` is the device's new certificate.")
+    device_id: str | None = Field(
+        None, description="The name the certificate was issued for (its CN)."
+    )
+    certificate: str | None = Field(None, max_length=_PEM_MAX, description="PEM certificate.")
+    code: (
+        Literal["token_used", "token_expired", "token_unknown", "rate_limited", "bad_request"]
+        | None
+    ) = Field(None, description="Why it was refused (ok false).")
+    reason: str | None = Field(None, max_length=1024, description="One line for the device log.")
+    retry_after_s: float | None = Field(
+        None, ge=0, description="With rate_limited: seconds before a new request may succeed."
+    )
 
 
 def key_set_topic(topic_root: str) -> str:

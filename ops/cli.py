@@ -23,7 +23,7 @@ from edgefleet.runtime import EdgefleetError
 from edgefleet.runtime.cli import register as register_model_commands
 from edgefleet.runtime.cli import report_error
 
-from . import broker, commands, deploy, fleet, profile, watch
+from . import broker, commands, deploy, enroll, fleet, keys, profile, watch
 from .errors import exit_code
 
 _INTERRUPTED = 130
@@ -69,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     register_model_commands(subcommands)
     broker.register(subcommands)
     watch.register(subcommands)
+    keys.register(subcommands)
     fleet.register(subcommands)
     deploy.register(subcommands)
     commands.register(subcommands)
     profile.register(subcommands)
+    enroll.register(subcommands)
     for sub in _subparsers(parser):
         # SUPPRESS: given before the command, -v is not reset by the command's parser.
         sub.add_argument(
