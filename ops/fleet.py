@@ -1,9 +1,7 @@
-"""``edgefleet keys | manifest | transfer``: signing keys, signed manifests, models over the broker.
+"""``edgefleet manifest | transfer``: signed manifests, models over the broker.
 
 ::
 
-    edgefleet keys generate DIR [--name fleet]
-    edgefleet keys list DIR
     edgefleet manifest create MODEL --model-id ID --version N --url URL [--url URL ...] --key KEY
         [--sequence N] [--rollback-from V:SHA256|SIGNED_MANIFEST.json] [--replaces ID]
     edgefleet manifest verify SIGNED_MANIFEST.json (--key PUB | --keys-dir DIR) [--json]
@@ -18,8 +16,6 @@ line, so signing with another counter (another copy of the key) needs ``--sequen
 A rollback (``--rollback-from``) names the release installed now and expires after
 ``--rollback-expires-in`` (6 hours unless told), not after the 30 days of a release.
 
-``keys list`` prints the key id of every key file in a folder, computed as the device
-computes it (``edgefleet.provisioning.key_id``): the id a manifest names in ``key_id``.
 ``manifest verify`` checks a signed manifest against the public keys given, as a device
 trusting exactly those keys would, and prints what it says; a signature that does not
 verify, or a manifest that expired, is refused (exit 3).
@@ -67,10 +63,8 @@ from edgefleet.provisioning import (
     MalformedManifest,
     TrustedKeys,
     UnknownSigningKey,
-    generate_signing_key,
     key_id,
     load_private_key,
-    load_public_key,
     sign_manifest,
 )
 from edgefleet.runtime import SettingError, TaskName, TensorInfo, inspect_model, read_model
@@ -92,8 +86,6 @@ KIB = 1024
 # At most what a QoS 1 PUBLISH adds to its topic and payload: fixed header (5), topic length
 # (2), packet id (2), MQTT 5 property length (1).
 PUBLISH_OVERHEAD_BYTES = 10
-PUBLIC_KEY_SUFFIX = ".pub"
-PRIVATE_KEY_SUFFIX = ".key"
 # Manifest fields that come from an option, for messages that name what to change.
 _OPTION_OF_FIELD = {
     "model_id": "--model-id",
@@ -112,26 +104,9 @@ _OPTION_OF_FIELD = {
 
 
 def register(subcommands: Any) -> None:
-    """Add ``keys``, ``manifest`` and ``transfer`` to the command parser."""
-    _register_keys(subcommands)
+    """Add ``manifest`` and ``transfer`` to the command parser (``keys``: ``ops/keys.py``)."""
     _register_manifest(subcommands)
     _register_transfer(subcommands)
-
-
-def _register_keys(subcommands: Any) -> None:
-    keys = subcommands.add_parser("keys", help="manifest signing keys")
-    commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
-    generate = commands.add_parser("generate", help="write a new ed25519 signing key pair")
-    generate.add_argument(
-        "directory", type=Path, metavar="DIR", help="where to write NAME.key and NAME.pub"
-    )
-    generate.add_argument("--name", default="fleet", help="file name stem (default: fleet)")
-    generate.set_defaults(handler=_keys_generate)
-    listing = commands.add_parser(
-        "list", help="the key id of every .pub and .key file in a folder, as devices compute it"
-    )
-    listing.add_argument("directory", type=Path, metavar="DIR", help="the folder of key files")
-    listing.set_defaults(handler=_keys_list)
 
 
 def _register_manifest(subcommands: Any) -> None:
@@ -303,14 +278,6 @@ def _positive_int(text: str) -> int:
 # -- keys and manifests -------------------------------------------------------------------
 
 
-def _keys_generate(args: argparse.Namespace) -> int:
-    private_path, public_path = generate_signing_key(args.directory, args.name)
-    print(f"key id       {key_id(load_public_key(public_path))}")
-    print(f"private key  {private_path}  (signs manifests: keep it secret, off the devices)")
-    print(f"public key   {public_path}  (install on every device that should trust it)")
-    return 0
-
-
 def _manifest_create(args: argparse.Namespace) -> int:
     key = load_private_key(args.key)
     counter = args.key.parent / SEQUENCES_FILE
@@ -464,41 +431,7 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-# -- listing keys and verifying manifests -------------------------------------------------
-
-
-def _keys_list(args: argparse.Namespace) -> int:
-    directory: Path = args.directory
-    if not directory.is_dir():
-        raise KeyFileError(f"{directory}: no such folder", hint="give the folder of key files")
-    files = sorted(
-        p for p in directory.iterdir() if p.suffix in (PUBLIC_KEY_SUFFIX, PRIVATE_KEY_SUFFIX)
-    )
-    if not files:
-        raise KeyFileError(
-            f"{directory} holds no {PUBLIC_KEY_SUFFIX} or {PRIVATE_KEY_SUFFIX} files",
-            hint="make a pair with 'edgefleet keys generate DIR'",
-        )
-    bad = 0
-    print(f"{'KEY ID':<16}  {'KIND':<7}  FILE")
-    for path in files:
-        try:
-            if path.suffix == PUBLIC_KEY_SUFFIX:
-                kind, ident = "public", key_id(load_public_key(path))
-            else:
-                kind, ident = "private", key_id(load_private_key(path).public_key())
-        except KeyFileError as exc:
-            bad += 1
-            print(f"{'-':<16}  {'?':<7}  {path}  ({exc.message})")
-            continue
-        print(f"{ident:<16}  {kind:<7}  {path}")
-    if bad:
-        print(
-            f"edgefleet: error: {bad} of {len(files)} files are not usable keys",
-            file=sys.stderr,
-        )
-        return 2
-    return 0
+# -- verifying manifests -------------------------------------------------
 
 
 def _manifest_verify(args: argparse.Namespace) -> int:

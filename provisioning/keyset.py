@@ -21,7 +21,8 @@ Errors, by whose fault they are (all bad input from outside)::
         ├── KeySetRollback     older than the installed set, or its version with other content
         ├── KeySetExpired      past its ``expires``
         ├── MalformedKeySet    not base64, not JSON, or not a valid KeySet
-        └── KeySetChange       a rotation or revocation that cannot be made (last key, unknown)
+        └── KeySetChange       a rotation or revocation that cannot be made (a key unknown)
+            └── LastKey        revoking the set's last trusted key
 
 Pure functions and immutable models, plus one read and one atomic write of a file.
 """
@@ -81,6 +82,10 @@ class MalformedKeySet(KeySetError):
 
 class KeySetChange(KeySetError):
     """A rotation or revocation that cannot be made: the last key, or a key not in the set."""
+
+
+class LastKey(KeySetChange):
+    """Revoking the last trusted key would leave no key that may sign a manifest."""
 
 
 class _Model(BaseModel):
@@ -259,7 +264,7 @@ def revoked(key_set: KeySet, key: str, *, reason: str, days: int = DEFAULT_KEY_S
             hint="give a key id or name from 'edgefleet keys show'",
         )
     if len(key_set.keys) == 1:
-        raise KeySetChange(
+        raise LastKey(
             f"key {_shown(entry)} is the last trusted key of the set; revoking it would leave "
             "the fleet with no key that may sign a manifest",
             hint="rotate to a new key first ('edgefleet keys rotate'), then revoke this one",

@@ -1,0 +1,138 @@
+"""``edgefleet keys show | rotate | revoke | publish`` on a fleet directory, as the CLI runs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from broker import Mosquitto, MqttProbe
+
+from edgefleet.agent.protocol import TOPIC_ROOT, key_set_topic
+from edgefleet.provisioning import (
+    KeySet,
+    generate_signing_key,
+    key_id,
+    load_private_key,
+    load_public_key,
+    new_key_set,
+    open_key_set,
+    parse_signed_key_set,
+    read_key_set,
+    sign_key_set,
+    write_key_set,
+)
+
+EDGEFLEET = Path(sys.executable).with_name("edgefleet")
+TOPIC = key_set_topic(TOPIC_ROOT)
+
+
+def edgefleet(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_FLEET"}
+    return subprocess.run(
+        [str(EDGEFLEET), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Path:
+    """A fleet directory's keys as 'edgefleet provision init' writes them."""
+    directory = tmp_path / "fleet"
+    keys = directory / "keys"
+    keys.mkdir(parents=True, mode=0o700)
+    generate_signing_key(keys, "root")
+    _, release_pub = generate_signing_key(keys, "release-1")
+    first = new_key_set([load_public_key(release_pub)], names=["release-1"])
+    write_key_set(keys / "keyset.json", sign_key_set(first, load_private_key(keys / "root.key")))
+    return directory
+
+
+def key_set(fleet: Path) -> KeySet:
+    root = load_public_key(fleet / "keys" / "root.pub")
+    return open_key_set(read_key_set(fleet / "keys" / "keyset.json"), root)
+
+
+def test_rotate_writes_a_new_private_key_0600_and_the_next_root_signed_set(fleet: Path) -> None:
+    result = edgefleet("keys", "rotate", "--fleet", fleet)
+    assert result.returncode == 0, result.stderr
+    private = fleet / "keys" / "release-2.key"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    rotated = key_set(fleet)
+    assert rotated.version == 2
+    assert [k.name for k in rotated.keys] == ["release-1", "release-2"]
+    assert key_id(load_private_key(private).public_key()) in {k.key_id for k in rotated.keys}
+    assert "key set version 2: added release-2" in result.stdout
+
+
+def test_revoke_by_file_name_moves_the_key_to_the_revoked_with_the_reason(fleet: Path) -> None:
+    assert edgefleet("keys", "rotate", "--fleet", fleet).returncode == 0
+    by_env = {"EDGEFLEET_FLEET": str(fleet)}
+    result = edgefleet("keys", "revoke", "release-1.pub", "--reason", "laptop stolen", env=by_env)
+    assert result.returncode == 0, result.stderr
+    revoked = key_set(fleet)
+    assert revoked.version == 3
+    assert [k.name for k in revoked.keys] == ["release-2"]
+    [entry] = revoked.revoked
+    assert (entry.name, entry.version, entry.reason) == ("release-1", 3, "laptop stolen")
+    shown = edgefleet("keys", "show", "--fleet", fleet)
+    assert shown.returncode == 0, shown.stderr
+    assert "version        3" in shown.stdout
+    assert "laptop stolen" in shown.stdout
+
+
+def test_revoking_the_last_key_is_refused_and_nothing_changes(fleet: Path) -> None:
+    before = (fleet / "keys" / "keyset.json").read_bytes()
+    result = edgefleet("keys", "revoke", "release-1", "--fleet", fleet)
+    assert result.returncode == 3, result.stderr
+    assert "last trusted key" in result.stderr
+    assert "what to do:" in result.stderr
+    assert (fleet / "keys" / "keyset.json").read_bytes() == before
+
+
+def test_revoking_a_key_not_in_the_set_is_bad_input(fleet: Path) -> None:
+    result = edgefleet("keys", "revoke", "release-7", "--fleet", fleet)
+    assert result.returncode == 2, result.stderr
+    assert "no key 'release-7'" in result.stderr
+
+
+def test_without_a_fleet_directory_the_commands_say_how_to_give_one() -> None:
+    result = edgefleet("keys", "show")
+    assert result.returncode == 2, result.stderr
+    assert "EDGEFLEET_FLEET" in result.stderr
+
+
+def test_a_tampered_key_set_is_refused(fleet: Path) -> None:
+    path = fleet / "keys" / "keyset.json"
+    path.write_text(path.read_text().replace('\\"version\\":1', '\\"version\\":5'))
+    result = edgefleet("keys", "show", "--fleet", fleet)
+    assert result.returncode == 3, result.stderr
+    assert "does not verify with the root key" in result.stderr
+
+
+def test_publish_retains_the_set_and_refuses_one_older_than_the_brokers(
+    fleet: Path, mosquitto_binary: Path, tmp_path: Path
+) -> None:
+    first = (fleet / "keys" / "keyset.json").read_bytes()
+    assert edgefleet("keys", "rotate", "--fleet", fleet).returncode == 0
+    with Mosquitto(tmp_path / "broker") as broker:
+        options = ["--insecure", "--host", broker.host, "--port", broker.port]
+        result = edgefleet("keys", "publish", "--fleet", fleet, *options)
+        assert result.returncode == 0, result.stderr
+        with MqttProbe(broker, "reader") as probe:
+            probe.subscribe(TOPIC)
+            message = probe.wait_for_message(TOPIC)
+        assert message.retain
+        published = parse_signed_key_set(message.payload, source="test")
+        assert published == read_key_set(fleet / "keys" / "keyset.json")
+        (fleet / "keys" / "keyset.json").write_bytes(first)
+        older = edgefleet("keys", "publish", "--fleet", fleet, *options)
+        assert older.returncode == 3, older.stderr
+        assert "the broker holds key set version 2, newer than version 1" in older.stderr
