@@ -196,9 +196,9 @@ def resolve_profile(
     the profile file and the defaults, in that order of precedence, field by field."""
     environ = os.environ if environ is None else environ
     path = _profile_path(profile_file, environ)
-    layers: list[tuple[str, dict[str, Any]]] = [
-        (FLAGS[name], {name: value}) for name, value in flags.items() if value is not None
-    ]
+    given_flags = {name: value for name, value in flags.items() if value is not None}
+    flag_values = _checked(given_flags, FLAGS, hint="fix the option")
+    layers = [(FLAGS[name], {name: value}) for name, value in flag_values.items()]
     for name, value in _environment(environ).items():
         layers.append((ENV_VARIABLES[name], {name: value}))
     file_values = _read_profile(path) if path is not None else None
@@ -227,13 +227,17 @@ def _profile_path(profile_file: Path | None, environ: Mapping[str, str]) -> Path
 def _environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """The fields the ``EDGEFLEET_*`` variables set, validated; empty ones are unset."""
     given = {name: environ[var] for name, var in ENV_VARIABLES.items() if environ.get(var)}
+    return _checked(given, ENV_VARIABLES, where="environment: ", hint="fix or unset the variable")
+
+
+def _checked(
+    given: dict[str, Any], names: Mapping[str, str], *, where: str = "", hint: str = ""
+) -> dict[str, Any]:
+    """``given`` validated as profile fields; a problem names the flag or variable."""
     try:
         checked = OperatorProfile.model_validate(given)
     except ValidationError as exc:
-        raise ProfileError(
-            f"environment: {_problems(exc, names=ENV_VARIABLES)}",
-            hint="fix or unset the variable",
-        ) from None
+        raise ProfileError(f"{where}{_problems(exc, names=names)}", hint=hint) from None
     return {name: getattr(checked, name) for name in given}
 
 
@@ -253,7 +257,7 @@ def _read_profile(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ProfileError(
             f"{path}: not valid YAML ({str(exc).splitlines()[0]})",
-            hint="fix the file; 'edgefleet profile show --help' lists the fields",
+            hint=f"fix the file; its fields: {', '.join(OperatorProfile.model_fields)}",
         ) from None
     if data is None:
         data = {}

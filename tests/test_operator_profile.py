@@ -210,6 +210,13 @@ def test_a_bad_variable_exits_2_naming_it(
     assert "environment: EDGEFLEET_PORT: Input should be a valid integer" in capsys.readouterr().err
 
 
+def test_a_bad_flag_value_exits_2_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["cmd", "dev1", "ping", "--insecure", "--port", "70000"])
+
+    assert code == BAD_INPUT
+    assert "--port: Input should be less than or equal to 65535" in capsys.readouterr().err
+
+
 def test_without_tls_files_or_insecure_every_broker_command_refuses_and_says_how_to_get_a_profile(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
