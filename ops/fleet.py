@@ -72,6 +72,7 @@ from edgefleet.runtime import SettingError, TaskName, TensorInfo, inspect_model,
 from .connection import BrokerConnection, sync_topic
 from .deploy import read_signed
 from .errors import NotPublished, Refused
+from .keys import check_release_key
 from .profile import add_broker_options, broker_options, broker_profile
 
 DEFAULT_EXPIRES_IN_DAYS = 30.0
@@ -127,6 +128,13 @@ def _register_manifest(subcommands: Any) -> None:
     )
     create.add_argument(
         "--key", type=Path, required=True, metavar="KEYFILE", help="the private signing key"
+    )
+    create.add_argument(
+        "--fleet",
+        type=Path,
+        metavar="DIR",
+        help="refuse a --key that the fleet's key set (DIR/keys/keyset.json) does not trust "
+        "or revoked, whose manifests devices would refuse (default: no check)",
     )
     create.add_argument(
         "--expires-in-days",
@@ -280,6 +288,8 @@ def _positive_int(text: str) -> int:
 
 def _manifest_create(args: argparse.Namespace) -> int:
     key = load_private_key(args.key)
+    if args.fleet is not None:
+        check_release_key(args.fleet, key.public_key())
     counter = args.key.parent / SEQUENCES_FILE
     sequences = _read_sequences(counter)
     sequence = args.sequence or sequences.get(args.model_id, 0) + 1

@@ -348,6 +348,33 @@ def _check_not_older(held: bytes | None, key_set: KeySet, fleet: _FleetKeys) -> 
         )
 
 
+def check_release_key(fleet: Path, public: Ed25519PublicKey) -> None:
+    """Refuse (:class:`Refused`) a signing key devices on ``fleet``'s key set would refuse:
+    revoked, not in the set, or any key while the set has expired."""
+    keys = _FleetKeys(fleet)
+    key_set = keys.key_set()
+    ident = key_id(public)
+    gone = next((r for r in key_set.revoked if r.key_id == ident), None)
+    if gone is not None:
+        raise Refused(
+            f"key {ident} was revoked by key set version {gone.version} ({gone.reason}); "
+            "devices refuse every manifest it signs",
+            hint="sign with a trusted release key ('edgefleet keys show --fleet DIR')",
+        )
+    if key_set.find(ident) is None:
+        raise Refused(
+            f"key {ident} is not in the fleet's key set version {key_set.version} "
+            f"({describe_key_set(key_set)}); devices would refuse the manifest",
+            hint="sign with a trusted release key, or add this one with 'edgefleet keys rotate'",
+        )
+    if key_set.expired(datetime.datetime.now(datetime.timezone.utc)):
+        raise Refused(
+            f"the fleet's key set version {key_set.version} expired at "
+            f"{key_set.expires:%Y-%m-%d %H:%M} UTC; devices accept no new manifest",
+            hint="renew it with 'edgefleet keys rotate', publish it, then sign",
+        )
+
+
 # -- plain key files ------------------------------------------------------------------
 
 

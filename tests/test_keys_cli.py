@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from broker import Mosquitto, MqttProbe
+from conftest import Assets
 
 from edgefleet.agent.protocol import TOPIC_ROOT, key_set_topic
 from edgefleet.provisioning import (
@@ -136,3 +137,29 @@ def test_publish_retains_the_set_and_refuses_one_older_than_the_brokers(
         older = edgefleet("keys", "publish", "--fleet", fleet, *options)
         assert older.returncode == 3, older.stderr
         assert "the broker holds key set version 2, newer than version 1" in older.stderr
+
+
+def _create(fleet: Path, key: Path, model: Path) -> subprocess.CompletedProcess[str]:
+    return edgefleet(
+        "manifest", "create", model, "--model-id", "m", "--version", 1,
+        "--url", "http://example.invalid/m.tflite", "--key", key, "--fleet", fleet,
+        "--out", key.parent / "m.json",
+    )  # fmt: skip
+
+
+def test_manifest_create_refuses_a_key_the_fleet_revoked_or_does_not_trust(
+    fleet: Path, assets: Assets, tmp_path: Path
+) -> None:
+    model = assets.model("mobilenet_v1_0.25_128_quant.tflite")
+    keys = fleet / "keys"
+    assert _create(fleet, keys / "release-1.key", model).returncode == 0
+    assert edgefleet("keys", "rotate", "--fleet", fleet).returncode == 0
+    assert edgefleet("keys", "revoke", "release-1", "--fleet", fleet).returncode == 0
+    revoked = _create(fleet, keys / "release-1.key", model)
+    assert revoked.returncode == 3, revoked.stderr
+    assert "was revoked by key set version 3" in revoked.stderr
+    stranger, _ = generate_signing_key(tmp_path / "other", "stranger")
+    unknown = _create(fleet, stranger, model)
+    assert unknown.returncode == 3, unknown.stderr
+    assert "is not in the fleet's key set version 3" in unknown.stderr
+    assert _create(fleet, keys / "release-2.key", model).returncode == 0
