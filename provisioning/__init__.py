@@ -1,5 +1,18 @@
 """Device identities, certificates, enrollment, broker configuration and manifest signing."""
 
+from .fleetdir import (
+    DEVICE_INSTALL_DIR,
+    AlreadyIssued,
+    FleetDir,
+    FleetDirError,
+    FleetExists,
+    FleetSettings,
+    IssuedCertificate,
+    Ledger,
+    NotAFleet,
+    NotIssued,
+    starter_agent_config,
+)
 from .keyset import (
     KeySet,
     KeySetChange,
@@ -48,8 +61,15 @@ from .signing import (
 )
 
 __all__: list[str] = [
+    "DEVICE_INSTALL_DIR",
+    "AlreadyIssued",
     "BadSignature",
     "BrokerListener",
+    "FleetDir",
+    "FleetDirError",
+    "FleetExists",
+    "FleetSettings",
+    "IssuedCertificate",
     "KeyFileError",
     "KeySet",
     "KeySetChange",
@@ -59,9 +79,12 @@ __all__: list[str] = [
     "KeySetRollback",
     "KeysNotAccepting",
     "LastKey",
+    "Ledger",
     "MalformedKeySet",
     "MalformedManifest",
     "MosquittoSettings",
+    "NotAFleet",
+    "NotIssued",
     "ReleaseKey",
     "Revocation",
     "RevokedKey",
@@ -86,6 +109,7 @@ __all__: list[str] = [
     "rotated",
     "sign_key_set",
     "sign_manifest",
+    "starter_agent_config",
     "verify_key_set",
     "write_key_set",
 ]
