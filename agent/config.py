@@ -355,7 +355,8 @@ class EnrollmentSettings(_Section):
         30.0,
         gt=0,
         description="Renew the device certificate when it expires in fewer days than "
-        "this; unset: never renew.",
+        "this, or than half its lifetime when that is shorter (so a short-lived "
+        "certificate is not renewed over and over); unset: never renew.",
     )
     renew_check_s: float = Field(
         3600.0, gt=0, description="How often the certificate's expiry is looked at."

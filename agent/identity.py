@@ -307,6 +307,14 @@ def accept_certificate(
     return certificate
 
 
+def _certifies(answer: EnrollAnswer, key: pki.CertificateKey) -> bool:
+    try:
+        certificate = x509.load_pem_x509_certificate((answer.certificate or "").encode())
+    except ValueError:
+        return True  # accept_certificate says what is wrong with it
+    return bool(certificate.public_key() == key.public_key())
+
+
 class _ClaimSession:
     """paho callbacks of one claim session (paho's thread): they only record, under a lock."""
 
@@ -435,8 +443,14 @@ class Renewer:
             log.warning("renewal answer dropped: %d unread already", _ANSWERS_KEPT)
 
     def _due(self) -> bool:
+        """Whether the certificate expires within renew_before_days, or within half its
+        lifetime when that is shorter (a short-lived one is not renewed over and over)."""
         before = self._settings.renew_before_days
-        return before is not None and pki.days_to_expiry(self._certificate) < before
+        if before is None:
+            return False
+        cert = self._certificate
+        lifetime_days = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
+        return pki.days_to_expiry(cert) < min(before, lifetime_days / 86400 / 2)
 
     def _run(self) -> None:  # renewal thread
         delay = self._settings.retry_min_s
@@ -448,7 +462,7 @@ class Renewer:
             try:
                 self.renew()
             except (IdentityError, pki.PkiError) as exc:
-                log.warning("certificate renewal failed: %s; trying again in %.0f s", exc, delay)
+                log.warning("certificate renewal failed: %s; trying again in %.1f s", exc, delay)
                 self._stop.wait(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, self._settings.retry_max_s)
             else:
@@ -468,7 +482,7 @@ class Renewer:
             self._answers.get_nowait()  # an answer to an earlier request is for another key
         request = RenewRequest(csr=pki.make_csr(key, self._device_id).decode())
         self._link.publish(self._topics.renew_request, request.model_dump_json().encode(), qos=1)
-        answer = self._wait_answer()
+        answer = self._wait_answer(key)
         if not answer.ok:
             raise AnswerRejected(f"refused ({answer.code}): {answer.reason or 'no reason'}")
         certificate = accept_certificate(answer, key, pki.load_certificate(self._cafile))
@@ -483,7 +497,9 @@ class Renewer:
         self._certificate = certificate
         log.info("certificate renewed: expires in %.0f days; reconnecting with it", self.days_left)
 
-    def _wait_answer(self) -> EnrollAnswer:
+    def _wait_answer(self, key: pki.CertificateKey) -> EnrollAnswer:
+        """The answer for ``key``; a late one to an earlier request (resent over a
+        reconnect) holds another key's certificate and is passed over."""
         deadline = time.monotonic() + self._settings.timeout_s
         while not self._stop.is_set():
             remaining = deadline - time.monotonic()
@@ -493,5 +509,9 @@ class Renewer:
                 message = self._answers.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 continue
-            return parse_answer(message.payload)
+            answer = parse_answer(message.payload)
+            if answer.ok and not _certifies(answer, key):
+                log.debug("passed over a renewal answer for another key")
+                continue
+            return answer
         raise ClaimUnavailable(f"no renewal answer within {self._settings.timeout_s:g} s")

@@ -11,9 +11,9 @@ serve --fleet DIR`` answers, until stopped:
 - renewal requests (``<root>/<device>/renew/request``): the broker lets only the device
   itself write there, so the CSR is signed with that device's name, without a token.
 
-The service connects to the broker with the operator profile (``DIR/operator.yaml`` unless
-``--profile`` or flags say otherwise): the controller's identity may read the requests and
-write the answers.
+The service connects to the operators' listener as the fleet's enrollment identity
+(``DIR/operators/enroll.crt``, from the operator CA; ``--profile`` names another), which
+the operators' ACL lets read the requests and write the answers.
 
 Threads: the main thread runs :func:`serve` (it handles every request, one at a time, so
 the token file has one writer here); paho's network thread (``loop_start``) only puts
@@ -23,6 +23,7 @@ messages on a queue and records acknowledgements.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import queue
 import re
@@ -64,17 +65,16 @@ from edgefleet.provisioning.enrollment import (
     key_digest,
     mark_used,
 )
+from edgefleet.provisioning.fleetdir import FleetDir, FleetDirError
 from edgefleet.runtime import EdgefleetError, InputError
 
 from .errors import BrokerError
 from .profile import OperatorProfile, resolve_profile
+from .provision import add_fleet_option, fleet_dir
 
 log = logging.getLogger(__name__)
 
-TOKENS_FILE = Path("enroll") / "tokens.json"
-"""Where, under the fleet directory, the tokens are kept."""
 DEFAULT_TOKEN_LIFETIME = "24h"
-DEFAULT_CERT_DAYS = 365
 DEFAULT_RATE = 10
 DEFAULT_RATE_WINDOW_S = 60.0
 SERVICE_CLIENT_ID = "edgefleet-enroll"
@@ -341,7 +341,7 @@ def register(subcommands: Any) -> None:
         "its hash.",
     )
     token.add_argument("name", metavar="NAME", help="the device's name (its certificate CN)")
-    _add_fleet(token)
+    add_fleet_option(token)
     token.add_argument(
         "--expires",
         default=DEFAULT_TOKEN_LIFETIME,
@@ -359,17 +359,21 @@ def register(subcommands: Any) -> None:
         "fleet CA under the token's name) and renewal requests (signed under the requesting "
         "device's own name), connected with the operator profile.",
     )
-    _add_fleet(run)
+    add_fleet_option(run)
     run.add_argument(
         "--profile",
         type=Path,
         metavar="FILE",
-        help="operator profile to connect with (default: DIR/operator.yaml)",
+        help="operator profile to connect with (default: the fleet's enrollment identity, "
+        "operators/enroll.crt, on the operators' listener of fleet.yaml)",
     )
     run.add_argument("--host", help="broker host (default: the profile's)")
     run.add_argument("--port", type=int, help="broker port (default: the profile's)")
     run.add_argument(
-        "--days", type=int, default=DEFAULT_CERT_DAYS, metavar="N", help="certificate lifetime"
+        "--days",
+        type=int,
+        metavar="N",
+        help="lifetime of the certificates issued, in days (default: fleet.yaml's cert_days)",
     )
     run.add_argument(
         "--rate",
@@ -388,31 +392,24 @@ def register(subcommands: Any) -> None:
     run.set_defaults(handler=_serve)
 
 
-def _add_fleet(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--fleet",
-        type=Path,
-        required=True,
-        metavar="DIR",
-        help="the fleet directory (edgefleet provision init)",
-    )
+def _fleet_input(handler: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """The fleet directory's refusals are bad input (exit 2), as in ``provision``."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (FleetDirError, pki.InvalidIdentity, pki.PkiFileError) as exc:
+            raise InputError(exc.message, hint=exc.hint) from exc
+
+    return run
 
 
-def token_store(fleet: Path) -> TokenStore:
-    """The fleet's token store; its directory is made (0700) when missing."""
-    if not fleet.is_dir():
-        raise InputError(f"{fleet}: no such fleet directory", hint="edgefleet provision init DIR")
-    pki.make_private_dir(fleet / TOKENS_FILE.parent)
-    return TokenStore(fleet / TOKENS_FILE)
-
-
+@_fleet_input
 def _token(args: argparse.Namespace) -> int:
     lifetime_s = parse_duration(args.expires)
-    try:
-        pki.check_identity(args.name)
-    except pki.InvalidIdentity as exc:
-        raise InputError(exc.message, hint=exc.hint) from exc
-    made = token_store(args.fleet).add(args.name, lifetime_s=lifetime_s, now=time.time())
+    pki.check_identity(args.name)
+    made = token_store(fleet_dir(args)).add(args.name, lifetime_s=lifetime_s, now=time.time())
     expires = datetime.fromtimestamp(made.record.expires_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
     if args.out is not None:
         pki.write_file(args.out, made.token.encode() + b"\n", mode=pki.PRIVATE_KEY_MODE)
@@ -423,41 +420,56 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def fleet_signer(fleet: Path, days: int) -> Signer:
-    """Signs with the fleet CA in ``fleet`` and records the certificate in its ledger."""
-    from edgefleet.provisioning.fleetdir import FleetDir  # type: ignore[import-not-found,unused-ignore]
+def token_store(fleet: FleetDir) -> TokenStore:
+    """The fleet's token store; its directory is made (0700) when missing."""
+    pki.make_private_dir(fleet.enroll_dir)
+    return TokenStore(fleet.tokens_path)
 
-    directory = FleetDir(fleet)
+
+def fleet_signer(fleet: FleetDir, days: int | None) -> Signer:
+    """Signs with the fleet's device CA and records the certificate in its ledger."""
 
     def sign(csr: bytes, name: str) -> x509.Certificate:
-        issued = directory.sign_device_csr(csr, name, days=days)
-        if isinstance(issued, x509.Certificate):
-            return issued
-        return x509.load_pem_x509_certificate(bytes(issued))
+        return fleet.sign_device_csr(csr, name, days=days)
 
     return sign
 
 
-def _serve(args: argparse.Namespace) -> int:
-    store = token_store(args.fleet)
-    profile_file = args.profile or args.fleet / "operator.yaml"
-    resolved = resolve_profile(
-        {"host": args.host, "port": args.port},
-        profile_file=profile_file if profile_file.exists() or args.profile else None,
+def service_profile(fleet: FleetDir, args: argparse.Namespace) -> OperatorProfile:
+    """How the service connects: ``--profile`` when given, else the fleet's own enrollment
+    identity (``operators/enroll.crt``) on the operators' listener; flags win."""
+    flags = {"host": args.host, "port": args.port}
+    if args.profile is not None:
+        resolved = resolve_profile(flags, profile_file=args.profile)
+        resolved.check_transport()
+        return resolved.profile
+    settings = fleet.settings()
+    return OperatorProfile(
+        host=args.host or settings.broker_host,
+        port=args.port or settings.operator_port,
+        topic_root=settings.topic_root,
+        cafile=fleet.ca_cert,
+        certfile=fleet.operator_cert(settings.enroll_identity),
+        keyfile=fleet.operator_key(settings.enroll_identity),
     )
-    resolved.check_transport()
+
+
+@_fleet_input
+def _serve(args: argparse.Namespace) -> int:
+    fleet = fleet_dir(args)
+    profile = service_profile(fleet, args)
     try:
         rate = RateLimit(args.rate, args.rate_window)
     except EdgefleetError as exc:
         raise InputError(exc.message, hint=exc.hint) from exc
     service = EnrollmentService(
-        store,
-        fleet_signer(args.fleet, args.days),
-        topic_root=resolved.profile.topic_root,
+        token_store(fleet),
+        fleet_signer(fleet, args.days),
+        topic_root=profile.topic_root,
         rate=rate,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    serve(service, resolved.profile, stop)
+    serve(service, profile, stop)
     return 0

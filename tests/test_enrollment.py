@@ -229,7 +229,7 @@ def fleet(tmp_path: Path, mosquitto_binary: Path) -> Iterator[Fleet]:
     broker on the fleet's three listeners."""
     d = tmp_path / "pki"
     d.mkdir()
-    device_ca = pki.create_ca("edgefleet devices", days=3)
+    device_ca = pki.create_ca("edgefleet devices", days=60)
     operator_ca = pki.create_ca("edgefleet operators", days=3)
     claim_ca = pki.create_ca("edgefleet claim", days=3)
     for name, ca in (
@@ -270,48 +270,63 @@ def fleet(tmp_path: Path, mosquitto_binary: Path) -> Iterator[Fleet]:
         yield Fleet(d, device_ca, broker, *ports)
 
 
-@dataclass
 class Running:
-    """The enrollment service serving in a thread, and its token store."""
+    """The enrollment service, serving in a thread once started, and its token store."""
 
-    store: TokenStore
-    signed: list[str]
+    def __init__(self, fleet: Fleet, tokens: Path) -> None:
+        self.store = TokenStore(tokens)
+        self.signed: list[str] = []
+        self._service = EnrollmentService(
+            self.store, self._sign, topic_root=ROOT, rate=RateLimit(50, 60)
+        )
+        self._device_ca = fleet.device_ca
+        self._profile = OperatorProfile(
+            host="127.0.0.1",
+            port=fleet.operator_port,
+            cafile=fleet.directory / "device-ca.crt",
+            certfile=fleet.directory / "controller.crt",
+            keyfile=fleet.directory / "controller.key",
+        )
+        self._stop, self._ready = threading.Event(), threading.Event()
+        self._problems: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name="enroll-serve", daemon=True)
+
+    def _sign(self, csr: bytes, name: str) -> x509.Certificate:
+        self.signed.append(name)
+        return pki.sign_csr(self._device_ca, csr, name, days=30)
+
+    def _run(self) -> None:
+        try:
+            serve(self._service, self._profile, self._stop, self._ready)
+        except BaseException as exc:  # the test fails on it in stop()
+            self._problems.append(exc)
+
+    def start(self) -> None:
+        """Serve; returns once subscribed to the requests."""
+        self._thread.start()
+        assert self._ready.wait(15), self._problems
+
+    def stop(self) -> None:
+        """Stop serving; fail on anything the service raised."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        assert not self._problems, self._problems
 
 
 @pytest.fixture
-def service(fleet: Fleet, tmp_path: Path) -> Iterator[Running]:
-    """``EnrollmentService`` connected as the controller, signing with the device CA."""
-    store = TokenStore(tmp_path / "tokens.json")
-    signed: list[str] = []
+def idle_service(fleet: Fleet, tmp_path: Path) -> Iterator[Running]:
+    """``EnrollmentService`` as the controller, signing with the device CA; not started."""
+    running = Running(fleet, tmp_path / "tokens.json")
+    yield running
+    running.stop()
 
-    def sign(csr: bytes, name: str) -> x509.Certificate:
-        signed.append(name)
-        return pki.sign_csr(fleet.device_ca, csr, name, days=30)
 
-    running = EnrollmentService(store, sign, topic_root=ROOT, rate=RateLimit(50, 60))
-    profile = OperatorProfile(
-        host="127.0.0.1",
-        port=fleet.operator_port,
-        cafile=fleet.directory / "device-ca.crt",
-        certfile=fleet.directory / "controller.crt",
-        keyfile=fleet.directory / "controller.key",
-    )
-    stop, ready = threading.Event(), threading.Event()
-    problems: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve(running, profile, stop, ready)
-        except BaseException as exc:  # the test fails on it below
-            problems.append(exc)
-
-    thread = threading.Thread(target=run, name="enroll-serve", daemon=True)
-    thread.start()
-    assert ready.wait(15), problems
-    yield Running(store, signed)
-    stop.set()
-    thread.join(10)
-    assert not problems, problems
+@pytest.fixture
+def service(idle_service: Running) -> Running:
+    """The enrollment service, serving."""
+    idle_service.start()
+    return idle_service
 
 
 def _request(
