@@ -6,6 +6,7 @@
     edgefleet provision device NAME [--fleet DIR] [--days N] [--out DIR] [--replace]
     edgefleet provision operator NAME [--fleet DIR] [--days N]
     edgefleet provision revoke NAME [--fleet DIR]
+    edgefleet provision crl [--fleet DIR]
     edgefleet provision list [--fleet DIR]
 
 ``--fleet`` defaults to ``$EDGEFLEET_FLEET``. The directory and what it holds are
@@ -122,6 +123,16 @@ def register(subcommands: Any) -> None:
     revoke.add_argument("name", metavar="NAME", help="device or operator identity")
     add_fleet_option(revoke)
     revoke.set_defaults(handler=_revoke)
+
+    crl = commands.add_parser(
+        "crl",
+        help="write the CRLs again from the ledger",
+        description="Write the device and operator CAs' CRLs again from the ledger, newly "
+        "dated: after a revocation whose CRL could not be written, or well before the CRLs "
+        "expire (Mosquitto refuses every client once its CRL has expired).",
+    )
+    add_fleet_option(crl)
+    crl.set_defaults(handler=_crl)
 
     listing = commands.add_parser(
         "list",
@@ -242,6 +253,17 @@ def _revoke(args: argparse.Namespace) -> int:
     print(f"  {RELOAD_STEP}")
     print("the broker refuses new connections of the certificate after the reload; a")
     print("connection open before it stays until it drops (restart the broker to end it)")
+    return 0
+
+
+@_bad_input
+def _crl(args: argparse.Namespace) -> int:
+    fleet = fleet_dir(args)
+    fleet.refresh_crls()
+    for path in (fleet.crl_path, fleet.operator_crl_path):
+        print(f"wrote {path}")
+    print("next: copy them to the broker (edgefleet broker config --fleet ... again), then")
+    print(f"  {RELOAD_STEP}")
     return 0
 
 

@@ -316,12 +316,12 @@ class FleetDir:
     @property
     def controller_cert(self) -> Path:
         """The controller's certificate."""
-        return self.operator_cert(self._controller_name())
+        return self.operator_cert(self.settings().controller_identity)
 
     @property
     def controller_key(self) -> Path:
         """The controller's private key."""
-        return self.operator_key(self._controller_name())
+        return self.operator_key(self.settings().controller_identity)
 
     @property
     def keys_dir(self) -> Path:
@@ -511,7 +511,7 @@ class FleetDir:
             staging = Path(tempfile.mkdtemp(dir=bundle.parent, prefix=f".{bundle.name}.new-"))
             try:
                 certificate = self._write_bundle(staging, name, days)
-                self._revoke_entries(ledger, live)
+                self._revoke_entries(live)
                 ledger.certificates.append(_entry(certificate, "device", "device"))
                 self._save(ledger, crl_changed=bool(live))
                 _swap_into_place(staging, bundle)
@@ -584,14 +584,16 @@ class FleetDir:
                     + (" (every one is revoked already)" if known else " (never issued here)"),
                     hint="'edgefleet provision list' shows every certificate issued",
                 )
-            self._revoke_entries(ledger, mine)
+            self._revoke_entries(mine)
             self._save(ledger, crl_changed=True)
         return mine
 
-    # -- internals -------------------------------------------------------------------------
+    def refresh_crls(self) -> None:
+        """Write both CRLs again from the ledger: after a failed write, or before they expire."""
+        with self._locked():
+            self._write_crls(self.ledger())
 
-    def _controller_name(self) -> str:
-        return self.settings().controller_identity
+    # -- internals -------------------------------------------------------------------------
 
     def _days(self, days: int | None) -> int:
         if days is None:
@@ -624,20 +626,26 @@ class FleetDir:
         pki.write_file(directory / "agent.yaml", text.encode(), mode=pki.PUBLIC_FILE_MODE)
         return certificate
 
-    def _revoke_entries(self, ledger: Ledger, entries: list[IssuedCertificate]) -> None:
+    @staticmethod
+    def _revoke_entries(entries: list[IssuedCertificate]) -> None:
         now = _now()
         for entry in entries:
             entry.revoked_at = now
 
     def _save(self, ledger: Ledger, *, crl_changed: bool = False) -> None:
-        if crl_changed:
-            authorities: list[tuple[Authority, Path, Path, Path]] = [
-                ("device", self.ca_cert, self.ca_key, self.crl_path),
-                ("operator", self.operator_ca_cert, self.operator_ca_key, self.operator_crl_path),
-            ]
-            for authority, ca_cert, ca_key, crl in authorities:
-                _write_crl(pki.load_ca(ca_cert, ca_key), ledger, authority, crl, self.settings())
+        # The ledger first: it is what every CRL is made from, so a CRL never lists a
+        # revocation the ledger lacks (the next CRL would forget it).
         _write_ledger(self.ledger_path, ledger, replace=True)
+        if crl_changed:
+            self._write_crls(ledger)
+
+    def _write_crls(self, ledger: Ledger) -> None:
+        authorities: list[tuple[Authority, Path, Path, Path]] = [
+            ("device", self.ca_cert, self.ca_key, self.crl_path),
+            ("operator", self.operator_ca_cert, self.operator_ca_key, self.operator_crl_path),
+        ]
+        for authority, ca_cert, ca_key, crl in authorities:
+            _write_crl(pki.load_ca(ca_cert, ca_key), ledger, authority, crl, self.settings())
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

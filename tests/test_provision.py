@@ -457,6 +457,17 @@ def test_revoke_refuses_a_name_never_issued_or_already_revoked(fleet: FleetDir) 
     assert fleet.crl_path.read_bytes() == crl
 
 
+def test_crl_command_writes_the_crls_again_from_the_ledger(fleet: FleetDir) -> None:
+    revoked = _certificate(fleet.issue_device("dev1") / "device.crt")
+    fleet.revoke("dev1")
+    fleet.crl_path.unlink()
+
+    assert main(["provision", "crl", "--fleet", str(fleet.root)]) == 0
+
+    assert _crl_serials(fleet.crl_path) == {revoked.serial_number}
+    assert _crl_serials(fleet.operator_crl_path) == set()
+
+
 def test_list_shows_every_certificate_and_its_revocation(
     fleet: FleetDir, capsys: pytest.CaptureFixture[str]
 ) -> None:
