@@ -54,9 +54,10 @@ from edgefleet.agent.protocol import (
     describe_errors,
     enroll_answer_topic,
 )
-from edgefleet.provisioning import pki
-from edgefleet.provisioning.enrollment import (
+from edgefleet.provisioning import (
     Enrollment,
+    FleetDir,
+    FleetDirError,
     Grant,
     RateLimit,
     Refusal,
@@ -64,8 +65,8 @@ from edgefleet.provisioning.enrollment import (
     TokenStore,
     key_digest,
     mark_used,
+    pki,
 )
-from edgefleet.provisioning.fleetdir import FleetDir, FleetDirError
 from edgefleet.runtime import EdgefleetError, InputError
 
 from .errors import BrokerError
