@@ -5,8 +5,9 @@ a test fails when that copy differs from :func:`document`. Operations are the de
 *sends* status, events, health and reported state, and *receives* commands (answering each
 on the request's MQTT 5 response topic) and desired state; it also *receives* the models
 published for transfer over the broker (``<root>/_models/<sha256>/meta`` and its raw chunks),
-which are fleet-wide, not per device. Payload schemas are the pydantic models' JSON Schemas,
-their ``$defs`` hoisted into ``components.schemas``.
+which are fleet-wide, not per device, and the root-signed release-key set
+(``<root>/_trust/keyset``, ``provisioning.keyset``). Payload schemas are the pydantic models'
+JSON Schemas, their ``$defs`` hoisted into ``components.schemas``.
 
 Pure: builds a dict, no I/O except in :func:`main`.
 """
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
+
+from edgefleet.provisioning.keyset import KeySet, SignedKeySet
 
 from .protocol import (
     COMMAND_ARGS,
@@ -37,6 +40,7 @@ from .protocol import (
     Manifest,
     ReportedState,
     StatusMessage,
+    key_set_topic,
     model_meta_topic,
     model_transfer_topic,
 )
@@ -47,6 +51,7 @@ SCHEMA_REF = "#/components/schemas/{model}"
 REPLY_CHANNEL = "cmd_reply"
 MODEL_META_CHANNEL = "model_meta"
 MODEL_CHUNK_CHANNEL = "model_chunk"
+KEY_SET_CHANNEL = "key_set"
 _LEVEL = f"one topic level matching {TOPIC_LEVEL_PATTERN}"
 _PARAMETERS = {
     "device": {"description": f"Device id: {_LEVEL}."},
@@ -116,6 +121,18 @@ def document(topic_root: str = TOPIC_ROOT) -> dict[str, Any]:
         )
         operations[f"receive_{key}"] = _command_operation(key)
     _add_model_transfer(topic_root, channels, operations, messages)
+    messages[KEY_SET_CHANNEL] = _message(SignedKeySet, _ref(SignedKeySet))
+    channels[KEY_SET_CHANNEL] = _channel(
+        key_set_topic(topic_root),
+        KEY_SET_CHANNEL,
+        "Retained: the release keys that may sign manifests, as a SignedKeySet whose payload "
+        "is a KeySet (components.schemas.KeySet) as JSON text, signed by the fleet's root "
+        "key. A device with updates.root_key installs it only when the root signed it and "
+        "its version is newer than the installed set's.",
+    )
+    operations[f"receive_{KEY_SET_CHANNEL}"] = _operation(
+        KEY_SET_CHANNEL, "receive", qos=1, retain=True
+    )
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "info": {
@@ -268,6 +285,7 @@ def _reply_bindings() -> dict[str, Any]:
 def _payload_models() -> list[type[BaseModel]]:
     models: list[type[BaseModel]] = [topic.model for topic in _TOPICS]
     models += [CommandRequest, CommandReply, Manifest, ChunkedModelMeta, *COMMAND_ARGS.values()]
+    models += [SignedKeySet, KeySet]
     return list(dict.fromkeys(models))
 
 

@@ -581,6 +581,9 @@ class FleetBrokerFiles(BaseModel):
         description="The CA of the controller's, the enrollment service's and operators' "
         "certificates: a separate CA, so no device certificate opens the operators' listener."
     )
+    operator_crlfile: ConfPath | None = Field(
+        None, description="The operator CA's revocation list; unset: none checked."
+    )
     claim_cafile: ConfPath = Field(
         description="The CA of the shared claim certificate: a separate CA, so the claim "
         "certificate opens the claim listener only."
@@ -630,7 +633,7 @@ def fleet_listeners(
         BrokerListener(
             port=operator_port,
             bind_address=bind_address,
-            tls=tls(files.operator_cafile),
+            tls=tls(files.operator_cafile, files.operator_crlfile),
             acl_file=files.operator_acl,
         ),
     ]

@@ -131,5 +131,6 @@ def test_another_topic_root_moves_every_address() -> None:
     addresses = [c["address"] for c in channels.values() if c["address"] is not None]
     models = model_transfer_topic("acme/v1", "{sha256}")
     assert addresses
-    assert all(a.startswith(("acme/v1/{device}/", f"{models}/")) for a in addresses)
+    trust = "acme/v1/_trust/"
+    assert all(a.startswith(("acme/v1/{device}/", f"{models}/", trust)) for a in addresses)
     assert any(a.startswith(f"{models}/") for a in addresses)

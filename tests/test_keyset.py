@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefleet.agent.protocol import Manifest, TensorSpec
+from edgefleet.agent.asyncapi import document
+from edgefleet.agent.protocol import TOPIC_ROOT, Manifest, TensorSpec, key_set_topic
 from edgefleet.provisioning import (
     KeySet,
     KeySetChange,
@@ -248,3 +249,15 @@ def test_a_file_that_is_not_a_signed_set_is_malformed(tmp_path: Path) -> None:
     path.write_text('{"payload": 3}')
     with pytest.raises(MalformedKeySet, match="is not a signed key set"):
         read_key_set(path)
+
+
+def test_the_asyncapi_document_names_the_retained_key_set_channel() -> None:
+    doc = document()
+    channel = doc["channels"]["key_set"]
+    assert channel["address"] == key_set_topic(TOPIC_ROOT)
+    operation = doc["operations"]["receive_key_set"]
+    assert operation["bindings"]["mqtt"] == {"qos": 1, "retain": True, "bindingVersion": "0.2.0"}
+    assert doc["components"]["messages"]["key_set"]["payload"] == {
+        "$ref": "#/components/schemas/SignedKeySet"
+    }
+    assert "KeySet" in doc["components"]["schemas"]
