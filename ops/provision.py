@@ -27,6 +27,7 @@ from typing import Any
 from edgefleet.agent.protocol import TOPIC_ROOT
 from edgefleet.provisioning import FleetDir, FleetDirError, IssuedCertificate, pki
 from edgefleet.provisioning.fleetdir import DEFAULT_BROKER_NAMES, DEVICE_INSTALL_DIR
+from edgefleet.provisioning.mosquitto import CLAIM_PORT, DEVICE_PORT, OPERATOR_PORT
 from edgefleet.runtime import SettingError
 
 FLEET_ENV = "EDGEFLEET_FLEET"
@@ -76,6 +77,18 @@ def register(subcommands: Any) -> None:
         metavar="N",
         help="default lifetime of device and operator certificates",
     )
+    for kind, default in (
+        ("device", DEVICE_PORT),
+        ("claim", CLAIM_PORT),
+        ("operator", OPERATOR_PORT),
+    ):
+        init.add_argument(
+            f"--{kind}-port",
+            type=_positive,
+            default=default,
+            metavar="PORT",
+            help=f"port of the broker's {kind} listener",
+        )
     init.set_defaults(handler=_init)
 
     device = commands.add_parser(
@@ -184,6 +197,9 @@ def _init(args: argparse.Namespace) -> int:
         topic_root=args.topic_root,
         ca_days=args.ca_days,
         cert_days=args.cert_days,
+        device_port=args.device_port,
+        claim_port=args.claim_port,
+        operator_port=args.operator_port,
     )
     settings = fleet.settings()
     print(f"fleet created in {fleet.root} (keep it offline and backed up):")

@@ -415,6 +415,9 @@ class FleetDir:
         topic_root: str = TOPIC_ROOT,
         ca_days: int = 3650,
         cert_days: int = 365,
+        device_port: int = DEVICE_PORT,
+        claim_port: int = CLAIM_PORT,
+        operator_port: int = OPERATOR_PORT,
     ) -> FleetDir:
         """Create a new fleet in ``root`` (absent or an empty directory): everything at once."""
         root = Path(root).absolute()
@@ -424,11 +427,14 @@ class FleetDir:
                 broker_names=list(broker_names),
                 ca_days=ca_days,
                 cert_days=cert_days,
+                device_port=device_port,
+                claim_port=claim_port,
+                operator_port=operator_port,
             )
         except ValidationError as exc:
             raise FleetDirError(
                 f"invalid fleet settings: {describe_errors(exc)}",
-                hint="check --broker-name, --topic-root and the lifetimes",
+                hint="check --broker-name, --topic-root, the ports and the lifetimes",
             ) from None
         _check_free(root)
         try:
