@@ -123,13 +123,13 @@ class KeySetTrust:
             self._problem = f"the fleet's root key cannot be used: {exc.message}"
             log.error("%s; model updates will be refused", self._problem)
             return
-        self._installed = self._read_installed()
+        self._installed = stored = self._read_installed()
         if settings.key_set is not None:
             self._install_bundle(settings.key_set)
         if self._installed is None:
             self._problem = "no key set is installed (none in the store, none from the bundle)"
             log.warning("%s: model updates are refused until one arrives", self._problem)
-        else:
+        elif self._installed is stored:  # a set the bundle brought was logged as installed
             log.info("trusted key set: %s", describe_key_set(self._installed))
 
     def _read_installed(self) -> KeySet | None:
