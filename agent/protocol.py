@@ -434,7 +434,7 @@ class HealthMessage(_Message):
     parts: dict[str, PartHealth] = Field(
         default_factory=dict,
         description="The agent's supervised threads by name (capture-<stream>, infer-<stream>, "
-        "events-<stream>, mqtt, publisher, commands, updates, health, prometheus).",
+        "events-<stream>, mqtt, publisher, commands, updates, health, renewal, prometheus).",
     )
     trust: TrustHealth | None = Field(
         None, description="The release-key set trusted; unset when keys come from files."

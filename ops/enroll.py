@@ -350,7 +350,10 @@ def register(subcommands: Any) -> None:
         help="how long the token may be used: 30m, 24h, 7d",
     )
     token.add_argument(
-        "--out", type=Path, metavar="FILE", help="write the token to FILE (0600), not stdout"
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write the token to FILE (0600) (default: print it on stdout)",
     )
     token.set_defaults(handler=_token)
     run = commands.add_parser(

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from broker import ClientTls, Mosquitto, MqttProbe, free_port
 from cryptography import x509
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgefleet.agent.identity import _Claim, request_certificate
 from edgefleet.agent.protocol import (
@@ -42,6 +44,7 @@ from edgefleet.provisioning.enrollment import (
     TokenStore,
     mark_used,
     new_token,
+    parse_token,
 )
 from edgefleet.provisioning.mosquitto import (
     FleetBrokerFiles,
@@ -182,6 +185,31 @@ def test_durations_read_as_seconds(text: str, seconds: float) -> None:
 def test_a_duration_that_is_not_one_is_bad_input() -> None:
     with pytest.raises(InputError):
         parse_duration("soon")
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.binary(max_size=2048) | st.text(max_size=512).map(str.encode))
+def test_any_request_payload_gets_a_refusal_not_an_exception(
+    tmp_path: Path, payload: bytes
+) -> None:
+    def never(csr: bytes, name: str) -> x509.Certificate:
+        raise AssertionError("nothing may be signed")
+
+    service = EnrollmentService(
+        TokenStore(tmp_path / "tokens.json"), never, topic_root=ROOT, rate=RateLimit(10**6, 60)
+    )
+
+    for topic in (enroll_request_topic(ROOT, "claim", "a" * 32), f"{ROOT}/dev1/renew/request"):
+        answer = service.handle(topic, payload)
+        assert answer is not None
+        assert (answer.answer.ok, answer.answer.code) == (False, "bad_request")
+
+
+@given(text=st.text(max_size=300))
+def test_parsing_a_token_never_raises(text: str) -> None:
+    parsed = parse_token(text)
+
+    assert parsed is None or text.strip() == f"ef1.{parsed[0]}.{parsed[1]}"
 
 
 # -- the service against a real broker -----------------------------------------------
