@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edgefleet.agent.protocol import key_set_topic
 from edgefleet.provisioning import (
+    FleetDir,
     KeyFileError,
     KeySet,
     KeySetChange,
@@ -70,10 +71,6 @@ from .errors import Refused
 from .profile import add_broker_options, broker_profile
 
 FLEET_ENV = "EDGEFLEET_FLEET"
-KEYS_DIR = "keys"
-ROOT_KEY = "root.key"
-ROOT_PUB = "root.pub"
-KEY_SET_FILE = "keyset.json"
 RELEASE_PREFIX = "release-"
 PUBLIC_KEY_SUFFIX = ".pub"
 PRIVATE_KEY_SUFFIX = ".key"
@@ -179,14 +176,16 @@ class _FleetKeys:
                 "no fleet directory given",
                 hint=f"pass --fleet DIR (from 'edgefleet provision init DIR') or set {FLEET_ENV}",
             )
-        self.directory = fleet / KEYS_DIR
+        paths = FleetDir(fleet)
+        self.directory = paths.keys_dir
         if not self.directory.is_dir():
             raise SettingError(
-                f"{fleet} is not a fleet directory: it has no {KEYS_DIR}/ folder",
+                f"{fleet} is not a fleet directory: it has no {self.directory.name}/ folder",
                 hint="pass the directory 'edgefleet provision init' made",
             )
-        self.root_key_path = self.directory / ROOT_KEY
-        self.key_set_path = self.directory / KEY_SET_FILE
+        self.root_key_path = paths.root_key
+        self.root_pub_path = paths.root_pub
+        self.key_set_path = paths.keyset_path
 
     def root_key(self) -> Ed25519PrivateKey:
         """The root private key (keys/root.key)."""
@@ -194,9 +193,8 @@ class _FleetKeys:
 
     def root_public(self) -> Ed25519PublicKey:
         """The root public key: keys/root.pub, else the private key's."""
-        public = self.directory / ROOT_PUB
-        if public.exists():
-            return load_public_key(public)
+        if self.root_pub_path.exists():
+            return load_public_key(self.root_pub_path)
         return self.root_key().public_key()
 
     def signed(self) -> SignedKeySet:
