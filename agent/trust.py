@@ -156,6 +156,9 @@ class KeySetTrust:
         """A key set from the retained ``_trust/keyset`` message: installed if accepted."""
         if not message.payload:
             return  # cleared by the controller: the installed set stays
+        if self._root is None:  # set once, at start
+            self._refused(f"key set from {message.topic} not checked: {self._problem}")
+            return
         try:
             signed = parse_signed_key_set(message.payload, source=f"the message on {message.topic}")
         except KeySetError as exc:

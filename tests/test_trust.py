@@ -170,3 +170,18 @@ def test_an_expired_retained_set_is_refused(
     health = trust.health()
     assert health.key_set_version == 1
     assert "version 2 expired at" in (health.last_refusal or "")
+
+
+def test_without_a_usable_root_key_nothing_is_trusted_and_a_set_is_not_installed(
+    tmp_path: Path, root: Ed25519PrivateKey, first: KeySet
+) -> None:
+    settings = _settings(tmp_path, root, first)
+    settings.root_key.write_text("not a key")  # type: ignore[union-attr]
+    trust = KeySetTrust(settings)
+    trust.load()
+    trust.on_message(Inbound(TOPIC, sign_key_set(first, root).model_dump_json().encode()))
+    health = trust.health()
+    assert health.key_set_version is None
+    assert "root key cannot be used" in (health.problem or "")
+    assert "not checked" in (health.last_refusal or "")
+    assert not (tmp_path / "store" / "keyset.json").exists()
