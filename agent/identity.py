@@ -8,7 +8,8 @@ and a fresh random session (client id). It publishes an :class:`EnrollRequest` a
 for the :class:`EnrollAnswer` on the answer topic only that session can read. A refusal is
 logged with its code and reason and tried again with a doubling wait (an operator may fix
 the token meanwhile); the process never exits over it. The certificate is stored whole
-(temporary file, rename) and start goes on.
+(temporary file, rename) and start goes on. A certificate that expired (the device was
+off past its renewal) is enrolled again the same way once a new token is in place.
 
 Renewal (:class:`Renewer`, the ``renewal`` thread, supervised): once the certificate
 expires in fewer than ``renew_before_days``, a new key (written 0600 beside the old one as
@@ -151,10 +152,34 @@ def prepare_identity(
         return True
     finish_pending_switch(files.certfile, files.keyfile)
     enroller = _enroller(config, files, notifier)
-    if not files.certfile.exists() and enroller is not None and not enroller.run(stop):
+    token_file = config.enrollment.token_file
+    if (
+        enroller is not None
+        and token_file is not None
+        and needs_enrollment(files.certfile, token_file)
+        and not enroller.run(stop)
+    ):
         return False
     if files.certfile.exists():
         _check_name(pki.load_certificate(files.certfile), config.device_id, source)
+    return True
+
+
+def needs_enrollment(certfile: Path, token_file: Path) -> bool:
+    """Whether to enroll: no certificate yet, or one that expired (the device was off past
+    its renewal; the broker refuses it) while a new token waits in ``token_file``."""
+    if not certfile.exists():
+        return True
+    if pki.days_to_expiry(pki.load_certificate(certfile)) > 0:
+        return False
+    if not token_file.exists():
+        log.error(
+            "the device certificate %s has expired and cannot be renewed over the broker; "
+            "put a new enrollment token at %s to enroll again",
+            certfile, token_file,
+        )  # fmt: skip
+        return False
+    log.warning("the device certificate %s has expired: enrolling again", certfile)
     return True
 
 

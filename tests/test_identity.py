@@ -20,7 +20,12 @@ from test_agent import agent_config
 from test_enrollment import Fleet, Running, fleet, idle_service, service  # noqa: F401 (fixtures)
 
 from edgefleet.agent.config import ConfigError, key_file_problems, load_config
-from edgefleet.agent.identity import finish_pending_switch, next_path, prepare_identity
+from edgefleet.agent.identity import (
+    finish_pending_switch,
+    needs_enrollment,
+    next_path,
+    prepare_identity,
+)
 from edgefleet.agent.protocol import EventMessage, HealthMessage, Topics
 from edgefleet.agent.systemd import Notifier
 from edgefleet.provisioning import pki
@@ -151,6 +156,21 @@ def test_a_certificate_issued_to_another_name_than_device_id_is_refused(tmp_path
 
     with pytest.raises(ConfigError, match="set device_id: dev2"):
         prepare_identity(config, source="agent.yaml", stop=threading.Event(), notifier=Notifier())
+
+
+def test_an_expired_certificate_is_enrolled_again_only_with_a_new_token(tmp_path: Path) -> None:
+    ca = pki.create_ca("ca", days=30)
+    certfile, _ = _pair(tmp_path, ca, "dev1", days=2, age_days=3)  # expired a day ago
+    token_file = tmp_path / "token"
+
+    without_token = needs_enrollment(certfile, token_file)
+    token_file.write_text("ef1.x.y")
+    with_token = needs_enrollment(certfile, token_file)
+    fresh, _ = _pair(tmp_path / "fresh", ca, "dev1", days=2)
+
+    assert (without_token, with_token) == (False, True)
+    assert needs_enrollment(fresh, token_file) is False
+    assert needs_enrollment(tmp_path / "none.crt", token_file) is True
 
 
 # -- a real agent -----------------------------------------------------------------------
