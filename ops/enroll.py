@@ -310,7 +310,12 @@ def serve(
                 message = inbox.messages.get(timeout=_RECEIVE_S)
             except queue.Empty:
                 continue
-            answer = service.handle(message.topic, bytes(message.payload))
+            try:
+                answer = service.handle(message.topic, bytes(message.payload))
+            except EdgefleetError as exc:  # the token file or the CA: the operator must act
+                log.error("request on %s not answered: %s", message.topic, exc)
+                print(f"edgefleet enroll: error: {exc}", file=sys.stderr, flush=True)
+                continue
             if answer is None:
                 continue
             client.publish(answer.topic, answer.answer.model_dump_json(exclude_none=True), qos=1)

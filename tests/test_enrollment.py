@@ -22,7 +22,7 @@ from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefleet.agent.identity import _Claim, request_certificate
+from edgefleet.agent.identity import ClaimUnavailable, _Claim, request_certificate
 from edgefleet.agent.protocol import (
     EnrollAnswer,
     EnrollRequest,
@@ -485,3 +485,17 @@ def test_a_device_renews_under_its_own_name_without_a_token(fleet: Fleet, servic
     assert pki.common_name(cert) == "dev1"
     assert cert.public_key() == key.public_key()
     assert json.loads(received.payload)["device_id"] == "dev1"
+
+
+def test_a_damaged_token_file_leaves_requests_unanswered_and_the_service_running(
+    fleet: Fleet, service: Running
+) -> None:
+    service.store.path.write_text("{not json")
+
+    with pytest.raises(ClaimUnavailable, match="no enrollment answer"):
+        request_certificate(fleet.claim(timeout_s=2), _request("ef1.x.y")[0])
+    service.store.path.unlink()  # the operator restores it
+    made = service.store.add("shop-11", lifetime_s=600, now=time.time())
+    answer = request_certificate(fleet.claim(), _request(made.token)[0])
+
+    assert answer.ok
