@@ -19,7 +19,7 @@ from conftest import Assets
 from test_agent import agent_config
 from test_enrollment import Fleet, Running, fleet, idle_service, service  # noqa: F401 (fixtures)
 
-from edgefleet.agent.config import ConfigError, key_file_problems, load_config
+from edgefleet.agent.config import ConfigError, check_files, key_file_problems, load_config
 from edgefleet.agent.identity import (
     finish_pending_switch,
     needs_enrollment,
@@ -120,6 +120,28 @@ def test_a_key_only_its_owner_reads_passes(exposed_key: tuple[Path, Path]) -> No
     keyfile.chmod(0o600)
 
     assert key_file_problems(load_config(config)) == []
+
+
+def test_check_config_of_a_device_to_enroll_wants_the_claim_files_not_a_certificate(
+    tmp_path: Path,
+) -> None:
+    ca = pki.create_ca("ca", days=2)
+    pki.write_certificate(tmp_path / "ca.crt", ca.certificate)
+    config = _tls_config(
+        tmp_path, tmp_path / "device.key", tmp_path / "device.crt", tmp_path / "ca.crt"
+    )
+    claim = tmp_path / "claim"
+    config.write_text(
+        config.read_text()
+        + f"enrollment: {{claim_certfile: {claim}.crt, claim_keyfile: {claim}.key, "
+        f"token_file: {tmp_path / 'token'}}}\n"
+    )
+
+    problems = check_files(load_config(config))
+
+    assert not [p for p in problems if p.startswith("broker.tls")]
+    assert f"enrollment.token_file: no such file {tmp_path / 'token'}" in problems
+    assert f"enrollment.claim_certfile: no such file {claim}.crt" in problems
 
 
 def test_a_renewal_cut_between_its_two_renames_is_finished_at_start(tmp_path: Path) -> None:
