@@ -7,6 +7,7 @@
     edgefleet keys show [--fleet DIR] [--json]
     edgefleet keys rotate [--fleet DIR] [--name release-N] [--days 365]
     edgefleet keys revoke KEY [--fleet DIR] [--reason TEXT] [--days 365]
+    edgefleet keys renew [--fleet DIR] [--days 365]
     edgefleet keys publish [--fleet DIR] [broker options]
 
 ``generate`` and ``list`` work on any folder of key files. The others work on a fleet
@@ -18,7 +19,9 @@ expiring set of release keys devices trust (``edgefleet.provisioning.keyset``).
 the next version of the set trusting it; ``revoke`` moves a key (its id, its name, or its
 file name) from the trusted keys to the revoked ones, in the next version: devices then
 refuse every manifest it signed, naming the revocation. Revoking the last trusted key is
-refused (exit 3): rotate first. Each writes the set whole (temporary file, fsync, rename)
+refused (exit 3): rotate first. ``renew`` makes the next version with the same keys:
+devices accept no new manifest once their set has expired, so publish a renewed set before
+then. Each writes the set whole (temporary file, fsync, rename)
 and renews its expiry (``--days``). ``publish`` puts the set on the broker, retained, on
 ``<root>/_trust/keyset``, where every device reads it and installs it only when the root
 signed it and it is newer than its own; a set older than the one the broker holds, or one
@@ -58,6 +61,7 @@ from edgefleet.provisioning import (
     open_key_set,
     parse_signed_key_set,
     read_key_set,
+    renewed,
     revoked,
     rotated,
     sign_key_set,
@@ -125,6 +129,13 @@ def register(subcommands: Any) -> None:
     )
     _add_days_option(revoke)
     revoke.set_defaults(handler=_keys_revoke)
+
+    renew = commands.add_parser(
+        "renew", help="the next version of the set with the same keys and a new expiry"
+    )
+    _add_fleet_option(renew)
+    _add_days_option(renew)
+    renew.set_defaults(handler=_keys_renew)
 
     publish = commands.add_parser(
         "publish", help="put the fleet's key set on the broker, retained, for every device"
@@ -305,6 +316,15 @@ def _keys_revoke(args: argparse.Namespace) -> int:
         f"{gone.reason}"
     )
     print(f"key set        {fleet.key_set_path}  ({describe_key_set(new)})")
+    print(f"next           edgefleet keys publish --fleet {args.fleet}")
+    return 0
+
+
+def _keys_renew(args: argparse.Namespace) -> int:
+    fleet = _FleetKeys(args.fleet)
+    new = renewed(fleet.key_set(), days=args.days)
+    fleet.write(new)
+    print(f"key set version {new.version}: renewed ({describe_key_set(new)})")
     print(f"next           edgefleet keys publish --fleet {args.fleet}")
     return 0
 

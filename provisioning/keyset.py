@@ -254,6 +254,11 @@ def rotated(
     )
 
 
+def renewed(key_set: KeySet, *, days: int = DEFAULT_KEY_SET_DAYS) -> KeySet:
+    """The next version of ``key_set``, the same keys, expiring ``days`` from now."""
+    return key_set.model_copy(update={"version": key_set.version + 1, "expires": _in_days(days)})
+
+
 def revoked(key_set: KeySet, key: str, *, reason: str, days: int = DEFAULT_KEY_SET_DAYS) -> KeySet:
     """The next version of ``key_set``, with ``key`` (an id or name) moved to the revoked."""
     entry = key_set.find(key)

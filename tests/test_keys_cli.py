@@ -163,3 +163,12 @@ def test_manifest_create_refuses_a_key_the_fleet_revoked_or_does_not_trust(
     assert unknown.returncode == 3, unknown.stderr
     assert "is not in the fleet's key set version 3" in unknown.stderr
     assert _create(fleet, keys / "release-2.key", model).returncode == 0
+
+
+def test_renew_writes_the_next_version_with_the_same_keys(fleet: Path) -> None:
+    before = key_set(fleet)
+    result = edgefleet("keys", "renew", "--fleet", fleet, "--days", 30)
+    assert result.returncode == 0, result.stderr
+    after = key_set(fleet)
+    assert (after.version, after.keys) == (2, before.keys)
+    assert after.expires < before.expires

@@ -26,6 +26,7 @@ from edgefleet.provisioning import (
     key_id,
     new_key_set,
     read_key_set,
+    renewed,
     revoked,
     rotated,
     sign_key_set,
@@ -261,3 +262,15 @@ def test_the_asyncapi_document_names_the_retained_key_set_channel() -> None:
         "$ref": "#/components/schemas/SignedKeySet"
     }
     assert "KeySet" in doc["components"]["schemas"]
+
+
+def test_renewing_keeps_the_keys_and_moves_the_expiry_in_the_next_version(
+    root: Ed25519PrivateKey, first: KeySet
+) -> None:
+    later = first.expires + datetime.timedelta(days=1)
+    renewal = renewed(first, days=400)
+    assert (renewal.version, renewal.keys, renewal.revoked) == (2, first.keys, first.revoked)
+    accepted = verify_key_set(
+        sign_key_set(renewal, root), root.public_key(), installed=first, now=later
+    )
+    assert accepted == renewal
