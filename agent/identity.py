@@ -306,9 +306,12 @@ class Enroller:
 
 
 def device_key(path: Path) -> pki.CertificateKey:
-    """The device key at ``path``; made (P-256, 0600) when there is none yet."""
+    """The device key at ``path``; made (P-256, 0600, its folder 0700 if new) when there is
+    none yet."""
     if path.exists():
         return pki.load_certificate_key(path)
+    if not path.parent.exists():
+        pki.make_private_dir(path.parent)
     key = pki.generate_key()
     pki.write_private_key(path, key)
     log.info("device key made: %s", path)
