@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from edgefleet.provisioning import pki
 from edgefleet.runtime import (
     BackendName,
     CpuDelegate,
@@ -61,7 +62,23 @@ from .sources import (
 )
 
 ENV_PREFIX = "EDGEFLEET_"
-_ENV_SKIP = {"EDGEFLEET_BACKEND", "EDGEFLEET_ASSETS", "EDGEFLEET_CONFIG", "EDGEFLEET_FAULTS"}
+_ENV_SKIP = {
+    "EDGEFLEET_BACKEND",
+    "EDGEFLEET_ASSETS",
+    "EDGEFLEET_CONFIG",
+    "EDGEFLEET_FAULTS",
+    # The operator's (edgefleet.ops.profile, provision): set in a shell that also starts an
+    # agent, they are not the agent's settings.
+    "EDGEFLEET_FLEET",
+    "EDGEFLEET_PROFILE",
+    "EDGEFLEET_HOST",
+    "EDGEFLEET_PORT",
+    "EDGEFLEET_TOPIC_ROOT",
+    "EDGEFLEET_CAFILE",
+    "EDGEFLEET_CERTFILE",
+    "EDGEFLEET_KEYFILE",
+    "EDGEFLEET_INSECURE",
+}
 
 
 class ConfigError(EdgefleetError):
@@ -588,27 +605,10 @@ def key_file_problems(config: AgentConfig) -> list[str]:
         keys.insert(0, ("broker.tls.keyfile", config.broker.tls.keyfile))
     problems = []
     for where, path in keys:
-        problem = key_mode_problem(path) if path is not None else None
+        problem = pki.key_mode_problem(path, "the agent") if path is not None else None
         if problem is not None:
             problems.append(f"{where}: {problem}")
     return problems
-
-
-def key_mode_problem(path: Path) -> str | None:
-    """Why the private key at ``path`` must not be used (group or others may read or write
-    it), or None (it is the owner's alone, or not there)."""
-    try:
-        mode = path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot look at {path} ({exc.strerror or exc})"
-    if mode & 0o077 == 0:
-        return None
-    return (
-        f"the private key {path} is readable or writable by group or others (mode "
-        f"{mode:04o}); the agent refuses to use it: run chmod 600 {path}"
-    )
 
 
 def _enrollment_problems(enrollment: EnrollmentSettings) -> list[str]:

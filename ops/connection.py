@@ -36,6 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgefleet.agent.protocol import MODELS_LEVEL
+from edgefleet.provisioning import pki
 
 from .errors import BrokerError
 from .profile import TLS_PORT, OperatorProfile, ProfileError, ResolvedProfile
@@ -108,6 +109,10 @@ def prepare_client(client: mqtt.Client, resolved: ResolvedProfile) -> None:
             flush=True,
         )
         return
+    if p.keyfile is not None and (problem := pki.key_mode_problem(p.keyfile, "edgefleet")):
+        raise ProfileError(
+            problem, hint=f"the operator key comes from {resolved.source('keyfile')}"
+        )
     client.tls_set_context(tls_context(resolved))
 
 

@@ -23,7 +23,6 @@ messages on a queue and records acknowledgements.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import queue
 import re
@@ -57,7 +56,6 @@ from edgefleet.agent.protocol import (
 from edgefleet.provisioning import (
     Enrollment,
     FleetDir,
-    FleetDirError,
     Grant,
     RateLimit,
     Refusal,
@@ -401,20 +399,6 @@ def register(subcommands: Any) -> None:
     run.set_defaults(handler=_serve)
 
 
-def _fleet_input(handler: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
-    """The fleet directory's refusals are bad input (exit 2), as in ``provision``."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except (FleetDirError, pki.InvalidIdentity, pki.PkiFileError) as exc:
-            raise InputError(exc.message, hint=exc.hint) from exc
-
-    return run
-
-
-@_fleet_input
 def _token(args: argparse.Namespace) -> int:
     lifetime_s = parse_duration(args.expires)
     pki.check_identity(args.name)
@@ -463,7 +447,6 @@ def service_profile(fleet: FleetDir, args: argparse.Namespace) -> OperatorProfil
     )
 
 
-@_fleet_input
 def _serve(args: argparse.Namespace) -> int:
     fleet = fleet_dir(args)
     profile = service_profile(fleet, args)

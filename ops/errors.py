@@ -3,7 +3,8 @@
 ::
 
     EdgefleetError
-    ├── SettingError, ModelError, InputError, KeyFileError   bad input          exit 2
+    ├── SettingError, ModelError, InputError, KeyFileError,  bad input          exit 2
+    │   PkiError (certificates, the fleet directory, names)
     ├── Refused                   checked, and it would not work: nothing done     exit 3
     └── EnvironmentProblem                                                         exit 1
         └── FleetError            the broker or a device did not do its part
@@ -21,7 +22,7 @@ signature) and would not work, so nothing was changed (``deploy --force`` sets i
 
 from __future__ import annotations
 
-from edgefleet.provisioning import KeyFileError
+from edgefleet.provisioning import KeyFileError, PkiError
 from edgefleet.runtime import EdgefleetError, EnvironmentProblem
 from edgefleet.runtime.cli import EXIT_BAD_INPUT
 from edgefleet.runtime.cli import exit_code as runtime_exit_code
@@ -59,6 +60,6 @@ def exit_code(exc: EdgefleetError) -> int:
     """The exit code of an ``edgefleet`` command that failed with ``exc``."""
     if isinstance(exc, Refused):
         return EXIT_REFUSED
-    if isinstance(exc, KeyFileError):
+    if isinstance(exc, KeyFileError | PkiError):
         return EXIT_BAD_INPUT
     return runtime_exit_code(exc)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -73,8 +72,8 @@ from edgefleet.runtime import SettingError
 from .connection import BrokerConnection, sync_topic
 from .errors import Refused
 from .profile import add_broker_options, broker_profile
+from .provision import add_fleet_option, fleet_dir
 
-FLEET_ENV = "EDGEFLEET_FLEET"
 RELEASE_PREFIX = "release-"
 PUBLIC_KEY_SUFFIX = ".pub"
 PRIVATE_KEY_SUFFIX = ".key"
@@ -101,14 +100,14 @@ def register(subcommands: Any) -> None:
     listing.set_defaults(handler=_keys_list)
 
     show = commands.add_parser("show", help="the fleet's key set: version, expiry, keys, revoked")
-    _add_fleet_option(show)
+    add_fleet_option(show)
     show.add_argument("--json", action="store_true", help="print the set's JSON (default: a table)")
     show.set_defaults(handler=_keys_show)
 
     rotate = commands.add_parser(
         "rotate", help="add a new release key: a new key pair and the next version of the set"
     )
-    _add_fleet_option(rotate)
+    add_fleet_option(rotate)
     rotate.add_argument(
         "--name",
         metavar="NAME",
@@ -123,7 +122,7 @@ def register(subcommands: Any) -> None:
     revoke.add_argument(
         "key", metavar="KEY", help="the key's id, name, or file name (release-1, release-1.pub)"
     )
-    _add_fleet_option(revoke)
+    add_fleet_option(revoke)
     revoke.add_argument(
         "--reason", default=DEFAULT_REASON, help="why, as devices report it (default: %(default)s)"
     )
@@ -133,26 +132,16 @@ def register(subcommands: Any) -> None:
     renew = commands.add_parser(
         "renew", help="the next version of the set with the same keys and a new expiry"
     )
-    _add_fleet_option(renew)
+    add_fleet_option(renew)
     _add_days_option(renew)
     renew.set_defaults(handler=_keys_renew)
 
     publish = commands.add_parser(
         "publish", help="put the fleet's key set on the broker, retained, for every device"
     )
-    _add_fleet_option(publish)
+    add_fleet_option(publish)
     add_broker_options(publish)
     publish.set_defaults(handler=_keys_publish)
-
-
-def _add_fleet_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--fleet",
-        type=Path,
-        metavar="DIR",
-        default=os.environ.get(FLEET_ENV) or None,
-        help=f"the fleet directory (default: ${FLEET_ENV})",
-    )
 
 
 def _add_days_option(parser: argparse.ArgumentParser) -> None:
@@ -181,19 +170,8 @@ def _positive_int(text: str) -> int:
 class _FleetKeys:
     """The key files of a fleet directory."""
 
-    def __init__(self, fleet: Path | None) -> None:
-        if fleet is None:
-            raise SettingError(
-                "no fleet directory given",
-                hint=f"pass --fleet DIR (from 'edgefleet provision init DIR') or set {FLEET_ENV}",
-            )
-        paths = FleetDir(fleet)
+    def __init__(self, paths: FleetDir) -> None:
         self.directory = paths.keys_dir
-        if not self.directory.is_dir():
-            raise SettingError(
-                f"{fleet} is not a fleet directory: it has no {self.directory.name}/ folder",
-                hint="pass the directory 'edgefleet provision init' made",
-            )
         self.root_key_path = paths.root_key
         self.root_pub_path = paths.root_pub
         self.key_set_path = paths.keyset_path
@@ -253,7 +231,7 @@ class _FleetKeys:
 
 
 def _keys_show(args: argparse.Namespace) -> int:
-    fleet = _FleetKeys(args.fleet)
+    fleet = _FleetKeys(fleet_dir(args))
     key_set = fleet.key_set()
     if args.json:
         print(json.dumps(json.loads(key_set.model_dump_json()), indent=2))
@@ -279,7 +257,7 @@ def _keys_show(args: argparse.Namespace) -> int:
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
-    fleet = _FleetKeys(args.fleet)
+    fleet = _FleetKeys(fleet_dir(args))
     current = fleet.key_set()
     fleet.root_key()  # the root key must sign: fail before a key pair is written
     name = args.name or fleet.next_release_name(current)
@@ -298,7 +276,7 @@ def _keys_rotate(args: argparse.Namespace) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
-    fleet = _FleetKeys(args.fleet)
+    fleet = _FleetKeys(fleet_dir(args))
     current = fleet.key_set()
     key = args.key
     if current.find(key) is None:
@@ -321,7 +299,7 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _keys_renew(args: argparse.Namespace) -> int:
-    fleet = _FleetKeys(args.fleet)
+    fleet = _FleetKeys(fleet_dir(args))
     new = renewed(fleet.key_set(), days=args.days)
     fleet.write(new)
     print(f"key set version {new.version}: renewed ({describe_key_set(new)})")
@@ -330,7 +308,7 @@ def _keys_renew(args: argparse.Namespace) -> int:
 
 
 def _keys_publish(args: argparse.Namespace) -> int:
-    fleet = _FleetKeys(args.fleet)
+    fleet = _FleetKeys(fleet_dir(args))
     signed = fleet.signed()
     key_set = fleet.key_set()
     if key_set.expired(datetime.datetime.now(datetime.timezone.utc)):
@@ -369,7 +347,7 @@ def _check_not_older(held: bytes | None, key_set: KeySet, fleet: _FleetKeys) -> 
 def check_release_key(fleet: Path, public: Ed25519PublicKey) -> None:
     """Refuse (:class:`Refused`) a signing key devices on ``fleet``'s key set would refuse:
     revoked, not in the set, or any key while the set has expired."""
-    keys = _FleetKeys(fleet)
+    keys = _FleetKeys(FleetDir.load(fleet))
     key_set = keys.key_set()
     ident = key_id(public)
     gone = next((r for r in key_set.revoked if r.key_id == ident), None)

@@ -20,13 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.protocol import TOPIC_ROOT
-from edgefleet.provisioning import FleetDir, FleetDirError, IssuedCertificate, pki
-from edgefleet.provisioning.fleetdir import DEFAULT_BROKER_NAMES, DEVICE_INSTALL_DIR
+from edgefleet.provisioning import FleetDir, IssuedCertificate
+from edgefleet.provisioning.fleetdir import (
+    DEFAULT_BROKER_NAMES,
+    DEVICE_INSTALL_DIR,
+    DEVICE_STATE_DIR,
+)
 from edgefleet.provisioning.mosquitto import CLAIM_PORT, DEVICE_PORT, OPERATOR_PORT
 from edgefleet.runtime import SettingError
 
@@ -165,19 +168,6 @@ def add_fleet_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _bad_input(handler: _Handler) -> _Handler:
-    """The fleet directory's refusals are bad input (exit 2), as the CLI's contract says."""
-
-    @wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except (FleetDirError, pki.InvalidIdentity, pki.BadRequest, pki.PkiFileError) as exc:
-            raise SettingError(exc.message, hint=exc.hint) from exc
-
-    return run
-
-
 def fleet_dir(args: argparse.Namespace) -> FleetDir:
     directory = args.fleet or os.environ.get(FLEET_ENV)
     if not directory:
@@ -189,7 +179,6 @@ def fleet_dir(args: argparse.Namespace) -> FleetDir:
     return FleetDir.load(Path(directory))
 
 
-@_bad_input
 def _init(args: argparse.Namespace) -> int:
     fleet = FleetDir.init(
         args.directory,
@@ -227,7 +216,6 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
-@_bad_input
 def _device(args: argparse.Namespace) -> int:
     fleet = fleet_dir(args)
     bundle = fleet.issue_device(args.name, days=args.days, out=args.out, replace=args.replace)
@@ -237,14 +225,14 @@ def _device(args: argparse.Namespace) -> int:
     for path in sorted(bundle.iterdir()):
         print(f"  {path.name}")
     print(
-        f"next: copy the bundle's files to {DEVICE_INSTALL_DIR}/ on the device (device.key "
-        "mode 0600, owned by the agent's user), agent.yaml to /etc/edgefleet/agent/, and "
-        "set its streams"
+        f"next: on the device, copy device.key and device.crt to {DEVICE_STATE_DIR}/ (the "
+        "key mode 0600, both owned by the agent's user: renewal rewrites them), the other "
+        f"files to {DEVICE_INSTALL_DIR}/, agent.yaml to /etc/edgefleet/agent/, and set its "
+        "streams"
     )
     return 0
 
 
-@_bad_input
 def _operator(args: argparse.Namespace) -> int:
     fleet = fleet_dir(args)
     certificate = fleet.issue_operator(args.name, days=args.days)
@@ -257,7 +245,6 @@ def _operator(args: argparse.Namespace) -> int:
     return 0
 
 
-@_bad_input
 def _revoke(args: argparse.Namespace) -> int:
     fleet = fleet_dir(args)
     revoked = fleet.revoke(args.name)
@@ -272,7 +259,6 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-@_bad_input
 def _crl(args: argparse.Namespace) -> int:
     fleet = fleet_dir(args)
     fleet.refresh_crls()
@@ -283,7 +269,6 @@ def _crl(args: argparse.Namespace) -> int:
     return 0
 
 
-@_bad_input
 def _list(args: argparse.Namespace) -> int:
     fleet = fleet_dir(args)
     rows = [("NAME", "KIND", "SERIAL", "EXPIRES", "REVOKED")]

@@ -19,6 +19,7 @@ from .enrollment import (
 )
 from .fleetdir import (
     DEVICE_INSTALL_DIR,
+    DEVICE_STATE_DIR,
     AlreadyIssued,
     FleetDir,
     FleetDirError,
@@ -61,6 +62,7 @@ from .mosquitto import (
     render_acl,
     render_mosquitto_conf,
 )
+from .pki import PkiError
 from .signing import (
     BadSignature,
     KeyFileError,
@@ -80,6 +82,7 @@ from .signing import (
 
 __all__: list[str] = [
     "DEVICE_INSTALL_DIR",
+    "DEVICE_STATE_DIR",
     "AlreadyIssued",
     "BadSignature",
     "BrokerListener",
@@ -107,6 +110,7 @@ __all__: list[str] = [
     "NewToken",
     "NotAFleet",
     "NotIssued",
+    "PkiError",
     "RateLimit",
     "Refusal",
     "RefusalCode",

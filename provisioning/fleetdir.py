@@ -63,7 +63,10 @@ from .signing import generate_signing_key, load_private_key, load_public_key
 ENROLL_IDENTITY = "enroll"
 """CN of the enrollment service's certificate (from the operator CA)."""
 DEVICE_INSTALL_DIR = PurePosixPath("/etc/edgefleet/identity")
-"""Where a device bundle's files go on the device; the starter agent.yaml names them there."""
+"""Where a device bundle's fixed files go on the device; the starter agent.yaml names them."""
+DEVICE_STATE_DIR = PurePosixPath("/var/lib/edgefleet/identity")
+"""Where the device's key and certificate go: renewal rewrites them, and the agent's
+systemd unit lets it write under /var/lib/edgefleet only."""
 FIRST_RELEASE_KEY = "release-1"
 DEFAULT_BROKER_NAMES = ("localhost", "127.0.0.1")
 
@@ -795,8 +798,8 @@ def starter_agent_config(name: str, settings: FleetSettings) -> str:
             "topic_root": settings.topic_root,
             "tls": {
                 "cafile": str(installed / "ca.crt"),
-                "certfile": str(installed / "device.crt"),
-                "keyfile": str(installed / "device.key"),
+                "certfile": str(DEVICE_STATE_DIR / "device.crt"),
+                "keyfile": str(DEVICE_STATE_DIR / "device.key"),
             },
         },
         "streams": [
@@ -815,8 +818,9 @@ def starter_agent_config(name: str, settings: FleetSettings) -> str:
     header = (
         f"# Starter agent configuration of device {name}, written by "
         "'edgefleet provision device'.\n"
-        "# The paths name where the bundle is installed: copy this bundle's files to\n"
-        f"# {installed}/ (device.key mode 0600, owned by the agent's user) and this file to\n"
+        "# The paths name where the bundle is installed: copy device.key and device.crt to\n"
+        f"# {DEVICE_STATE_DIR}/ (device.key mode 0600, owned by the agent's user: renewal\n"
+        f"# rewrites both), the other files to {installed}/ and this file to\n"
         "# /etc/edgefleet/agent/agent.yaml.\n# Replace the stream below with the device's own\n"
         "# cameras and models, then: edgefleet-agent check-config --config agent.yaml\n"
         "# Manifests verify against the root-signed release-key set (updates.key_set);\n"

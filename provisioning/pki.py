@@ -337,6 +337,23 @@ def write_certificate(path: Path, certificate: x509.Certificate, *, replace: boo
     write_file(path, certificate_pem(certificate), mode=PUBLIC_FILE_MODE, replace=replace)
 
 
+def key_mode_problem(path: Path, user: str) -> str | None:
+    """Why ``user`` must not use the private key at ``path`` (group or others may read or
+    write it), or None (it is the owner's alone, or not there)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot look at {path} ({exc.strerror or exc})"
+    if mode & 0o077 == 0:
+        return None
+    return (
+        f"the private key {path} is readable or writable by group or others (mode "
+        f"{mode:04o}); {user} refuses to use it: run chmod 600 {path}"
+    )
+
+
 def make_private_dir(path: Path) -> None:
     """Create ``path`` (and its parents) with mode 0700; an existing one is narrowed to it."""
     try:

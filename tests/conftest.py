@@ -197,3 +197,27 @@ def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
 def pytest_report_header() -> str:
     """Say which interpreter backend this run exercises."""
     return f"edgefleet backend: {select_backend().label}"
+
+
+OPERATOR_ENV = (
+    "EDGEFLEET_FLEET",
+    "EDGEFLEET_PROFILE",
+    "EDGEFLEET_HOST",
+    "EDGEFLEET_PORT",
+    "EDGEFLEET_TOPIC_ROOT",
+    "EDGEFLEET_CAFILE",
+    "EDGEFLEET_CERTFILE",
+    "EDGEFLEET_KEYFILE",
+    "EDGEFLEET_INSECURE",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_operator_profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep the developer's own operator profile and EDGEFLEET_* settings out of every test
+    (and the commands they run): tests name their broker and profile themselves."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
+        for name in OPERATOR_ENV:
+            patch.delenv(name, raising=False)
+        yield

@@ -134,6 +134,21 @@ def test_environment_overrides_nested_fields(assets: Assets, tmp_path: Path) -> 
     assert config.streams[0].model.threads == 4
 
 
+def test_the_operators_variables_in_the_same_shell_are_not_the_agents(
+    assets: Assets, tmp_path: Path
+) -> None:
+    environ = {
+        "EDGEFLEET_HOST": "mqtt.example",  # edgefleet watch/deploy's broker, not broker.host
+        "EDGEFLEET_PROFILE": "/home/op/operator.yaml",
+        "EDGEFLEET_FLEET": "/srv/fleet",
+        "EDGEFLEET_INSECURE": "1",
+    }
+
+    config = load_config(write(tmp_path, valid(assets)), environ=environ)
+
+    assert config.broker.host == load_config(write(tmp_path, valid(assets)), environ={}).broker.host
+
+
 def test_bad_environment_override_names_the_variable(assets: Assets, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"broker\.port"):
         load_config(write(tmp_path, valid(assets)), environ={"EDGEFLEET_BROKER__PORT": "many"})

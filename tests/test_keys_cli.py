@@ -14,17 +14,15 @@ from conftest import Assets
 
 from edgefleet.agent.protocol import TOPIC_ROOT, key_set_topic
 from edgefleet.provisioning import (
+    FleetDir,
     KeySet,
     generate_signing_key,
     key_id,
     load_private_key,
     load_public_key,
-    new_key_set,
     open_key_set,
     parse_signed_key_set,
     read_key_set,
-    sign_key_set,
-    write_key_set,
 )
 
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
@@ -45,15 +43,8 @@ def edgefleet(*args: object, env: dict[str, str] | None = None) -> subprocess.Co
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Path:
-    """A fleet directory's keys as 'edgefleet provision init' writes them."""
-    directory = tmp_path / "fleet"
-    keys = directory / "keys"
-    keys.mkdir(parents=True, mode=0o700)
-    generate_signing_key(keys, "root")
-    _, release_pub = generate_signing_key(keys, "release-1")
-    first = new_key_set([load_public_key(release_pub)], names=["release-1"])
-    write_key_set(keys / "keyset.json", sign_key_set(first, load_private_key(keys / "root.key")))
-    return directory
+    """A fleet directory as 'edgefleet provision init' writes it."""
+    return FleetDir.init(tmp_path / "fleet").root
 
 
 def key_set(fleet: Path) -> KeySet:

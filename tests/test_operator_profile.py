@@ -608,3 +608,18 @@ class Lines:
         if self.process.poll() is None:
             self.process.kill()
         self.finish()
+
+
+def test_an_operator_key_others_can_read_exits_2_naming_the_chmod(
+    tls_broker: Mosquitto, pki: FleetPki, tmp_path: Path
+) -> None:
+    _, key = pki.files("controller")
+    exposed = tmp_path / "controller.key"
+    exposed.write_bytes(key.read_bytes())
+    exposed.chmod(0o644)
+    profile = pki.profile(tmp_path / "operator.yaml", tls_broker, keyfile=exposed)
+
+    result = edgefleet("cmd", "dev1", "ping", "--profile", profile)
+
+    assert result.returncode == BAD_INPUT, result.stderr
+    assert f"chmod 600 {exposed}" in result.stderr

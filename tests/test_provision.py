@@ -21,6 +21,7 @@ from edgefleet.ops.cli import main
 from edgefleet.ops.profile import OperatorProfile
 from edgefleet.provisioning import (
     DEVICE_INSTALL_DIR,
+    DEVICE_STATE_DIR,
     AlreadyIssued,
     FleetDir,
     FleetExists,
@@ -287,8 +288,11 @@ def test_device_bundle_holds_a_certificate_for_the_name_from_the_fleet_ca(
 def test_starter_agent_yaml_loads_with_the_agent_config_loader(fleet: FleetDir) -> None:
     bundle = fleet.issue_device("shop-0042")
     text = (bundle / "agent.yaml").read_text()
-    assert f"{DEVICE_INSTALL_DIR}/device.key" in text
-    (bundle / "here.yaml").write_text(text.replace(str(DEVICE_INSTALL_DIR), str(bundle)))
+    assert f"{DEVICE_STATE_DIR}/device.key" in text
+    assert f"{DEVICE_INSTALL_DIR}/root.pub" in text
+    for installed in (DEVICE_INSTALL_DIR, DEVICE_STATE_DIR):
+        text = text.replace(str(installed), str(bundle))
+    (bundle / "here.yaml").write_text(text)
 
     config = load_config(bundle / "here.yaml", environ={})
 
