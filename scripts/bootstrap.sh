@@ -116,9 +116,9 @@ if [ "$mode" = test ]; then
     say "the tests need LiteRT, which this machine cannot install: run them on a 64-bit machine"
     exit 1
   fi
-  make_venv .venv "dev,litert" || exit 1
+  make_venv .venv "dev,litert,controller" || exit 1
   # tflite-runtime publishes wheels for fewer Pythons and boards than LiteRT.
-  if ! make_venv .venv-tflite "dev,litert,tflite-runtime"; then
+  if ! make_venv .venv-tflite "dev,litert,controller,tflite-runtime"; then
     rm -rf .venv-tflite
     say "tflite-runtime cannot be installed for $(python3 --version) on $(uname -m)"
     [ -z "${CI:-}" ] || exit 1

@@ -1,0 +1,8 @@
+"""The fleet controller (``edgefleet controller run``): registry, releases, rollouts, API.
+
+One module per concern (design.md, fleet controller): ``db`` (SQLAlchemy 2 models and
+sessions, Alembic migrations in ``migrations/``), ``registry`` (devices, groups, tags, their
+latest facts), ``ingest`` (MQTT subscriptions written to the registry in batches),
+``releases`` (content-addressed artifacts, signed manifests, HTTP with Range), ``rollouts``
+(the wave engine: a pure decision over registry facts, and the loop that applies it).
+"""

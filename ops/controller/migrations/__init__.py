@@ -1,0 +1,1 @@
+"""Alembic migrations of the controller database (run by edgefleet.ops.controller.db)."""
