@@ -62,22 +62,27 @@ from .sources import (
 )
 
 ENV_PREFIX = "EDGEFLEET_"
+OPERATOR_ENV = frozenset(
+    {
+        "EDGEFLEET_FLEET",
+        "EDGEFLEET_PROFILE",
+        "EDGEFLEET_HOST",
+        "EDGEFLEET_PORT",
+        "EDGEFLEET_TOPIC_ROOT",
+        "EDGEFLEET_CAFILE",
+        "EDGEFLEET_CERTFILE",
+        "EDGEFLEET_KEYFILE",
+        "EDGEFLEET_INSECURE",
+    }
+)
+"""The operator tools' variables (edgefleet.ops.profile, provision): set in a shell that
+also starts an agent, they are not the agent's settings."""
 _ENV_SKIP = {
     "EDGEFLEET_BACKEND",
     "EDGEFLEET_ASSETS",
     "EDGEFLEET_CONFIG",
     "EDGEFLEET_FAULTS",
-    # The operator's (edgefleet.ops.profile, provision): set in a shell that also starts an
-    # agent, they are not the agent's settings.
-    "EDGEFLEET_FLEET",
-    "EDGEFLEET_PROFILE",
-    "EDGEFLEET_HOST",
-    "EDGEFLEET_PORT",
-    "EDGEFLEET_TOPIC_ROOT",
-    "EDGEFLEET_CAFILE",
-    "EDGEFLEET_CERTFILE",
-    "EDGEFLEET_KEYFILE",
-    "EDGEFLEET_INSECURE",
+    *OPERATOR_ENV,
 }
 
 

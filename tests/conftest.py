@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from broker import Mosquitto, require_mosquitto
 
+from edgefleet.agent.config import OPERATOR_ENV
 from edgefleet.runtime import Labels, ModelBytes, load_image, read_model, select_backend
 from edgefleet.runtime.preprocess import Frame
 
@@ -197,19 +198,6 @@ def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
 def pytest_report_header() -> str:
     """Say which interpreter backend this run exercises."""
     return f"edgefleet backend: {select_backend().label}"
-
-
-OPERATOR_ENV = (
-    "EDGEFLEET_FLEET",
-    "EDGEFLEET_PROFILE",
-    "EDGEFLEET_HOST",
-    "EDGEFLEET_PORT",
-    "EDGEFLEET_TOPIC_ROOT",
-    "EDGEFLEET_CAFILE",
-    "EDGEFLEET_CERTFILE",
-    "EDGEFLEET_KEYFILE",
-    "EDGEFLEET_INSECURE",
-)
 
 
 @pytest.fixture(scope="session", autouse=True)

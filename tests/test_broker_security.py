@@ -10,109 +10,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from broker import ClientTls, Mosquitto, MqttProbe, free_port
-from cryptography import x509
+from broker import ClientTls, MqttProbe
+from fleetbroker import ROOT, FleetBroker, FleetPki, make_fleet_pki, run_fleet_broker
 
 from edgefleet.agent.protocol import enroll_answer_topic, enroll_request_topic, key_set_topic
 from edgefleet.provisioning import pki
-from edgefleet.provisioning.mosquitto import (
-    FleetBrokerFiles,
-    fleet_listeners,
-    render_claim_acl,
-    render_device_acl,
-    render_operator_acl,
-)
-
-ROOT = "edgefleet/v1"
-
-
-@dataclass(frozen=True)
-class FleetPki:
-    """Three CAs (devices, operators, claim), a stranger CA, and certificates by name."""
-
-    directory: Path
-    device_ca: pki.Issued
-    files: FleetBrokerFiles
-
-    def client(self, name: str) -> ClientTls:
-        """A client presenting the certificate issued to ``name`` (see the fixture)."""
-        return ClientTls(
-            self.directory / "device-ca.crt",
-            self.directory / f"{name}.crt",
-            self.directory / f"{name}.key",
-        )
-
-    def write_crl(self, revoked: list[x509.Certificate]) -> None:
-        """Replace the device CA's CRL with one revoking ``revoked``."""
-        crl = pki.make_crl(
-            self.device_ca,
-            [(cert.serial_number, cert.not_valid_before_utc) for cert in revoked],
-            next_update_days=7,
-        )
-        pki.write_file(self.files.crlfile, crl, mode=0o644, replace=True)
-
-
-def _issue(directory: Path, ca: pki.Issued, name: str, **kwargs: object) -> x509.Certificate:
-    key = pki.generate_key()
-    certificate = pki.issue_certificate(ca, key.public_key(), name, days=2, **kwargs)  # type: ignore[arg-type]
-    pki.write_private_key(directory / f"{name}.key", key)
-    pki.write_certificate(directory / f"{name}.crt", certificate)
-    return certificate
 
 
 @pytest.fixture(scope="module")
 def fleet_pki(tmp_path_factory: pytest.TempPathFactory) -> FleetPki:
-    """Certificates: broker; devices dev1, dev2, dev3; controller (operator CA); claim
-    (claim CA); 'intruder' named dev1 from a CA the broker does not know."""
-    directory = tmp_path_factory.mktemp("fleet-pki")
-    device_ca = pki.create_ca("edgefleet devices", days=3)
-    operator_ca = pki.create_ca("edgefleet operators", days=3)
-    claim_ca = pki.create_ca("edgefleet claim", days=3)
-    stranger_ca = pki.create_ca("somebody else", days=3)
-    for name, ca in (
-        ("device-ca", device_ca),
-        ("operator-ca", operator_ca),
-        ("claim-ca", claim_ca),
-    ):
-        pki.write_certificate(directory / f"{name}.crt", ca.certificate)
-    _issue(directory, device_ca, "broker", server_names=["127.0.0.1", "localhost"], client=False)
-    for name in ("dev1", "dev2", "dev3"):
-        _issue(directory, device_ca, name)
-    _issue(directory, operator_ca, "controller")
-    _issue(directory, claim_ca, "claim")
-    (directory / "stranger").mkdir()
-    _issue(directory / "stranger", stranger_ca, "dev1")
-    files = FleetBrokerFiles(
-        certfile=directory / "broker.crt",
-        keyfile=directory / "broker.key",
-        device_cafile=directory / "device-ca.crt",
-        crlfile=directory / "crl.pem",
-        operator_cafile=directory / "operator-ca.crt",
-        claim_cafile=directory / "claim-ca.crt",
-        device_acl=directory / "devices.acl",
-        operator_acl=directory / "operators.acl",
-        claim_acl=directory / "claim.acl",
-    )
-    (directory / "devices.acl").write_text(render_device_acl(ROOT))
-    (directory / "operators.acl").write_text(render_operator_acl(ROOT, ["controller"]))
-    (directory / "claim.acl").write_text(render_claim_acl(ROOT))
-    result = FleetPki(directory, device_ca, files)
-    result.write_crl([])
-    return result
-
-
-@dataclass(frozen=True)
-class FleetBroker:
-    """A running fleet broker and its three ports."""
-
-    mosquitto: Mosquitto
-    device_port: int
-    claim_port: int
-    operator_port: int
+    """The fleet's CAs and certificates (devices dev1, dev2, dev3; see fleetbroker)."""
+    return make_fleet_pki(tmp_path_factory.mktemp("fleet-pki"))
 
 
 @pytest.fixture
@@ -120,17 +31,8 @@ def fleet_broker(
     tmp_path: Path, mosquitto_binary: Path, fleet_pki: FleetPki
 ) -> Iterator[FleetBroker]:
     """The fleet broker in its production shape, on free loopback ports."""
-    ports = [free_port() for _ in range(3)]
-    listeners = fleet_listeners(
-        fleet_pki.files,
-        bind_address="127.0.0.1",
-        device_port=ports[0],
-        claim_port=ports[1],
-        operator_port=ports[2],
-    )
-    overrides = {"listeners": listeners, "allow_anonymous": False}
-    with Mosquitto(tmp_path / "broker", settings_overrides=overrides) as broker:
-        yield FleetBroker(broker, *ports)
+    with run_fleet_broker(tmp_path / "broker", fleet_pki) as broker:
+        yield broker
 
 
 def _device(broker: FleetBroker, pki_: FleetPki, name: str, client_id: str = "") -> MqttProbe:
@@ -228,7 +130,7 @@ def test_every_device_reads_the_trust_data_the_controller_publishes(
 def test_an_anonymous_client_is_refused_on_every_listener(
     fleet_broker: FleetBroker, fleet_pki: FleetPki
 ) -> None:
-    ca_only = ClientTls(fleet_pki.directory / "device-ca.crt")
+    ca_only = ClientTls(fleet_pki.cafile)
     for port in (fleet_broker.device_port, fleet_broker.claim_port, fleet_broker.operator_port):
         probe = MqttProbe(fleet_broker.mosquitto, port=port, tls=ca_only)
         assert probe.connect_refused()
@@ -245,9 +147,7 @@ def test_a_certificate_from_another_ca_is_refused(
     fleet_broker: FleetBroker, fleet_pki: FleetPki
 ) -> None:
     stranger = fleet_pki.directory / "stranger"
-    tls = ClientTls(
-        fleet_pki.directory / "device-ca.crt", stranger / "dev1.crt", stranger / "dev1.key"
-    )
+    tls = ClientTls(fleet_pki.cafile, stranger / "dev1.crt", stranger / "dev1.key")
     probe = MqttProbe(fleet_broker.mosquitto, port=fleet_broker.device_port, tls=tls)
 
     assert probe.connect_refused()

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from broker import ClientTls, Mosquitto, MqttProbe, free_port
+from broker import ClientTls, Mosquitto, MqttProbe
 from cryptography import x509
+from fleetbroker import make_fleet_pki, run_fleet_broker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,13 +46,6 @@ from edgefleet.provisioning.enrollment import (
     mark_used,
     new_token,
     parse_token,
-)
-from edgefleet.provisioning.mosquitto import (
-    FleetBrokerFiles,
-    fleet_listeners,
-    render_claim_acl,
-    render_device_acl,
-    render_operator_acl,
 )
 from edgefleet.runtime import InputError
 
@@ -244,58 +238,20 @@ class Fleet:
         return ClientTls(d / "device-ca.crt", d / f"{name}.crt", d / f"{name}.key")
 
 
-def _issue(directory: Path, ca: pki.Issued, name: str, **kwargs: object) -> None:
-    key = pki.generate_key()
-    cert = pki.issue_certificate(ca, key.public_key(), name, days=2, **kwargs)  # type: ignore[arg-type]
-    pki.write_private_key(directory / f"{name}.key", key)
-    pki.write_certificate(directory / f"{name}.crt", cert)
-
-
 @pytest.fixture
 def fleet(tmp_path: Path, mosquitto_binary: Path) -> Iterator[Fleet]:
     """Device, operator and claim CAs; broker, controller, claim and dev1 certificates; the
-    broker on the fleet's three listeners."""
-    d = tmp_path / "pki"
-    d.mkdir()
-    device_ca = pki.create_ca("edgefleet devices", days=60)
-    operator_ca = pki.create_ca("edgefleet operators", days=3)
-    claim_ca = pki.create_ca("edgefleet claim", days=3)
-    for name, ca in (
-        ("device-ca", device_ca),
-        ("operator-ca", operator_ca),
-        ("claim-ca", claim_ca),
-    ):
-        pki.write_certificate(d / f"{name}.crt", ca.certificate)
-    _issue(d, device_ca, "broker", server_names=["127.0.0.1", "localhost"], client=False)
-    _issue(d, device_ca, "dev1")
-    _issue(d, operator_ca, "controller")
-    _issue(d, claim_ca, "claim")
-    pki.write_file(d / "crl.pem", pki.make_crl(device_ca, [], next_update_days=7), mode=0o644)
-    (d / "devices.acl").write_text(render_device_acl(ROOT))
-    (d / "operators.acl").write_text(render_operator_acl(ROOT, ["controller"]))
-    (d / "claim.acl").write_text(render_claim_acl(ROOT))
-    files = FleetBrokerFiles(
-        certfile=d / "broker.crt",
-        keyfile=d / "broker.key",
-        device_cafile=d / "device-ca.crt",
-        crlfile=d / "crl.pem",
-        operator_cafile=d / "operator-ca.crt",
-        claim_cafile=d / "claim-ca.crt",
-        device_acl=d / "devices.acl",
-        operator_acl=d / "operators.acl",
-        claim_acl=d / "claim.acl",
-    )
-    ports = [free_port() for _ in range(3)]
-    listeners = fleet_listeners(
-        files,
-        bind_address="127.0.0.1",
-        device_port=ports[0],
-        claim_port=ports[1],
-        operator_port=ports[2],
-    )
-    overrides = {"listeners": listeners, "allow_anonymous": False}
-    with Mosquitto(tmp_path / "broker", settings_overrides=overrides) as broker:
-        yield Fleet(d, device_ca, broker, *ports)
+    broker on the fleet's three listeners (fleetbroker)."""
+    made = make_fleet_pki(tmp_path / "pki", devices=["dev1"])
+    with run_fleet_broker(tmp_path / "broker", made) as running:
+        yield Fleet(
+            made.directory,
+            made.device_ca,
+            running.mosquitto,
+            running.device_port,
+            running.claim_port,
+            running.operator_port,
+        )
 
 
 class Running:
