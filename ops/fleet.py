@@ -39,6 +39,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from edgefleet.agent.protocol import (
     SHA256_PATTERN,
     ChunkedModelMeta,
     Manifest,
+    RollbackFrom,
     SignedManifest,
     TensorSpec,
     describe_errors,
@@ -67,13 +69,20 @@ from edgefleet.provisioning import (
     load_private_key,
     sign_manifest,
 )
-from edgefleet.runtime import SettingError, TaskName, TensorInfo, inspect_model, read_model
+from edgefleet.runtime import (
+    ModelInfo,
+    SettingError,
+    TaskName,
+    TensorInfo,
+    inspect_model,
+    read_model,
+)
 
 from .connection import BrokerConnection, sync_topic
 from .deploy import read_signed
 from .errors import NotPublished, Refused
 from .keys import check_release_key
-from .profile import add_broker_options, broker_options, broker_profile
+from .profile import ResolvedProfile, add_broker_options, broker_options, broker_profile
 
 DEFAULT_EXPIRES_IN_DAYS = 30.0
 DEFAULT_ROLLBACK_EXPIRES_IN = "6h"
@@ -136,31 +145,7 @@ def _register_manifest(subcommands: Any) -> None:
         help="refuse a --key that the fleet's key set (DIR/keys/keyset.json) does not trust "
         "or revoked, whose manifests devices would refuse (default: no check)",
     )
-    create.add_argument(
-        "--expires-in-days",
-        type=_positive_float,
-        metavar="DAYS",
-        default=DEFAULT_EXPIRES_IN_DAYS,
-        help="devices refuse it after this long (default: %(default)s)",
-    )
-    create.add_argument(
-        "--max-latency-ms",
-        type=_positive_float,
-        metavar="MS",
-        help="median invoke time devices must reach; replaces the default check: within "
-        "updates.max_slowdown (3x) of the running model's and fast enough for the stream's "
-        "frame rate (default: that check)",
-    )
-    create.add_argument(
-        "--allow-slower",
-        action="store_true",
-        help="a bigger model on purpose: devices install it even if much slower than the "
-        "running model or the frame rate, and probation does not roll it back for a lower "
-        "frame rate (default: refused)",
-    )
-    create.add_argument(
-        "--task", choices=[t.value for t in TaskName], help="task (default: detected on device)"
-    )
+    add_manifest_options(create)
     create.add_argument(
         "--sequence",
         type=_positive_int,
@@ -181,18 +166,6 @@ def _register_manifest(subcommands: Any) -> None:
         default=DEFAULT_ROLLBACK_EXPIRES_IN,
         help="a rollback expires after this long: N followed by s, m, h or d "
         "(default: %(default)s)",
-    )
-    create.add_argument(
-        "--replaces",
-        metavar="ID",
-        help="the model id this model replaces on the streams it is deployed to "
-        "(default: the same model id only)",
-    )
-    create.add_argument(
-        "--artifact", metavar="NAME", help="file name on the device (default: the model's)"
-    )
-    create.add_argument(
-        "--min-agent-version", metavar="V", help="oldest agent that may run it (default: any)"
     )
     create.add_argument(
         "--out", type=Path, metavar="FILE", help="write here (default: standard output)"
@@ -226,6 +199,48 @@ def _register_manifest(subcommands: Any) -> None:
         "--json", action="store_true", help="print the manifest's JSON (default: a summary)"
     )
     verify.set_defaults(handler=_manifest_verify)
+
+
+def add_manifest_options(parser: argparse.ArgumentParser) -> None:
+    """The options that say what a manifest promises beyond the model file (``manifest
+    create``, ``release create``); :func:`manifest_terms` reads them back."""
+    parser.add_argument(
+        "--expires-in-days",
+        type=_positive_float,
+        metavar="DAYS",
+        default=DEFAULT_EXPIRES_IN_DAYS,
+        help="devices refuse it after this long (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-latency-ms",
+        type=_positive_float,
+        metavar="MS",
+        help="median invoke time devices must reach; replaces the default check: within "
+        "updates.max_slowdown (3x) of the running model's and fast enough for the stream's "
+        "frame rate (default: that check)",
+    )
+    parser.add_argument(
+        "--allow-slower",
+        action="store_true",
+        help="a bigger model on purpose: devices install it even if much slower than the "
+        "running model or the frame rate, and probation does not roll it back for a lower "
+        "frame rate (default: refused)",
+    )
+    parser.add_argument(
+        "--task", choices=[t.value for t in TaskName], help="task (default: detected on device)"
+    )
+    parser.add_argument(
+        "--replaces",
+        metavar="ID",
+        help="the model id this model replaces on the streams it is deployed to "
+        "(default: the same model id only)",
+    )
+    parser.add_argument(
+        "--artifact", metavar="NAME", help="file name on the device (default: the model's)"
+    )
+    parser.add_argument(
+        "--min-agent-version", metavar="V", help="oldest agent that may run it (default: any)"
+    )
 
 
 def _register_transfer(subcommands: Any) -> None:
@@ -290,15 +305,12 @@ def _manifest_create(args: argparse.Namespace) -> int:
     key = load_private_key(args.key)
     if args.fleet is not None:
         check_release_key(args.fleet, key.public_key())
-    counter = args.key.parent / SEQUENCES_FILE
-    sequences = _read_sequences(counter)
-    sequence = args.sequence or sequences.get(args.model_id, 0) + 1
+    counter = SequenceCounter.beside(args.key)
+    sequence = args.sequence or counter.next(args.model_id)
     manifest = _manifest_from(args, sequence)
     text = sign_manifest(manifest, key).model_dump_json(indent=2) + "\n"
     # Counted before it is written out: a number is never handed out twice.
-    _write_sequences(
-        counter, {**sequences, args.model_id: max(sequence, sequences.get(args.model_id, 0))}
-    )
+    counter.record(args.model_id, sequence)
     if args.out is None:
         sys.stdout.write(text)
     else:
@@ -317,6 +329,37 @@ def _manifest_create(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+@dataclass(frozen=True)
+class SequenceCounter:
+    """The signer's last sequence per model line, in a JSON object of model id to number.
+
+    Kept beside the signing key (:meth:`beside`) so that every tool signing with that key
+    (``manifest create``, ``release create``) counts on from the same number. Replaced
+    whole, atomically; a number is recorded before the manifest leaves the signer.
+    """
+
+    path: Path
+
+    @classmethod
+    def beside(cls, key: Path) -> SequenceCounter:
+        """The counter of the signing key at ``key``: ``sequences.json`` in its folder."""
+        return cls(key.parent / SEQUENCES_FILE)
+
+    def last(self, model_id: str) -> int:
+        """The last sequence signed for ``model_id``; 0 before the first."""
+        return _read_sequences(self.path).get(model_id, 0)
+
+    def next(self, model_id: str, *, at_least: int = 0) -> int:
+        """The sequence of the next manifest of ``model_id``: above the last and ``at_least``."""
+        return max(self.last(model_id), at_least) + 1
+
+    def record(self, model_id: str, sequence: int) -> None:
+        """Count ``sequence`` as handed out for ``model_id`` (the counter never goes down)."""
+        sequences = _read_sequences(self.path)
+        last = sequences.get(model_id, 0)
+        _write_sequences(self.path, {**sequences, model_id: max(sequence, last)})
 
 
 def _read_sequences(path: Path) -> dict[str, int]:
@@ -358,7 +401,7 @@ def _write_sequences(path: Path, sequences: dict[str, int]) -> None:
         ) from exc
 
 
-def _rollback_from(value: str) -> dict[str, Any]:
+def _rollback_from(value: str) -> RollbackFrom:
     """``--rollback-from``: VERSION:SHA256, or the signed manifest of the installed release."""
     path = Path(value)
     if path.is_file():
@@ -369,7 +412,7 @@ def _rollback_from(value: str) -> dict[str, Any]:
                 f"--rollback-from {value}: not a manifest ({describe_errors(exc)})",
                 hint="give the signed manifest of the release installed now, or VERSION:SHA256",
             ) from exc
-        return {"version": installed.version, "sha256": installed.sha256}
+        return RollbackFrom(version=installed.version, sha256=installed.sha256)
     version, _, sha = value.partition(":")
     if not version.isdigit() or int(version) < 1 or not re.fullmatch(SHA256_PATTERN, sha):
         raise SettingError(
@@ -377,46 +420,108 @@ def _rollback_from(value: str) -> dict[str, Any]:
             hint="give the installed release as 9:<its 64-digit sha256> "
             "(edgefleet status shows it), or its signed manifest file",
         )
-    return {"version": int(version), "sha256": sha}
+    return RollbackFrom(version=int(version), sha256=sha)
+
+
+@dataclass(frozen=True)
+class ManifestTerms:
+    """What a manifest promises beyond the model file: the signer's options, as data."""
+
+    model_id: str
+    version: int
+    urls: tuple[str, ...]
+    lifetime_s: float
+    """Seconds from signing to expiry."""
+    artifact: str | None = None
+    """File name on the device; None: the model file's name."""
+    task: str | None = None
+    replaces_model_id: str | None = None
+    max_latency_ms: float | None = None
+    allow_slower: bool = False
+    min_agent_version: str | None = None
+    rollback_from: RollbackFrom | None = None
+
+
+def manifest_terms(
+    args: argparse.Namespace, urls: list[str], *, model_id: str | None = None
+) -> ManifestTerms:
+    """The terms that :func:`add_manifest_options` and ``--model-id``/``--version`` gave."""
+    return ManifestTerms(
+        model_id=model_id or args.model_id,
+        version=args.version,
+        urls=tuple(urls),
+        lifetime_s=args.expires_in_days * SECONDS_PER_DAY,
+        artifact=args.artifact,
+        task=args.task,
+        replaces_model_id=args.replaces,
+        max_latency_ms=args.max_latency_ms,
+        allow_slower=args.allow_slower,
+        min_agent_version=args.min_agent_version,
+    )
+
+
+def check_urls(urls: list[str], option: str = "--url") -> None:
+    """Refuse a URL a device cannot fetch from: http(s)://..., or exactly ``mqtt:``."""
+    for url in urls:
+        if not (url.startswith(URL_PREFIXES) or url == MQTT_MODEL_URL):
+            raise SettingError(
+                f"{option} {url!r} is not a download URL",
+                hint=f"give a URL that starts with {', '.join(URL_PREFIXES)}, or exactly "
+                f"{MQTT_MODEL_URL} for a transfer over the broker ('edgefleet transfer publish')",
+            )
 
 
 def _manifest_from(args: argparse.Namespace, sequence: int) -> Manifest:
     """The manifest for the model file and options; options that break it are named."""
-    for url in args.url:
-        if not (url.startswith(URL_PREFIXES) or url == MQTT_MODEL_URL):
-            raise SettingError(
-                f"--url {url!r} is not a download URL",
-                hint=f"give a URL that starts with {', '.join(URL_PREFIXES)}, or exactly "
-                f"{MQTT_MODEL_URL} for a transfer over the broker ('edgefleet transfer publish')",
-            )
+    check_urls(args.url)
+    terms = manifest_terms(args, args.url)
+    if args.rollback_from is not None:
+        terms = replace(
+            terms, rollback_from=_rollback_from(args.rollback_from),
+            lifetime_s=args.rollback_expires_in,
+        )  # fmt: skip
     info = inspect_model(read_model(args.model))
-    issued_at = time.time()
+    return build_manifest(info, args.model.name, terms, sequence)
+
+
+def build_manifest(
+    info: ModelInfo,
+    file_name: str,
+    terms: ManifestTerms,
+    sequence: int,
+    *,
+    issued_at: float | None = None,
+) -> Manifest:
+    """The manifest of the model ``info`` describes (read from ``file_name``) on ``terms``.
+
+    Fields that come out invalid are named by the option that sets them.
+    """
+    issued_at = time.time() if issued_at is None else issued_at
     fields: dict[str, Any] = {
-        "model_id": args.model_id,
-        "version": args.version,
+        "model_id": terms.model_id,
+        "version": terms.version,
         "sha256": info.sha256,
         "size": info.size,
-        "artifact": args.artifact or args.model.name,
-        "urls": args.url,
+        "artifact": terms.artifact or file_name,
+        "urls": list(terms.urls),
         "inputs": [_tensor_spec(t) for t in info.inputs],
         "outputs": [_tensor_spec(t) for t in info.outputs],
-        "task": {"task": args.task},
+        "task": {"task": terms.task},
         "issued_at": issued_at,
-        "expires_at": issued_at + args.expires_in_days * SECONDS_PER_DAY,
+        "expires_at": issued_at + terms.lifetime_s,
         "sequence": sequence,
     }
-    if args.rollback_from is not None:
-        fields["rollback_from"] = _rollback_from(args.rollback_from)
-        fields["expires_at"] = issued_at + args.rollback_expires_in
-    if args.replaces is not None:
-        fields["replaces_model_id"] = args.replaces
+    if terms.rollback_from is not None:
+        fields["rollback_from"] = terms.rollback_from
+    if terms.replaces_model_id is not None:
+        fields["replaces_model_id"] = terms.replaces_model_id
     # Unset options keep the protocol's defaults.
-    if args.max_latency_ms is not None:
-        fields["max_latency_ms"] = args.max_latency_ms
-    if args.allow_slower:
+    if terms.max_latency_ms is not None:
+        fields["max_latency_ms"] = terms.max_latency_ms
+    if terms.allow_slower:
         fields["allow_slower"] = True
-    if args.min_agent_version is not None:
-        fields["min_agent_version"] = args.min_agent_version
+    if terms.min_agent_version is not None:
+        fields["min_agent_version"] = terms.min_agent_version
     try:
         return Manifest.model_validate(fields)
     except ValidationError as exc:
@@ -537,8 +642,26 @@ def model_chunks(content: bytes, chunk_bytes: int) -> tuple[ChunkedModelMeta, li
 
 def _transfer_publish(args: argparse.Namespace) -> int:
     model = read_model(args.model)
-    meta, chunks = model_chunks(model.content, args.chunk_kib * KIB)
     resolved = broker_profile(args)
+    meta, stale = publish_model_chunks(resolved, model.content, args.chunk_kib * KIB)
+    root, sha256 = resolved.profile.topic_root, meta.sha256
+    print(
+        f"published {args.model.name}: {meta.size:,} bytes in {meta.chunks} chunks of "
+        f"{args.chunk_kib} KiB, retained under {model_transfer_topic(root, sha256)}/"
+        + (f" (cleared {stale} retained messages of one cut another way)" if stale else "")
+    )
+    print(f"sha256  {sha256}")
+    print(f"url     {MQTT_MODEL_URL}    (edgefleet manifest create ... --url {MQTT_MODEL_URL})")
+    print(f"remove  edgefleet transfer clear {sha256} {broker_options(args)}".rstrip())
+    return 0
+
+
+def publish_model_chunks(
+    resolved: ResolvedProfile, content: bytes, chunk_bytes: int
+) -> tuple[ChunkedModelMeta, int]:
+    """Publish ``content`` retained as chunks, then its meta; the meta and how many stale
+    retained messages (of an earlier publication cut another way) were cleared first."""
+    meta, chunks = model_chunks(content, chunk_bytes)
     root, sha256 = resolved.profile.topic_root, meta.sha256
     messages = [(model_chunk_topic(root, sha256, i), chunk) for i, chunk in enumerate(chunks)]
     meta_topic, meta_payload = model_meta_topic(root, sha256), meta.model_dump_json().encode()
@@ -554,15 +677,7 @@ def _transfer_publish(args: argparse.Namespace) -> int:
         broker.publish_all([(topic, b"") for topic in stale], retain=True)
         broker.publish_all(messages, retain=True)
         broker.publish(meta_topic, meta_payload, retain=True)
-    print(
-        f"published {args.model.name}: {meta.size:,} bytes in {meta.chunks} chunks of "
-        f"{args.chunk_kib} KiB, retained under {model_transfer_topic(root, sha256)}/"
-        + (f" (cleared {len(stale)} retained messages of one cut another way)" if stale else "")
-    )
-    print(f"sha256  {sha256}")
-    print(f"url     {MQTT_MODEL_URL}    (edgefleet manifest create ... --url {MQTT_MODEL_URL})")
-    print(f"remove  edgefleet transfer clear {sha256} {broker_options(args)}".rstrip())
-    return 0
+    return meta, len(stale)
 
 
 def _transfer_clear(args: argparse.Namespace) -> int:
