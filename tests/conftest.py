@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from broker import Mosquitto, require_mosquitto
+from controller_db import BACKENDS, controller_database
 
 from edgefleet.agent.config import OPERATOR_ENV
 from edgefleet.runtime import Labels, ModelBytes, load_image, read_model, select_backend
@@ -125,6 +126,14 @@ def broker(tmp_path: Path, mosquitto_binary: Path) -> Iterator[Mosquitto]:
     """A running Mosquitto with the project's generated config on a free loopback port."""
     with Mosquitto(tmp_path / "broker") as running:
         yield running
+
+
+@pytest.fixture(params=BACKENDS)
+def controller_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty controller database, once on SQLite and once on PostgreSQL (a
+    database of its own, dropped afterwards; a skip without a server, a failure under CI)."""
+    with controller_database(request.param, tmp_path) as url:
+        yield url
 
 
 @dataclass(frozen=True)

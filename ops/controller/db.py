@@ -390,6 +390,7 @@ def current_revisions(url_or_path: str | Path) -> list[str]:
 def _scripts() -> ScriptDirectory:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("path_separator", "os")
     config.set_main_option("version_locations", str(MIGRATIONS / "versions"))
     return ScriptDirectory.from_config(config)
 
