@@ -19,6 +19,19 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from edgefleet.agent.protocol import (
+    HealthMessage,
+    ModelRef,
+    MqttHealth,
+    OutboxHealth,
+    ReportedState,
+    StatusMessage,
+    StreamHealth,
+    SystemHealth,
+    UpdateReport,
+    UpdateState,
+)
+
 POSTGRES_ENV = "EDGEFLEET_TEST_POSTGRES"
 POSTGRES_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 BACKENDS = ("sqlite", "postgresql")
@@ -74,3 +87,83 @@ def controller_database(backend: str, tmp_path: Path) -> Iterator[str]:
         return
     with postgres_database() as url:
         yield url
+
+
+# -- device messages, as agents send them ---------------------------------------------
+
+
+def model_ref(version: str = "1", *, sha256: str = "a" * 64) -> ModelRef:
+    """The SSD detector at ``version``."""
+    return ModelRef(
+        id="ssd", version=version, sha256=sha256, task="detection", backend="litert 2.3.0",
+        delegate="cpu",
+    )  # fmt: skip
+
+
+def status_message(
+    device: str, ts: float, state: str = "online", *, reason: str | None = None
+) -> StatusMessage:
+    """A birth (online, one stream 'door' running the detector), degraded, or offline status."""
+    online = state != "offline"
+    return StatusMessage.model_validate(
+        {
+            "state": state, "device_id": device, "ts": ts, "reason": reason,
+            "agent_version": "0.1.0",
+            "capabilities": {
+                "backends": ["litert 2.3.0"], "tasks": ["detection"], "sources": ["file"],
+                "delegates": ["cpu"],
+            } if online else None,
+            "models": [model_ref().model_dump()] if online else [],
+            "streams": ["door"] if online else [],
+        }
+    )  # fmt: skip
+
+
+def health_message(
+    device: str,
+    ts: float,
+    *,
+    uptime_s: float = 60.0,
+    fps: float = 15.0,
+    failed: int = 0,
+    stream_state: str = "running",
+    temperature_c: float | None = 51.5,
+) -> HealthMessage:
+    """A heartbeat with one stream 'door'."""
+    stream = StreamHealth(
+        state=stream_state, captured=900, processed=890, skipped=10, failed=failed, events=40,
+        events_lost=0, fps=fps, latency_p50_ms=21.0, latency_p99_ms=35.0,
+        inference_p50_ms=8.0, inference_p99_ms=11.0, source_failures=0,
+    )  # fmt: skip
+    return HealthMessage(
+        device_id=device, ts=ts, uptime_s=uptime_s, streams={"door": stream},
+        outbox=OutboxHealth(depth=3, dropped=1, not_stored=2, lost=1),
+        mqtt=MqttHealth(connected=True, reconnects=2, published=40),
+        system=SystemHealth(
+            cpu_percent=40.0, rss_mb=110.0, cpu_temperature_c=temperature_c,
+            throttled={"under_voltage": False, "throttled": True}, load_1m=0.7,
+        ),
+        models=[model_ref()],
+    )  # fmt: skip
+
+
+def reported_message(
+    device: str,
+    ts: float,
+    *,
+    version: str = "1",
+    sha256: str = "a" * 64,
+    update: UpdateState | None = None,
+    reason: str | None = None,
+) -> ReportedState:
+    """What a device runs on stream 'door', with its latest update when given."""
+    updates = {}
+    if update is not None:
+        updates["door"] = UpdateReport(
+            state=update, model_id="ssd", version=int(version) + 1, sha256="b" * 64,
+            reason=reason, ts=ts,
+        )  # fmt: skip
+    return ReportedState(
+        device_id=device, ts=ts, agent_version="0.1.0", desired_revision=1,
+        models={"door": model_ref(version, sha256=sha256)}, updates=updates,
+    )  # fmt: skip
