@@ -145,7 +145,7 @@ def _parse_wave_item(item: str, spec: str) -> int | Fraction:
                 hint=_WAVES_HINT,
             )
         return share / 100
-    if not item.isdigit():
+    if not (item.isascii() and item.isdigit()):
         raise RolloutPlanError(
             f"wave {item!r} in {spec!r} is neither a device count nor a percentage",
             hint=_WAVES_HINT,
@@ -458,6 +458,7 @@ class _Progress:
         self.refused: list[str] = []
         self.rolled_back: list[str] = []
         self.pending: list[str] = []
+        self.reasons: dict[str, str] = {}
         self.commit_times: list[float] = []
         for device in state.assigned:
             self._classify(device, plan.release, facts.get(device))
@@ -474,6 +475,7 @@ class _Progress:
                 return
             if report.state is UpdateState.ROLLED_BACK:
                 self.rolled_back.append(device)
+                self.reasons[device] = report.reason or "no reason given"
                 return
         elif fact is not None and fact.running_sha256 == release.sha256:
             self.updated.append(device)
@@ -544,6 +546,7 @@ def decide(
     _record_convergence(build, facts)
     if build.state.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED):
         _judge_wave(build, facts)
+        _record_convergence(build, facts)  # a rollback decided just now may have converged
     return Decision(
         state=build.state, desired=_desired(plan, build.state), records=tuple(build.records)
     )
@@ -627,6 +630,8 @@ def _start_wave(build: _Builder, facts: Mapping[str, DeviceFacts]) -> None:
 
 def _judge_wave(build: _Builder, facts: Mapping[str, DeviceFacts]) -> None:
     plan, gates = build.plan, build.plan.gates
+    if not build.state.waves:  # paused before its first wave
+        return
     progress = _Progress(plan, build.state, facts)
     failure = _early_failure(progress, gates)
     if failure is not None:
@@ -651,8 +656,9 @@ def _judge_wave(build: _Builder, facts: Mapping[str, DeviceFacts]) -> None:
 def _early_failure(progress: _Progress, gates: RolloutGates) -> str | None:
     if len(progress.rolled_back) > gates.max_probation_rollbacks:
         return (
-            f"{_names(progress.rolled_back)} rolled back in probation "
-            f"({len(progress.rolled_back)} > {gates.max_probation_rollbacks} allowed)"
+            f"{_names([f'{d} ({progress.reasons[d]})' for d in progress.rolled_back])} "
+            f"rolled back in probation: {len(progress.rolled_back)} > "
+            f"{gates.max_probation_rollbacks} allowed"
         )
     if progress.failed:
         total = progress.settled + len(progress.pending)
@@ -795,7 +801,11 @@ def _roll_back(
 ) -> None:
     assigned = build.state.assigned
     build.update(status=RolloutStatus.ROLLED_BACK, rolled_back_at=build.now)
-    reason += f" ({len(assigned)} device{'s' if len(assigned) != 1 else ''} get the rollback)"
+    reason += (
+        " (1 device gets the rollback)"
+        if len(assigned) == 1
+        else f" ({len(assigned)} devices get the rollback)"
+    )
     build.record(
         kind, reason, wave=len(build.state.waves) or None, devices=devices or assigned, actor=actor
     )
