@@ -23,7 +23,7 @@ from edgefleet.runtime import EdgefleetError
 from edgefleet.runtime.cli import register as register_model_commands
 from edgefleet.runtime.cli import report_error
 
-from . import broker, commands, deploy, enroll, fleet, keys, profile, provision, watch
+from . import broker, commands, deploy, enroll, fleet, keys, profile, provision, release, watch
 from .errors import exit_code
 
 _INTERRUPTED = 130
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.register(subcommands)
     enroll.register(subcommands)
     provision.register(subcommands)
+    release.register(subcommands)
     for sub in _subparsers(parser):
         # SUPPRESS: given before the command, -v is not reset by the command's parser.
         sub.add_argument(
