@@ -306,7 +306,8 @@ def test_error_rate_increase_over_the_previous_model_fails_the_gate() -> None:
 
     assert decision.state.status is RolloutStatus.ROLLED_BACK
     assert decision.records[0].reason.startswith(
-        "wave 1 halted: error rate +3% > 2% against the previous model: rolling wave 1 back"
+        "wave 1 halted: error rate +3% > 2% against the previous model (mean of 2; worst "
+        "dev-1 +4%): rolling wave 1 back"
     )
     assert targets(decision) == {"dev-1": B, "dev-2": B, "dev-3": U}
 

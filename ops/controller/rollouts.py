@@ -31,21 +31,24 @@ Decision rules, in the order one call applies them:
 
    - Failing at once: probation rollbacks above ``max_probation_rollbacks``; or so many
      failed that the success ratio could not reach ``min_success_ratio`` even if every
-     pending device updated. The rollout is rolled back: every device that was given the
-     release gets the rollback manifest (devices of later waves are never touched).
+     pending device updated. The rollout is rolled back (status ``rolled_back``, record
+     ``gate_failed``): every device that was given the release gets the rollback
+     manifest (devices of later waves are never touched).
    - Waiting: pending devices that are not left behind block the wave. Before the
-     deadline, nothing happens. Past it (running only), if every blocking device is offline
-     and ``proceed_without_offline`` is set, they are left behind (recorded, still desired
-     the release, they converge when they return and count in the gates once they
-     settle); otherwise the rollout is halted, with the devices it waited for.
+     deadline, nothing happens. Past it (running only: a paused rollout waits for its
+     resume), if every blocking device is offline and ``proceed_without_offline`` is set,
+     they are left behind (recorded, still desired the release, they converge when they
+     return and count in the gates once they settle); otherwise (one of them is online
+     and still updating, or the setting is off) the rollout is halted, naming them.
    - Once nothing blocks: success ratio over the devices that settled (updated / updated
      + failed) ≥ ``min_success_ratio``; the error-rate increase (mean over the updated
      devices that have both figures, of the rate now minus the rate on the previous
      model, in fractions of frames) ≤ ``max_error_rate_increase``; the latency-p99 increase
      (mean relative increase over the same devices) ≤ ``max_latency_p99_increase``. A
      gate without any figures passes and says so. A failure rolls back as above.
-   - Soak: ``min_soak_s`` since the last commit among the updated devices (the wave's start
-     when none committed) must have passed, else wait.
+   - Soak: ``min_soak_s`` since the last commit among the updated devices (the current
+     wave's start, if later) must have passed, else wait; a health gate failing during
+     the soak rolls back at once.
    - All pass (running only): the next wave starts, in the same decision; after the last
      wave the rollout is completed.
 
@@ -515,10 +518,13 @@ class _Builder:
             at=self.now, kind=kind, wave=wave, devices=tuple(devices), reason=reason, actor=actor
         )
         self.records.append(record)
-        self.state = self.state.model_copy(update={"decisions": (*self.state.decisions, record)})
 
     def update(self, **changes: object) -> None:
         self.state = self.state.model_copy(update=changes)
+
+    def finish(self) -> RolloutState:
+        """The next state: the changes, and the records appended to the decisions so far."""
+        return self.state.model_copy(update={"decisions": (*self.state.decisions, *self.records)})
 
     @property
     def wave_label(self) -> str:
@@ -547,8 +553,9 @@ def decide(
     if build.state.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED):
         _judge_wave(build, facts)
         _record_convergence(build, facts)  # a rollback decided just now may have converged
+    next_state = build.finish()
     return Decision(
-        state=build.state, desired=_desired(plan, build.state), records=tuple(build.records)
+        state=next_state, desired=_desired(plan, next_state), records=tuple(build.records)
     )
 
 
@@ -637,7 +644,8 @@ def _judge_wave(build: _Builder, facts: Mapping[str, DeviceFacts]) -> None:
     if failure is not None:
         _fail(build, failure, progress)
         return
-    blocking = [d for d in progress.pending if d not in build.state.left_behind]
+    left_behind = set(build.state.left_behind)
+    blocking = [d for d in progress.pending if d not in left_behind]
     if blocking:
         if build.now < plan.deadline or build.state.status is RolloutStatus.PAUSED:
             return
@@ -693,9 +701,10 @@ def _past_deadline(build: _Builder, blocking: list[str], facts: Mapping[str, Dev
             devices=blocking,
         )
         return False
+    already = set(build.state.pending)
     build.update(
         left_behind=(*build.state.left_behind, *blocking),
-        pending=(*build.state.pending, *(d for d in blocking if d not in build.state.pending)),
+        pending=(*build.state.pending, *(d for d in blocking if d not in already)),
     )
     build.record(
         DecisionKind.LEFT_PENDING,
@@ -717,43 +726,39 @@ def _health_checks(
     if ratio < gates.min_success_ratio:
         return checks, f"{checks[0]}: {_percent(ratio)} < {_percent(gates.min_success_ratio)}"
     measured = [facts[d] for d in progress.updated if d in facts]
-    error = _mean(
-        [
-            f.error_rate - f.previous_error_rate
-            for f in measured
-            if f.error_rate is not None and f.previous_error_rate is not None
-        ]
-    )
-    if error is None:
-        checks.append("error rate: no figures")
-    elif error > gates.max_error_rate_increase:
-        return checks, (
-            f"error rate {_signed_percent(error)} > {_percent(gates.max_error_rate_increase)} "
-            "against the previous model"
-        )
-    else:
-        checks.append(
-            f"error rate {_signed_percent(error)} ≤ {_percent(gates.max_error_rate_increase)}"
-        )
-    latency = _mean(
-        [
-            f.latency_p99_ms / f.previous_latency_p99_ms - 1
-            for f in measured
-            if f.latency_p99_ms is not None and f.previous_latency_p99_ms
-        ]
-    )
-    if latency is None:
-        checks.append("latency p99: no figures")
-    elif latency > gates.max_latency_p99_increase:
-        return checks, (
-            f"latency p99 {_signed_percent(latency)} > "
-            f"{_percent(gates.max_latency_p99_increase)} against the previous model"
-        )
-    else:
-        checks.append(
-            f"latency p99 {_signed_percent(latency)} ≤ {_percent(gates.max_latency_p99_increase)}"
-        )
+    errors = {
+        f.device_id: f.error_rate - f.previous_error_rate
+        for f in measured
+        if f.error_rate is not None and f.previous_error_rate is not None
+    }
+    latencies = {
+        f.device_id: f.latency_p99_ms / f.previous_latency_p99_ms - 1
+        for f in measured
+        if f.latency_p99_ms is not None and f.previous_latency_p99_ms
+    }
+    for name, deltas, limit in (
+        ("error rate", errors, gates.max_error_rate_increase),
+        ("latency p99", latencies, gates.max_latency_p99_increase),
+    ):
+        check, failure = _delta_gate(name, deltas, limit)
+        if failure is not None:
+            return checks, failure
+        checks.append(check)
     return checks, None
+
+
+def _delta_gate(name: str, deltas: Mapping[str, float], limit: float) -> tuple[str, str | None]:
+    """The mean of per-device increases against ``limit``: the check in words, the failure."""
+    if not deltas:
+        return f"{name}: no figures", None
+    mean = sum(deltas.values()) / len(deltas)
+    if mean <= limit:
+        return f"{name} {_signed_percent(mean)} ≤ {_percent(limit)}", None
+    worst = max(deltas, key=lambda device: deltas[device])
+    return "", (
+        f"{name} {_signed_percent(mean)} > {_percent(limit)} against the previous model "
+        f"(mean of {len(deltas)}; worst {worst} {_signed_percent(deltas[worst])})"
+    )
 
 
 def _soak_start(state: RolloutState, progress: _Progress) -> float:
@@ -818,36 +823,45 @@ def _record_convergence(build: _Builder, facts: Mapping[str, DeviceFacts]) -> No
     if build.state.status is RolloutStatus.ROLLED_BACK:
         _record_rollback_convergence(build, facts)
         return
+    waves = _wave_numbers(build.state)
+    left_behind = set(build.state.left_behind)
+    converged: set[str] = set()
     for device in build.state.pending:
         outcome = _release_outcome(build.plan.release, facts.get(device))
         if outcome is None:
             continue
-        build.update(pending=tuple(d for d in build.state.pending if d != device))
-        behind = " (the rollout went on without it)" if device in build.state.left_behind else ""
+        converged.add(device)
+        behind = " (the rollout went on without it)" if device in left_behind else ""
         build.record(
             DecisionKind.CONVERGED,
             f"{device} returned and converged{behind}: {outcome}",
-            wave=_wave_of(build.state, device),
+            wave=waves[device],
             devices=(device,),
         )
+    if converged:
+        build.update(pending=tuple(d for d in build.state.pending if d not in converged))
 
 
 def _record_rollback_convergence(build: _Builder, facts: Mapping[str, DeviceFacts]) -> None:
+    waves = _wave_numbers(build.state)
+    done = set(build.state.rollback_converged)
+    converged: list[str] = []
     for device in build.state.assigned:
-        if device in build.state.rollback_converged:
-            continue
-        outcome = _rollback_outcome(build.plan, facts.get(device))
+        outcome = None if device in done else _rollback_outcome(build.plan, facts.get(device))
         if outcome is None:
             continue
-        build.update(
-            rollback_converged=(*build.state.rollback_converged, device),
-            pending=tuple(d for d in build.state.pending if d != device),
-        )
+        converged.append(device)
         build.record(
             DecisionKind.CONVERGED,
             f"{device} converged on the rollback: {outcome}",
-            wave=_wave_of(build.state, device),
+            wave=waves[device],
             devices=(device,),
+        )
+    if converged:
+        gone = set(converged)
+        build.update(
+            rollback_converged=(*build.state.rollback_converged, *converged),
+            pending=tuple(d for d in build.state.pending if d not in gone),
         )
 
 
@@ -888,15 +902,9 @@ def _online(facts: Mapping[str, DeviceFacts], device: str) -> bool:
     return fact is not None and fact.online
 
 
-def _wave_of(state: RolloutState, device: str) -> int | None:
-    for number, wave in enumerate(state.waves, start=1):
-        if device in wave.devices:
-            return number
-    return None
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def _wave_numbers(state: RolloutState) -> dict[str, int]:
+    """Each device given the release, and its wave (1-based)."""
+    return {d: number for number, wave in enumerate(state.waves, start=1) for d in wave.devices}
 
 
 def _names(devices: Sequence[str], limit: int = 5) -> str:
