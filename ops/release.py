@@ -262,13 +262,18 @@ def _publish_chunks(args: argparse.Namespace) -> int:
 def _release_key(args: argparse.Namespace) -> tuple[Path, Ed25519PrivateKey]:
     """The signing key's file and key: ``--key``, else the fleet's newest release key; a
     key the fleet's key set would not have devices trust is refused."""
-    fleet = args.fleet or (Path(os.environ[FLEET_ENV]) if os.environ.get(FLEET_ENV) else None)
-    if args.key is None and fleet is None:
+    named = args.fleet or os.environ.get(FLEET_ENV)
+    fleet = Path(named) if named else None
+    path: Path
+    if args.key is not None:
+        path = args.key
+    elif fleet is not None:
+        path = _newest_release_key(fleet)
+    else:
         raise SettingError(
             "which release key? no --key, no --fleet and no $" + FLEET_ENV,
             hint="pass --key KEYFILE (a release key's .key file) or --fleet DIR",
         )
-    path = args.key if args.key is not None else _newest_release_key(fleet)
     key = load_private_key(path)
     if fleet is not None:
         check_release_key(fleet, key.public_key())
