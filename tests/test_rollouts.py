@@ -26,6 +26,7 @@ from edgefleet.ops.controller.rollouts import (
     RolloutState,
     RolloutStatus,
     decide,
+    parse_gates,
     parse_waves,
     resolve_waves,
 )
@@ -652,6 +653,44 @@ def test_a_plan_refuses_duplicate_devices_and_a_rollback_to_the_release() -> Non
         RolloutPlan.model_validate({**plan.model_dump(), "rollback": RELEASE.model_dump()})
     with pytest.raises(ValidationError):
         RolloutPlan.model_validate({**plan.model_dump(), "surprise": 1})
+
+
+def test_gates_are_read_from_the_conditions_that_must_hold() -> None:
+    gates = parse_gates(
+        ["success>=95%", "rollbacks<=1", "error_rate<=+0.5%", " latency_p99 <= 30% "],
+        RolloutGates(min_soak_s=60),
+    )
+
+    assert gates == RolloutGates(
+        min_success_ratio=0.95,
+        max_probation_rollbacks=1,
+        max_error_rate_increase=0.005,
+        max_latency_p99_increase=0.3,
+        min_soak_s=60,
+    )
+    assert parse_gates([]) == RolloutGates()
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        (["success"], "gate 'success' is not NAME<=VALUE or NAME>=VALUE"),
+        (["speed>=1%"], "no gate 'speed' (there are success, rollbacks, error_rate, latency_p99)"),
+        (["success<=95%"], "success is a minimum, write success>=95%"),
+        (["rollbacks>=1"], "rollbacks is a maximum, write rollbacks<=1"),
+        (["rollbacks<=one"], "rollbacks is a number of devices"),
+        (["error_rate<=2"], "error_rate is a percentage, e.g. error_rate<=2%"),
+        (["error_rate<=-2%"], "'-2%' is not a percentage"),
+        (["success>=95"], "success is a percentage, e.g. success>=95%"),
+        (["success>=120%"], "success is at most 100%"),
+        (["success>=90%", "success>=95%"], "gate success is given twice"),
+    ],
+)
+def test_bad_gates_say_what_is_wrong(specs: list[str], message: str) -> None:
+    with pytest.raises(RolloutPlanError) as caught:
+        parse_gates(specs)
+    assert message in caught.value.message
+    assert caught.value.hint
 
 
 wave_items = st.one_of(

@@ -76,6 +76,7 @@ Errors (all bad input, exit 2, except a refused command, exit 3)::
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from fractions import Fraction
@@ -104,6 +105,7 @@ __all__ = [
     "RolloutStatus",
     "WaveRun",
     "decide",
+    "parse_gates",
     "parse_waves",
     "resolve_waves",
 ]
@@ -141,7 +143,11 @@ def parse_waves(spec: str) -> tuple[int | Fraction, ...]:
 
 def _parse_wave_item(item: str, spec: str) -> int | Fraction:
     if item.endswith("%"):
-        share = _number(item[:-1], item, spec)
+        share = _number(item[:-1])
+        if share is None:
+            raise RolloutPlanError(
+                f"wave {item!r} in {spec!r} is not a percentage", hint=_WAVES_HINT
+            )
         if not 0 < share <= 100:
             raise RolloutPlanError(
                 f"wave {item!r} in {spec!r}: a percentage must be above 0% and at most 100%",
@@ -161,11 +167,10 @@ def _parse_wave_item(item: str, spec: str) -> int | Fraction:
     return count
 
 
-def _number(text: str, item: str, spec: str) -> Fraction:
+def _number(text: str) -> Fraction | None:
+    """A plain decimal number (digits, at most one point), else None."""
     digits = text.replace(".", "", 1)
-    if not digits.isdigit() or not digits.isascii():
-        raise RolloutPlanError(f"wave {item!r} in {spec!r} is not a percentage", hint=_WAVES_HINT)
-    return Fraction(text)
+    return Fraction(text) if digits.isascii() and digits.isdigit() else None
 
 
 def resolve_waves(spec: str, device_count: int) -> tuple[int, ...]:
@@ -251,6 +256,74 @@ class RolloutGates(_Frozen):
     min_soak_s: float = Field(
         600, ge=0, description="Seconds since the last device committed, at least."
     )
+
+
+_GATES_HINT = (
+    "write each gate as the condition that must hold: success>=95%, rollbacks<=1, "
+    "error_rate<=+2% (percentage points over the previous model), latency_p99<=+20%"
+)
+_GATE = re.compile(r"\s*([a-z_0-9]+)\s*(<=|>=)\s*(\S+)\s*")
+_GATE_FIELDS = {
+    "success": ("min_success_ratio", ">="),
+    "rollbacks": ("max_probation_rollbacks", "<="),
+    "error_rate": ("max_error_rate_increase", "<="),
+    "latency_p99": ("max_latency_p99_increase", "<="),
+}
+
+
+def parse_gates(specs: Sequence[str], base: RolloutGates | None = None) -> RolloutGates:
+    """Gates from ``--gate`` conditions (``success>=95%``, ``rollbacks<=1``, ...) over ``base``.
+
+    Soak has its own option. Raises RolloutPlanError for a condition it cannot read.
+    """
+    changes: dict[str, float | int] = {}
+    for spec in specs:
+        match = _GATE.fullmatch(spec)
+        if match is None:
+            raise RolloutPlanError(
+                f"gate {spec!r} is not NAME<=VALUE or NAME>=VALUE", hint=_GATES_HINT
+            )
+        name, op, text = match.groups()
+        if name not in _GATE_FIELDS:
+            raise RolloutPlanError(
+                f"gate {spec!r}: no gate {name!r} (there are {', '.join(_GATE_FIELDS)})",
+                hint=_GATES_HINT,
+            )
+        field, wanted = _GATE_FIELDS[name]
+        if op != wanted:
+            kind = "a minimum" if wanted == ">=" else "a maximum"
+            raise RolloutPlanError(
+                f"gate {spec!r}: {name} is {kind}, write {name}{wanted}{text}", hint=_GATES_HINT
+            )
+        if field in changes:
+            raise RolloutPlanError(f"gate {name} is given twice", hint="give each gate once")
+        changes[field] = _gate_value(name, op, text, spec)
+    gates = base or RolloutGates()
+    try:
+        return RolloutGates.model_validate({**gates.model_dump(), **changes})
+    except ValueError as exc:
+        raise RolloutPlanError(f"gates {', '.join(specs)}: {exc}", hint=_GATES_HINT) from exc
+
+
+def _gate_value(name: str, op: str, text: str, spec: str) -> float | int:
+    if name == "rollbacks":
+        if not (text.isascii() and text.isdigit()):
+            raise RolloutPlanError(
+                f"gate {spec!r}: rollbacks is a number of devices", hint=_GATES_HINT
+            )
+        return int(text)
+    number = text.removeprefix("+")
+    if not number.endswith("%"):
+        raise RolloutPlanError(
+            f"gate {spec!r}: {name} is a percentage, e.g. {name}{op}{text}%", hint=_GATES_HINT
+        )
+    value = _number(number[:-1])
+    if value is None:
+        raise RolloutPlanError(f"gate {spec!r}: {text!r} is not a percentage", hint=_GATES_HINT)
+    share = float(value) / 100
+    if name == "success" and share > 1:
+        raise RolloutPlanError(f"gate {spec!r}: success is at most 100%", hint=_GATES_HINT)
+    return share
 
 
 class RolloutPlan(_Frozen):
