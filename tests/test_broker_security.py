@@ -199,7 +199,8 @@ def test_a_claim_session_reads_its_own_answer_and_no_other(
         assert claim.wait_for_message(enroll_answer_topic(ROOT, "claim", mine)).payload == (
             b"certificate"
         )
-        assert [m.topic for m in other.messages()] == [enroll_answer_topic(ROOT, "claim", theirs)]
+        # Its own answer matches two of its subscriptions: it may come twice.
+        assert {m.topic for m in other.messages()} == {enroll_answer_topic(ROOT, "claim", theirs)}
         assert [m.payload for m in service.messages()] == [b"request"]
 
 
