@@ -319,6 +319,10 @@ def test_show_manifest_prints_the_signed_manifest_deploy_takes(
     assert f"url            {BASE}/artifacts/{sha256(model)}" in summary
 
 
+def test_list_of_a_model_id_that_cannot_be_one_exits_2(store_dir: Path) -> None:
+    assert edgefleet("release", "list", "--store", store_dir, "--model-id", "../..") == 2
+
+
 @pytest.mark.parametrize("name", ["mobilenet@9", "mobilenet", "a@b@1", "@1"])
 def test_show_of_a_release_not_stored_or_not_a_release_id_exits_2(
     store_dir: Path, model: Path, key: Path, name: str

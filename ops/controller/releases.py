@@ -36,8 +36,8 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -214,6 +214,11 @@ class ReleaseStore:
 
     def releases(self, model_id: str | None = None) -> list[Release]:
         """Every release (of ``model_id`` only, if given), by model id then version."""
+        if model_id is not None and not re.fullmatch(TOPIC_LEVEL_PATTERN, model_id):
+            raise SettingError(
+                f"{model_id!r} is not a model id",
+                hint="use letters, digits, '_', '.' and '-', starting with a letter or digit",
+            )
         top = self.root / RELEASES_DIR
         lines = [top / model_id] if model_id is not None else sorted(top.glob("*"))
         found = [self._read(p) for line in lines for p in line.glob("*.json")]
@@ -263,13 +268,15 @@ def create_release(
     key: Ed25519PrivateKey,
     counter: SequenceCounter,
     *,
+    url_bases: Sequence[str] = (),
     notes: str = "",
 ) -> Release:
     """Validate the model file, sign its manifest on ``terms`` and store artifact and release.
 
-    ``terms.urls`` are the manifest's URLs as given (:func:`artifact_url` makes the
-    controller's). A bad model file raises the runtime's model errors (bad input); a
-    taken model id and version :class:`ReleaseExists`, before anything is signed.
+    The manifest names the artifact at each controller of ``url_bases``
+    (:func:`artifact_url`), then ``terms.urls`` (``mqtt:``, another server). A bad model
+    file raises the runtime's model errors (bad input); a taken model id and version
+    :class:`ReleaseExists`, before anything is signed.
     """
     if not re.fullmatch(TOPIC_LEVEL_PATTERN, terms.model_id):
         raise SettingError(
@@ -282,7 +289,8 @@ def create_release(
         if store.exists(terms.model_id, terms.version):
             raise _exists(terms.model_id, terms.version)
         sequence = counter.next(terms.model_id, at_least=store.highest_sequence(terms.model_id))
-        manifest = build_manifest(info, model.name, terms, sequence)
+        urls = (*(artifact_url(b, info.sha256) for b in url_bases), *terms.urls)
+        manifest = build_manifest(info, model.name, replace(terms, urls=urls), sequence)
         signed = sign_manifest(manifest, key)
         counter.record(terms.model_id, sequence)
         store.put_artifact(content.content)
