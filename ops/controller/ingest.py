@@ -22,10 +22,12 @@ Threads:
   reconnects by itself).
 - ``registry-writer`` (:class:`RegistryWriter`, started and stopped by its owner) takes
   batches off the queue and commits each in one transaction. A database that is unreachable
-  or locked (``OperationalError``) is retried with backoff, the batch kept; any other
-  database error drops the batch, counted. An unexpected exception ends the thread: it is
-  logged with its traceback and shown in :attr:`IngestStats.writer_problem` for the owner
-  (``controller run``'s supervisor) to report and restart.
+  or locked (``OperationalError``) is retried with backoff, the batch kept (on stop, for
+  half of ``stop_timeout_s``); a device another controller inserted first
+  (``IntegrityError``) is retried once; any other database error drops the batch, counted.
+  An unexpected exception ends the thread: it is logged with its traceback and shown in
+  :attr:`IngestStats.writer_problem` for the owner (``controller run``'s supervisor) to
+  report and restart.
 - Counters live in one lock-guarded :class:`_Counters`; :meth:`RegistryWriter.stats`
   hands out frozen snapshots, and :meth:`RegistryWriter.wait_for` lets a caller wait on them.
 
@@ -54,7 +56,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from edgefleet.agent.protocol import (
     TOPIC_LEVEL_PATTERN,
@@ -319,21 +321,30 @@ class RegistryWriter:
 
     def _write(self, batch: list[Received]) -> None:
         s = self._settings
-        backoff = s.retry_backoff_s
-        stop_by = None
+        backoff, give_up_at, conflicts = s.retry_backoff_s, None, 0
         while True:
             try:
                 with self._database.session() as session:
                     applied = registry.record(session, batch)
-            except OperationalError as exc:
-                if self._stop.is_set():
-                    stop_by = stop_by or time.monotonic() + s.stop_timeout_s / 2
-                    if time.monotonic() > stop_by:
-                        self._drop(batch, exc)
-                        return
+            except IntegrityError as exc:
+                # Another controller (a shared subscription) added one of these devices
+                # first; written again, the batch updates it instead.
+                conflicts += 1
+                if conflicts > 1:
+                    self._drop(batch, exc)
+                    return
+                self._counters.count(retries=1)
+                continue
+            except OperationalError as exc:  # unreachable, locked: the batch is kept
+                if self._stop.is_set() and give_up_at is None:
+                    give_up_at = time.monotonic() + s.stop_timeout_s / 2
+                if give_up_at is not None and time.monotonic() > give_up_at:
+                    self._drop(batch, exc)
+                    return
                 log.warning("registry write failed, retrying in %.1f s: %s", backoff, exc.orig)
                 self._counters.count(retries=1)
-                time.sleep(backoff)  # the stop event may be set: the batch is still written
+                if self._stop.wait(backoff):  # stopping: still try until give_up_at
+                    time.sleep(s.retry_backoff_s)
                 backoff = min(backoff * 2, s.retry_backoff_max_s)
                 continue
             except SQLAlchemyError as exc:

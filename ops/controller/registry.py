@@ -182,19 +182,15 @@ def _new_device(session: Session, message: Fact) -> Device:
 
 def _apply(device: Device, message: Fact, received_at: float) -> bool:
     if isinstance(message, StatusMessage):
-        applied = _apply_status(device, message, received_at)
-    elif isinstance(message, HealthMessage):
-        applied = _apply_health(device, message)
-    else:
-        applied = _apply_reported(device, message)
-    if applied and not _is_will(device, message):
-        device.first_seen = min(device.first_seen, message.ts)
-        device.last_seen = max(device.last_seen, message.ts)
-    return applied
+        return _apply_status(device, message, received_at)
+    if isinstance(message, HealthMessage):
+        return _apply_health(device, message)
+    return _apply_reported(device, message)
 
 
-def _is_will(device: Device, message: Fact) -> bool:
-    return isinstance(message, StatusMessage) and device.status_ts != message.ts
+def _seen(device: Device, ts: float) -> None:
+    device.first_seen = min(device.first_seen, ts)
+    device.last_seen = max(device.last_seen, ts)
 
 
 def _apply_status(device: Device, message: StatusMessage, received_at: float) -> bool:
@@ -204,7 +200,8 @@ def _apply_status(device: Device, message: StatusMessage, received_at: float) ->
             return False
         device.status, device.status_reason = "offline", message.reason
         device.offline_since = received_at  # the will's own ts is the agent's start
-        return True
+        return True  # and says nothing of when the device was last heard from
+    _seen(device, message.ts)
     was_online = device.status in ("online", "degraded")
     device.status, device.status_reason, device.status_ts = (
         message.state,
@@ -241,6 +238,7 @@ def _models_from_status(device: Device, message: StatusMessage) -> bool:
 def _apply_health(device: Device, message: HealthMessage) -> bool:
     if device.health_ts is not None and message.ts <= device.health_ts:
         return False
+    _seen(device, message.ts)
     system, outbox, mqtt = message.system, message.outbox, message.mqtt
     device.health_ts, device.uptime_s = message.ts, message.uptime_s
     device.started_at = message.ts - message.uptime_s
@@ -275,6 +273,7 @@ def _apply_health(device: Device, message: HealthMessage) -> bool:
 def _apply_reported(device: Device, message: ReportedState) -> bool:
     if device.reported_ts is not None and message.ts <= device.reported_ts:
         return False
+    _seen(device, message.ts)
     device.reported_ts, device.desired_revision = message.ts, message.desired_revision
     device.agent_version = message.agent_version
     for name, model in message.models.items():
