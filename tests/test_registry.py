@@ -253,3 +253,27 @@ def test_audit_entries_come_back_newest_first(database: Database) -> None:
     with database.session() as session:
         entries = registry.audit_entries(session)
         assert [(e.action, e.reason) for e in entries] == [("halt", "gate"), ("pause", None)]
+
+
+def test_heartbeats_of_one_batch_leave_the_newest(database: Database) -> None:
+    with database.session() as session:
+        registry.record_status(session, status_message("cam1", T0))
+    beats = [health_message("cam1", T0 + ts, fps=float(ts)) for ts in (30, 10, 40, 20)]
+    with database.session() as session:
+        applied = registry.record(session, [Received(beat, T0 + 50) for beat in beats])
+    assert applied == 2  # 30, then 40; 10 and 20 came after a newer one
+    with database.session() as session:
+        device = registry.show_device(session, "cam1")
+    assert (device.health_ts, device.streams[0].fps) == (T0 + 40, 40.0)
+    assert (device.first_seen, device.last_seen) == (T0, T0 + 40)
+
+
+def test_a_heartbeat_with_a_new_stream_adds_it(database: Database) -> None:
+    beat = health_message("cam1", T0 + 1)
+    yard = beat.model_copy(update={"streams": {**beat.streams, "yard": beat.streams["door"]}})
+    with database.session() as session:
+        registry.record_health(session, health_message("cam1", T0))
+    with database.session() as session:
+        assert registry.record_health(session, yard)
+    with database.session() as session:
+        assert [s.stream for s in registry.show_device(session, "cam1").streams] == ["door", "yard"]

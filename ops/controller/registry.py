@@ -44,7 +44,18 @@ from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import ColumnElement, and_, delete, exists, false, or_, select, true
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    delete,
+    exists,
+    false,
+    insert,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session, selectinload
 
 from edgefleet.agent.protocol import (
@@ -53,6 +64,7 @@ from edgefleet.agent.protocol import (
     ModelRef,
     ReportedState,
     StatusMessage,
+    StreamHealth,
     UpdateState,
 )
 from edgefleet.runtime import SettingError
@@ -124,9 +136,33 @@ class Received:
 
 
 def record(session: Session, received: Sequence[Received]) -> int:
-    """Record messages in order, loading their devices in one query; how many were applied."""
-    ids = {r.message.device_id for r in received}
-    devices = _load_devices(session, ids)
+    """Record messages in order, in the caller's transaction; how many were applied.
+
+    Heartbeats of known devices with nothing else in the batch take the bulk path (only the
+    newest per device is written, with one UPDATE per table for all of them); everything else
+    is applied in order through the ORM, its devices loaded in one query.
+    """
+    beats, others = _split(session, received)
+    applied, unknown = _record_heartbeats(session, beats)
+    return applied + _record_each(session, [*others, *unknown])
+
+
+def _split(session: Session, received: Sequence[Received]) -> tuple[list[Received], list[Received]]:
+    mixed = {r.message.device_id for r in received if not isinstance(r.message, HealthMessage)}
+    beats: list[Received] = []
+    others: list[Received] = []
+    for item in received:
+        device_id = item.message.device_id
+        loaded = session.identity_key(Device, device_id) in session.identity_map
+        if isinstance(item.message, HealthMessage) and device_id not in mixed and not loaded:
+            beats.append(item)
+        else:
+            others.append(item)
+    return beats, others
+
+
+def _record_each(session: Session, received: Sequence[Received]) -> int:
+    devices = _load_devices(session, {r.message.device_id for r in received})
     applied = 0
     for item in received:
         device = devices.get(item.message.device_id)
@@ -134,6 +170,70 @@ def record(session: Session, received: Sequence[Received]) -> int:
             device = devices[item.message.device_id] = _new_device(session, item.message)
         applied += _apply(device, item.message, item.received_at)
     return applied
+
+
+def _record_heartbeats(session: Session, received: list[Received]) -> tuple[int, list[Received]]:
+    """Heartbeats of known devices in bulk; those of devices not in the registry yet are
+    handed back, to be made through the ORM."""
+    beats = [r.message for r in received if isinstance(r.message, HealthMessage)]
+    if not beats:
+        return 0, []
+    ids = sorted({m.device_id for m in beats})
+    query = select(Device.id, Device.health_ts, Device.first_seen, Device.last_seen)
+    known = {row.id: row for row in session.execute(query.where(Device.id.in_(ids)))}
+    newest: dict[str, HealthMessage] = {}
+    first: dict[str, float] = {}
+    applied = 0
+    for message in beats:
+        row = known.get(message.device_id)
+        if row is None:
+            continue
+        floor = newest[row.id].ts if row.id in newest else row.health_ts
+        if floor is None or message.ts > floor:
+            newest[row.id] = message
+            first.setdefault(row.id, message.ts)
+            applied += 1
+    _write_heartbeats(
+        session, newest, {i: (known[i].first_seen, known[i].last_seen) for i in newest}, first
+    )
+    return applied, [r for r in received if r.message.device_id not in known]
+
+
+def _write_heartbeats(
+    session: Session,
+    newest: dict[str, HealthMessage],
+    seen: dict[str, tuple[float, float]],
+    first: dict[str, float],
+) -> None:
+    if not newest:
+        return
+    devices = [
+        {
+            "id": device_id,
+            "first_seen": min(seen[device_id][0], first[device_id]),
+            "last_seen": max(seen[device_id][1], message.ts),
+            **_health_values(message),
+        }
+        for device_id, message in newest.items()
+    ]
+    session.execute(update(Device), devices)
+    query = select(DeviceStream.device_id, DeviceStream.stream)
+    existing = {
+        (device_id, stream)
+        for device_id, stream in session.execute(
+            query.where(DeviceStream.device_id.in_(list(newest)))
+        )
+    }
+    updates: list[dict[str, Any]] = []
+    inserts: list[dict[str, Any]] = []
+    for device_id, message in newest.items():
+        for stream, health in message.streams.items():
+            values = {"device_id": device_id, "stream": stream, **_stream_health_values(health)}
+            (updates if (device_id, stream) in existing else inserts).append(values)
+    if updates:
+        session.execute(update(DeviceStream), updates)
+    if inserts:
+        session.execute(insert(DeviceStream), inserts)
 
 
 def record_status(
@@ -239,35 +339,58 @@ def _apply_health(device: Device, message: HealthMessage) -> bool:
     if device.health_ts is not None and message.ts <= device.health_ts:
         return False
     _seen(device, message.ts)
-    system, outbox, mqtt = message.system, message.outbox, message.mqtt
-    device.health_ts, device.uptime_s = message.ts, message.uptime_s
-    device.started_at = message.ts - message.uptime_s
-    device.cpu_percent, device.rss_mb, device.load_1m = (
-        system.cpu_percent,
-        system.rss_mb,
-        system.load_1m,
-    )
-    device.temperature_c = system.cpu_temperature_c
-    device.throttled_flags = dict(system.throttled) if system.throttled is not None else None
-    device.throttled = any(system.throttled.values()) if system.throttled is not None else None
-    device.outbox_depth, device.events_dropped = outbox.depth, outbox.dropped
-    device.events_lost, device.outbox_problem = outbox.not_stored + outbox.lost, outbox.problem
-    device.mqtt_reconnects, device.mqtt_problem = mqtt.reconnects, mqtt.problem
-    device.clock_synchronised = message.clock.synchronised
-    device.parts_failing = sorted(n for n, p in message.parts.items() if p.state != "running")
-    device.certificate_days_left = message.certificate_days_left
-    for name, health in message.streams.items():
-        row = _stream(device, name)
-        row.state, row.fps = health.state, health.fps
-        row.latency_p50_ms, row.latency_p99_ms = health.latency_p50_ms, health.latency_p99_ms
-        row.inference_p50_ms, row.inference_p99_ms = (
-            health.inference_p50_ms,
-            health.inference_p99_ms,
-        )
-        row.processed, row.failed, row.skipped = health.processed, health.failed, health.skipped
-        row.events_lost, row.source_failures = health.events_lost, health.source_failures
-        row.last_error = health.last_error
+    for name, value in _health_values(message).items():
+        setattr(device, name, value)
+    for stream, health in message.streams.items():
+        row = _stream(device, stream)
+        for name, value in _stream_health_values(health).items():
+            setattr(row, name, value)
     return True
+
+
+def _health_values(message: HealthMessage) -> dict[str, Any]:
+    """The device columns a health message sets."""
+    system, outbox, mqtt, throttled = message.system, message.outbox, message.mqtt, None
+    if message.system.throttled is not None:
+        throttled = any(message.system.throttled.values())
+    return {
+        "health_ts": message.ts,
+        "uptime_s": message.uptime_s,
+        "started_at": message.ts - message.uptime_s,
+        "cpu_percent": system.cpu_percent,
+        "rss_mb": system.rss_mb,
+        "load_1m": system.load_1m,
+        "temperature_c": system.cpu_temperature_c,
+        "throttled": throttled,
+        "throttled_flags": dict(system.throttled) if system.throttled is not None else None,
+        "outbox_depth": outbox.depth,
+        "events_dropped": outbox.dropped,
+        "events_lost": outbox.not_stored + outbox.lost,
+        "outbox_problem": outbox.problem,
+        "mqtt_reconnects": mqtt.reconnects,
+        "mqtt_problem": mqtt.problem,
+        "clock_synchronised": message.clock.synchronised,
+        "parts_failing": sorted(n for n, p in message.parts.items() if p.state != "running"),
+        "certificate_days_left": message.certificate_days_left,
+    }
+
+
+def _stream_health_values(health: StreamHealth) -> dict[str, Any]:
+    """The stream columns a stream's health sets."""
+    return {
+        "state": health.state,
+        "fps": health.fps,
+        "latency_p50_ms": health.latency_p50_ms,
+        "latency_p99_ms": health.latency_p99_ms,
+        "inference_p50_ms": health.inference_p50_ms,
+        "inference_p99_ms": health.inference_p99_ms,
+        "processed": health.processed,
+        "failed": health.failed,
+        "skipped": health.skipped,
+        "events_lost": health.events_lost,
+        "source_failures": health.source_failures,
+        "last_error": health.last_error,
+    }
 
 
 def _apply_reported(device: Device, message: ReportedState) -> bool:
@@ -278,11 +401,11 @@ def _apply_reported(device: Device, message: ReportedState) -> bool:
     device.agent_version = message.agent_version
     for name, model in message.models.items():
         _set_model(_stream(device, name), model)
-    for name, update in message.updates.items():
+    for name, report in message.updates.items():
         row = _stream(device, name)
-        row.update_state, row.update_reason = update.state.value, update.reason
-        row.update_model_id, row.update_version = update.model_id, update.version
-        row.update_sha256, row.update_ts = update.sha256, update.ts
+        row.update_state, row.update_reason = report.state.value, report.reason
+        row.update_model_id, row.update_version = report.model_id, report.version
+        row.update_sha256, row.update_ts = report.sha256, report.ts
     return True
 
 
