@@ -4,8 +4,10 @@ protocol payloads in, the registry updated; bad payloads counted, never fatal; b
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from broker import Mosquitto, MqttProbe
@@ -135,6 +137,31 @@ def test_the_writer_thread_is_named(database: Database) -> None:
     finally:
         writer.stop()
     assert "registry-writer" not in [t.name for t in threading.enumerate()]
+
+
+def test_a_locked_database_is_retried_and_the_batch_kept(tmp_path: Path) -> None:
+    path = tmp_path / "controller.sqlite3"
+    settings = IngestSettings(retry_backoff_s=0.05, retry_backoff_max_s=0.1)
+    with open_database(path, busy_timeout_ms=20) as database:
+        lock = sqlite3.connect(path, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
+        writer = RegistryWriter(database, ROOT, settings)
+        writer.start()
+        try:
+            writer.offer(
+                Topics("cam1").health, health_message("cam1", T0).model_dump_json().encode()
+            )
+            locked = writer.wait_for(lambda s: s.retries >= 2, WAIT_S)
+            assert locked.retries >= 2
+            assert locked.written == 0
+            lock.execute("COMMIT")
+            stats = settled(writer, 1)
+        finally:
+            lock.close()
+            writer.stop()
+        assert (stats.written, stats.dropped) == (1, 0)
+        with database.session() as session:
+            assert registry.show_device(session, "cam1").health_ts == T0
 
 
 # -- through a real broker ----------------------------------------------------------------

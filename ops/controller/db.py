@@ -29,6 +29,7 @@ belongs to the thread that opened it (``Database.session()``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from collections.abc import Iterator
@@ -320,21 +321,22 @@ _URL_HINT = (
 )
 
 
-def create_database_engine(url: URL) -> Engine:
-    """An engine for ``url``; SQLite connections get WAL, foreign keys and a busy timeout."""
+def create_database_engine(url: URL, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:
+    """An engine for ``url``; SQLite connections get WAL, foreign keys and a busy timeout
+    (how long a write waits for another connection's lock before failing)."""
     try:
         engine = create_engine(url, pool_pre_ping=url.get_backend_name() == "postgresql")
     except (ArgumentError, NoSuchModuleError) as exc:
         raise DatabaseUrlError(f"cannot use {_shown(url)} ({exc})", hint=_URL_HINT) from exc
     if url.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_timeout_ms))
     return engine
 
 
-def _sqlite_pragmas(connection: sqlite3.Connection, record: object) -> None:
+def _sqlite_pragmas(busy_timeout_ms: int, connection: sqlite3.Connection, record: object) -> None:
     cursor = connection.cursor()
     try:
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.execute("PRAGMA synchronous = NORMAL")  # durable with WAL, one fsync per checkpoint
@@ -346,10 +348,12 @@ def _shown(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
-def open_database(url_or_path: str | Path) -> Database:
+def open_database(
+    url_or_path: str | Path, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS
+) -> Database:
     """The database at ``url_or_path``, migrated to this code's schema (:func:`migrate`)."""
     url = database_url(url_or_path)
-    engine = create_database_engine(url)
+    engine = create_database_engine(url, busy_timeout_ms=busy_timeout_ms)
     try:
         _migrate(engine, url)
     except BaseException:
