@@ -225,6 +225,18 @@ def test_a_malformed_payload_is_counted_and_ingest_keeps_running(
         assert registry.show_device(session, "cam1").health_ts == T0
 
 
+def test_ingest_reconnects_and_resubscribes_after_a_broker_restart(
+    broker: Mosquitto, database: Database
+) -> None:
+    with Ingest(database, plain(broker)) as ingest:
+        broker.restart()
+        ingest.writer.wait_for(lambda s: s.subscribed >= 2, WAIT_S)
+        with MqttProbe(broker) as device:
+            device.publish(Topics("cam1").health, health_message("cam1", T0).model_dump_json())
+            stats = settled(ingest, 1)
+    assert (stats.subscribed, stats.written) == (2, 1)
+
+
 def test_a_shared_subscription_still_gets_heartbeats_and_retained_status(
     broker: Mosquitto, database: Database
 ) -> None:

@@ -186,6 +186,7 @@ class IngestStats:
     retries: int = 0  # batches written again after a database error
     dropped: int = 0  # messages of batches that failed for good
     connected: bool = False
+    subscribed: int = 0  # SUBACKs granting every subscription: 1, then one per reconnection
     last_malformed: str | None = None
     writer_problem: str | None = None  # the exception that ended the writer thread
 
@@ -258,6 +259,10 @@ class RegistryWriter:
         with self._counters.lock:
             self._counters.lock.wait_for(lambda: ready(self._counters.stats), timeout_s)
             return self._counters.stats
+
+    def count_subscribed(self) -> None:
+        """Record that the broker granted every subscription (at start, on each reconnection)."""
+        self._counters.count(subscribed=1)
 
     def set_connected(self, connected: bool) -> None:
         """Record whether the broker connection is up (shown in the stats)."""
@@ -482,6 +487,8 @@ class Ingest:
         refused = [code for code in reason_codes if code.is_failure]
         if refused:
             log.error("ingest subscriptions refused by the broker: %s", refused)
+        else:
+            self.writer.count_subscribed()
         self._subscribed.set()
 
     def _on_disconnect(
