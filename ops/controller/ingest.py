@@ -83,6 +83,7 @@ MESSAGE_TYPES: dict[str, type[StatusMessage] | type[HealthMessage] | type[Report
 }
 """The model of each topic's last level."""
 _SHARE_PREFIX = "$share"
+_WARNED_TOPICS_MAX = 10_000
 
 
 class IngestSettings(BaseModel):
@@ -224,8 +225,10 @@ class RegistryWriter:
         self._stop = threading.Event()
         self._counters = _Counters()
         self._thread: threading.Thread | None = None
+        self._warned: set[str] = set()  # topics warned about; offer's thread only
+        self._full = False  # the last offer found the queue full; offer's thread only
 
-    # -- any thread
+    # -- the thread that offers (paho's network thread)
 
     def offer(self, topic: str, payload: bytes, *, received_at: float | None = None) -> bool:
         """Parse one message and queue it for writing; False when it was not queued."""
@@ -233,7 +236,7 @@ class RegistryWriter:
         try:
             message = parse_message(self._topic_root, topic, payload)
         except ContractBroken as exc:
-            log.warning("malformed message ignored: %s", exc)
+            self._log_malformed(topic, exc)
             self._counters.count(malformed=1)
             self._counters.set(last_malformed=str(exc))
             return False
@@ -244,10 +247,25 @@ class RegistryWriter:
         try:
             self._queue.put(item, timeout=self._settings.queue_put_timeout_s)
         except queue.Full:
-            log.warning("registry queue full: message dropped topic=%s", topic)
+            if not self._full:  # once per spell of a full queue, not per message
+                log.warning("registry queue full: messages dropped until it drains")
+            self._full = True
             self._counters.count(queue_full=1)
             return False
+        self._full = False
         return True
+
+    def _log_malformed(self, topic: str, exc: ContractBroken) -> None:
+        # Once per topic at WARNING: a device that keeps sending garbage must not flood the
+        # log (the counter and last_malformed keep counting).
+        if topic in self._warned:
+            log.debug("malformed message ignored: %s", exc)
+            return
+        if len(self._warned) < _WARNED_TOPICS_MAX:
+            self._warned.add(topic)
+        log.warning("malformed message ignored (further ones on this topic at DEBUG): %s", exc)
+
+    # -- any thread
 
     def stats(self) -> IngestStats:
         """A snapshot of the counters."""
