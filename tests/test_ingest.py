@@ -129,6 +129,15 @@ def test_stop_writes_what_is_queued(database: Database) -> None:
     assert not writer.alive
 
 
+def test_a_full_queue_drops_and_counts(database: Database) -> None:
+    settings = IngestSettings(queue_max_messages=2, queue_put_timeout_s=0)
+    writer = RegistryWriter(database, ROOT, settings)  # not started: nothing drains
+    beats = [health_message("cam1", T0 + n).model_dump_json().encode() for n in range(3)]
+    queued = [writer.offer(Topics("cam1").health, beat) for beat in beats]
+    assert queued == [True, True, False]
+    assert writer.stats().queue_full == 1
+
+
 def test_the_writer_thread_is_named(database: Database) -> None:
     writer = RegistryWriter(database, ROOT, IngestSettings())
     writer.start()
