@@ -184,6 +184,12 @@ class DeviceStream(Base):
     task: Mapped[str | None] = mapped_column(String(32))
     backend: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     delegate: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    model_since: Mapped[float | None] = mapped_column(Double)  # first message naming it
+
+    # the model before it, and its figures when it was replaced (rollout health gates)
+    previous_model_sha256: Mapped[str | None] = mapped_column(String(64))
+    previous_error_rate: Mapped[float | None] = mapped_column(Double)  # failed / processed
+    previous_latency_p99_ms: Mapped[float | None] = mapped_column(Double)
 
     # the latest update (reported state)
     update_state: Mapped[str | None] = mapped_column(String(16), index=True)
@@ -473,3 +479,8 @@ def _run_upgrade(connection: Connection, scripts: ScriptDirectory) -> None:
     )
     with environment:
         environment.run_migrations()
+
+
+# Tables other modules declare on Base, imported so Base.metadata is the whole schema
+# (what the migrations are checked against); at the end: they import this module.
+from . import rollout_tables  # noqa: E402, F401

@@ -321,7 +321,7 @@ def _apply_status(device: Device, message: StatusMessage, received_at: float) ->
         device.capabilities = message.capabilities.model_dump(mode="json")
     if len(message.models) == len(message.streams) and _models_from_status(device, message):
         for name, model in zip(message.streams, message.models, strict=True):
-            _set_model(_stream(device, name), model)
+            _set_model(_stream(device, name), model, message.ts)
     return True
 
 
@@ -400,7 +400,7 @@ def _apply_reported(device: Device, message: ReportedState) -> bool:
     device.reported_ts, device.desired_revision = message.ts, message.desired_revision
     device.agent_version = message.agent_version
     for name, model in message.models.items():
-        _set_model(_stream(device, name), model)
+        _set_model(_stream(device, name), model, message.ts)
     for name, report in message.updates.items():
         row = _stream(device, name)
         row.update_state, row.update_reason = report.state.value, report.reason
@@ -416,9 +416,22 @@ def _stream(device: Device, name: str) -> DeviceStream:
     return row
 
 
-def _set_model(row: DeviceStream, model: ModelRef) -> None:
+def _set_model(row: DeviceStream, model: ModelRef, at: float) -> None:
+    if row.model_sha256 != model.sha256:
+        if row.model_sha256 is not None:  # keep the replaced model's figures (rollout gates)
+            row.previous_model_sha256 = row.model_sha256
+            row.previous_error_rate = error_rate(row)
+            row.previous_latency_p99_ms = row.latency_p99_ms
+        row.model_since = at
     row.model_id, row.model_version, row.model_sha256 = model.id, model.version, model.sha256
     row.task, row.backend, row.delegate = model.task, model.backend, model.delegate
+
+
+def error_rate(row: DeviceStream) -> float | None:
+    """Failed frames over processed ones (the health counters since the agent started)."""
+    if row.processed is None or row.failed is None or row.processed == 0:
+        return None
+    return row.failed / row.processed
 
 
 def set_desired_model(
