@@ -2,7 +2,8 @@
 
 Every step is the command a person types: ``provision init``, ``broker config --fleet``,
 Mosquitto started on that config, ``enroll token``, ``enroll serve``, an agent holding only
-the claim certificate and a token, and ``edgefleet watch`` with the fleet's operator profile.
+the claim certificate and a token, and ``edgefleet watch`` with the fleet's operator profile;
+then ``provision revoke``, ``broker config`` again and the broker's reload shut the device out.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from agentproc import AgentProcess
-from broker import Mosquitto, free_port
+from broker import ClientTls, Mosquitto, MqttProbe, free_port
 from conftest import Assets
 
 from edgefleet.provisioning import pki
@@ -78,7 +79,7 @@ def _agent_config(assets: Assets, fleet: Path, device: Path, ports: list[int]) -
     }
 
 
-def test_an_empty_directory_to_an_enrolled_device_seen_by_watch_over_mutual_tls(
+def test_an_empty_directory_to_an_enrolled_device_seen_by_watch_then_revoked(
     tmp_path: Path, mosquitto_binary: Path, assets: Assets
 ) -> None:
     fleet, out, device = tmp_path / "fleet", tmp_path / "broker", tmp_path / "device"
@@ -88,16 +89,17 @@ def test_an_empty_directory_to_an_enrolled_device_seen_by_watch_over_mutual_tls(
         "--device-port", ports[0], "--claim-port", ports[1], "--operator-port", ports[2],
     )  # fmt: skip
     user = pwd.getpwuid(os.geteuid()).pw_name
-    _edgefleet(
+    broker_config = (
         "broker", "config", "--fleet", fleet, "--out", out, "--bind", "127.0.0.1",
         "--persistence-dir", out, "--user", user,
     )  # fmt: skip
+    _edgefleet(*broker_config)
     device.mkdir()
     _edgefleet("enroll", "token", DEVICE, "--fleet", fleet, "--out", device / "token")
     conf = (out / "mosquitto.conf").read_text()
 
     with (
-        Mosquitto.from_conf(tmp_path / "run", conf, ports[0]),
+        Mosquitto.from_conf(tmp_path / "run", conf, ports[0]) as broker,
         (tmp_path / "enroll.log").open("wb") as service_log,
         subprocess.Popen(
             [str(EDGEFLEET), "enroll", "serve", "--fleet", str(fleet)], stderr=service_log
@@ -111,6 +113,15 @@ def test_an_empty_directory_to_an_enrolled_device_seen_by_watch_over_mutual_tls(
                  "--count", "1", "--seconds", "60"],
                 check=False, capture_output=True, text=True, timeout=90,
             )  # fmt: skip
+            # Revoked as docs/security.md says: revoke, refresh the broker's files, reload.
+            _edgefleet("provision", "revoke", DEVICE, "--fleet", fleet)
+            _edgefleet(*broker_config)
+            broker.reload()
+            identity = ClientTls(
+                fleet / "ca" / "ca.crt", device / "identity" / "device.crt",
+                device / "identity" / "device.key",
+            )  # fmt: skip
+            revoked = MqttProbe(broker, port=ports[0], tls=identity).connect_refused()
         finally:
             service.terminate()
 
@@ -121,5 +132,4 @@ def test_an_empty_directory_to_an_enrolled_device_seen_by_watch_over_mutual_tls(
     assert pki.is_issued_by(certificate, pki.load_certificate(fleet / "ca" / "ca.crt"))
     assert stat.S_IMODE((device / "identity" / "device.key").stat().st_mode) == 0o600
     assert not (device / "token").exists()  # single use: the agent drops it once enrolled
-    ledger = _edgefleet("provision", "list", "--fleet", fleet)
-    assert DEVICE in ledger
+    assert revoked
