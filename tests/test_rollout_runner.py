@@ -6,6 +6,7 @@ into a real store with a real key."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,3 +446,78 @@ def test_a_restarted_controller_resumes_and_no_device_gets_two_states_for_one_st
         payloads = {m.payload for m in watcher.messages(f"{ROOT}/{device}/desired")}
         assert len(payloads) == 1, f"{device} got {len(payloads)} desired states for one step"
         assert json.loads(payloads.pop())["models"][STREAM] == signed.new.manifest.model_dump()
+
+
+def test_two_controllers_stepping_at_once_decide_each_wave_once(
+    controller_db_url: str, signed: Signed, publisher: BrokerPublisher, watcher: MqttProbe
+) -> None:
+    with open_database(controller_db_url) as setup:
+        register(setup, signed)
+        start(setup, signed)
+        report(setup, reported("cam1", signed.new, at=T0 + 10,
+                               update=(UpdateState.COMMITTED, signed.new)))  # fmt: skip
+    barrier = threading.Barrier(2)
+    failures: list[BaseException] = []
+
+    def controller(database: Database) -> None:
+        runner = RolloutRunner(database, publisher)
+        try:
+            barrier.wait(10)
+            for now in (T0, T0 + 1, T0 + 10 + SOAK_S, T0 + 11 + SOAK_S):
+                runner.step("r1", now)
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    # Opened (migrated) here: Alembic's migration context is one per process.
+    with open_database(controller_db_url) as one, open_database(controller_db_url) as two:
+        threads = [
+            threading.Thread(target=controller, args=(database,), name=f"controller-{n}")
+            for n, database in ((1, one), (2, two))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+
+    assert failures == []
+    with open_database(controller_db_url) as database:
+        kinds = [kind for kind, _ in decisions(database)]
+    assert kinds == ["wave_started", "advanced", "wave_started"]
+    for device in DEVICES:
+        wait_for_desired(watcher, device, 1)
+        payloads = {m.payload for m in watcher.messages(f"{ROOT}/{device}/desired")}
+        assert len(payloads) == 1
+
+
+def test_a_device_offline_at_its_wave_gets_the_retained_state_and_is_recorded_on_return(
+    database: Database, signed: Signed, publisher: BrokerPublisher, watcher: MqttProbe
+) -> None:
+    register(database, signed)
+    with database.session() as session:
+        registry.mark_offline(session, "cam1", at=T0 - 1, reason="connection lost")
+    start(database, signed)
+    runner = RolloutRunner(database, publisher)
+
+    first = runner.step("r1", T0)
+
+    assert first.published == ("cam1",)  # retained: it finds it when it returns
+    assert "cam1 offline: pending" in first.decision.records[0].reason
+    with MqttProbe(watcher.broker) as returning:  # the device, back: the broker's retained copy
+        returning.subscribe(f"{ROOT}/cam1/desired")
+        retained = returning.wait_for_message(f"{ROOT}/cam1/desired")
+    assert retained.retain
+    assert DesiredState.model_validate_json(retained.payload).models[STREAM] == signed.new.manifest
+    status = StatusMessage(
+        state="online", device_id="cam1", ts=T0 + 50, agent_version="0.1.0",
+        models=[model_ref(signed.new)], streams=[STREAM],
+    )  # fmt: skip
+    with database.session() as session:
+        registry.record_status(session, status, received_at=T0 + 50)
+    report(database, reported("cam1", signed.new, at=T0 + 51,
+                              update=(UpdateState.COMMITTED, signed.new)))  # fmt: skip
+
+    back = runner.step("r1", T0 + 52)
+
+    assert [r.kind for r in back.decision.records] == [DecisionKind.CONVERGED]
+    assert "cam1 returned and converged" in back.decision.records[0].reason
+    assert back.published == ()

@@ -22,10 +22,13 @@ publishes the same payload (same revision, same bytes) again on restart, never a
 one for that step; a crash before the commit decided nothing. So a device never sees two
 different desired states for one step of a rollout.
 
-Locking: the rollout row is read ``FOR UPDATE`` (PostgreSQL: a second controller waits),
-and its state is written only if its ``version`` is the one read (SQLite has no row
-locks: a second writer there fails with :class:`RolloutBusy`, or the database's own busy
-error, and its transaction is rolled back; nothing half-written remains).
+Locking: a step holds the rollout while it decides: the row is read ``FOR UPDATE`` on
+PostgreSQL, and on SQLite the step's transaction begins ``BEGIN IMMEDIATE`` (the
+database's write lock; the busy timeout is how long a second controller waits for it).
+Either way a second controller waits, then decides on what the first wrote. The state is
+also written only if its ``version`` is the one read; a write that finds another version
+(a caller's transaction that began before the step on SQLite) raises :class:`RolloutBusy`
+and nothing is written.
 
 A device's desired state names every stream's model the controller wants there: the
 rollout's stream, and the other streams' latest writes by other rollouts. Its revision is
@@ -378,6 +381,7 @@ def decide_step(session: Session, rollout_id: str, now: float) -> Decision:
     then decides on the registry's facts; writes the next state, the new records, and a
     desired write for every device whose target or step changed.
     """
+    _begin_immediate(session)
     row = _rollout(session, rollout_id, lock=True)
     plan, state = load_plan(row), load_state(row)
     facts = device_facts(session, plan)
@@ -399,6 +403,18 @@ def decide_step(session: Session, rollout_id: str, now: float) -> Decision:
     _write_records(session, rollout_id, records)
     _write_desired(session, row, plan, decision.desired, now)
     return decision.model_copy(update={"records": tuple(records)})
+
+
+def _begin_immediate(session: Session) -> None:
+    """On SQLite, take the write lock now (``BEGIN IMMEDIATE``), unless the caller's
+    transaction began already: a second controller then waits for this step to commit and
+    reads what it wrote, instead of failing on a stale read when it writes."""
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    raw = connection.connection.driver_connection
+    if raw is not None and not raw.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _settle_command(
