@@ -8,8 +8,8 @@ Every line starts with the time it arrived (UTC, ISO 8601) and the device it is 
 
 A retained message (the broker's stored copy, sent when the subscription starts) says so,
 and how old it is from its own time field (``ts``; an event's inference time), or that it
-carries none. The fleet-wide models published over the broker (``<root>/_models/``) show
-as ``fleet``: their meta is one line; their chunks, raw bytes, are not even subscribed to
+carries none. The fleet-wide models published over the broker (``<root>/_models/``) and the
+release-key set (``<root>/_trust/keyset``) show as ``fleet``: a model's meta is one line; their chunks, raw bytes, are not even subscribed to
 unless ``--chunks``. A payload that does not parse is printed as such, never fatal.
 
 The broker options (``--profile``, ``--host``, ``--port``, ``--topic-root``, ``--cafile``,
@@ -45,6 +45,7 @@ from edgefleet.agent.protocol import (
     MODELS_LEVEL,
     TOPIC_LEVEL_PATTERN,
     TOPIC_ROOT,
+    TRUST_LEVEL,
     ChunkedModelMeta,
     CommandReply,
     CommandRequest,
@@ -55,6 +56,7 @@ from edgefleet.agent.protocol import (
     StatusMessage,
     describe_errors,
 )
+from edgefleet.provisioning.keyset import KeySet, SignedKeySet
 from edgefleet.runtime import SettingError
 
 from .connection import closed_before_connack, connect_client, prepare_client
@@ -62,7 +64,7 @@ from .errors import BrokerError
 from .profile import ResolvedProfile, add_broker_options, broker_profile
 
 FLEET = "fleet"
-"""How a line about the fleet-wide models (``<root>/_models/...``) names its device."""
+"""How a line about fleet-wide messages (``<root>/_models/...``, ``_trust/``) names its device."""
 
 _POLL_S = 0.2
 _SHA_SHOWN = 12  # hex digits of a model's sha256 in a line
@@ -106,6 +108,8 @@ def describe(topic: str, payload: bytes, *, topic_root: str = TOPIC_ROOT) -> Des
     device, rest = levels[0], levels[1:]
     if device == MODELS_LEVEL:
         return _model_transfer(rest, payload)
+    if device == TRUST_LEVEL:
+        return _trust(rest, payload)
     kind = "/".join(rest)
     describer = _DESCRIBERS.get(rest[0] if rest else "")
     if not payload:
@@ -116,6 +120,21 @@ def describe(topic: str, payload: bytes, *, topic_root: str = TOPIC_ROOT) -> Des
         return describer(device, rest, payload)
     except ValidationError as exc:
         return Described(device, f"{kind}: does not match the contract: {describe_errors(exc)}")
+
+
+def _trust(rest: list[str], payload: bytes) -> Described:
+    """The root-signed release-key set (``<root>/_trust/keyset``), read without verifying."""
+    what = "/".join(rest)
+    try:
+        key_set = KeySet.model_validate_json(SignedKeySet.model_validate_json(payload).payload)
+    except ValidationError:
+        return Described(FLEET, f"{what}: {len(payload)} bytes, not a signed key set")
+    keys = ", ".join(key.key_id for key in key_set.keys)
+    return Described(
+        FLEET,
+        f"{what}: release-key set version {key_set.version} (keys {keys}; "
+        f"{len(key_set.revoked)} revoked), expires {key_set.expires:%Y-%m-%d}",
+    )
 
 
 def line(described: Described, *, received_ts: float, retained: bool) -> str:

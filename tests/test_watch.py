@@ -34,6 +34,7 @@ from edgefleet.agent.protocol import (
 )
 from edgefleet.ops.cli import build_parser
 from edgefleet.ops.watch import Described, describe, line, topic_filters
+from edgefleet.provisioning import FleetDir
 
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
 ROOT = "edgefleet/v1"
@@ -400,3 +401,15 @@ def test_watch_of_a_device_id_that_cannot_be_one_is_bad_input() -> None:
     assert result.returncode == 2
     assert "--device 'dev/1' is not a device id" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_release_key_set_shows_as_the_fleets_with_its_version_and_keys(tmp_path: Path) -> None:
+    fleet = FleetDir.init(tmp_path / "fleet")
+    payload = fleet.keyset_path.read_bytes()
+
+    described = describe(f"{ROOT}/_trust/keyset", payload)
+    broken = describe(f"{ROOT}/_trust/keyset", b"{not json")
+
+    assert described.device == "fleet"
+    assert described.text.startswith("keyset: release-key set version 1 (keys ")
+    assert broken.text == "keyset: 9 bytes, not a signed key set"
