@@ -34,8 +34,10 @@ from edgefleet.ops.controller.reconcile import (
     RolloutRunner,
     command,
     device_facts,
+    list_rollouts,
     load_plan,
     load_state,
+    show_rollout,
     start_rollout,
     unwritten,
 )
@@ -521,3 +523,44 @@ def test_a_device_offline_at_its_wave_gets_the_retained_state_and_is_recorded_on
     assert [r.kind for r in back.decision.records] == [DecisionKind.CONVERGED]
     assert "cam1 returned and converged" in back.decision.records[0].reason
     assert back.published == ()
+
+
+def test_step_all_steps_what_is_due_and_show_rollout_tells_what_was_decided_and_written(
+    database: Database, signed: Signed, publisher: BrokerPublisher, watcher: MqttProbe
+) -> None:
+    register(database, signed)
+    start(database, signed)
+    runner = RolloutRunner(database, publisher)
+
+    stepped = runner.step_all(T0)
+
+    assert list(stepped) == ["r1"]
+    assert stepped["r1"].published == ("cam1",)
+    wait_for_desired(watcher, "cam1", 1)
+    with database.session() as session:
+        view = show_rollout(session, "r1")
+        [listed] = list_rollouts(session, status=RolloutStatus.RUNNING)
+    assert listed.id == "r1"
+    assert listed.decisions == []
+    assert (view.status, view.waves_started, view.devices, view.created_by) == (
+        RolloutStatus.RUNNING, 1, 3, "alice"
+    )  # fmt: skip
+    assert [d.kind for d in view.decisions] == ["wave_started"]
+    assert "release mobilenet@2" in view.decisions[0].reason
+    [write] = view.writes
+    assert (write.device_id, write.step, write.target) == ("cam1", 1, "release")
+    assert write.manifest_sha256 == signed.new.sha256
+    assert write.written_at == T0
+
+    report(database, reported("cam1", signed.new, at=T0 + 1,
+                              update=(UpdateState.COMMITTED, signed.new)))  # fmt: skip
+    rollback = OperatorCommand(id="c1", kind=OperatorCommandKind.ROLLBACK, actor="bob", reason="x")
+    with database.session() as session:
+        command(session, "r1", rollback, now=T0 + 1)
+    assert runner.step_all(T0 + 2)["r1"].published == ("cam1",)
+    report(database, reported("cam1", signed.old, at=T0 + 3,
+                              update=(UpdateState.COMMITTED, signed.old)))  # fmt: skip
+    assert [r.kind for r in runner.step_all(T0 + 4)["r1"].decision.records] == [
+        DecisionKind.CONVERGED
+    ]
+    assert runner.step_all(T0 + 5) == {}  # rolled back and recorded: nothing is due

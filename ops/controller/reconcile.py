@@ -65,6 +65,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
@@ -103,19 +104,26 @@ from .rollouts import (
 
 __all__ = [
     "BrokerPublisher",
+    "DecisionView",
+    "DesiredWriteView",
     "Publisher",
     "RolloutBusy",
     "RolloutManifestError",
     "RolloutOverlaps",
     "RolloutRunner",
+    "RolloutView",
     "Stepped",
     "UnknownRollout",
+    "Unwritten",
     "command",
     "decide_step",
     "device_facts",
+    "list_rollouts",
     "load_plan",
     "load_state",
     "mark_written",
+    "needs_steps",
+    "show_rollout",
     "start_rollout",
     "unwritten",
 ]
@@ -633,3 +641,130 @@ class RolloutRunner:
         with self.database.session() as session:
             mark_written(session, rollout_id, writes, now)
         return tuple(w.device_id for w in writes)
+
+    def step_all(self, now: float) -> dict[str, Stepped]:
+        """Step every rollout that still has something to decide or record (:func:`needs_steps`)."""
+        with self.database.session() as session:
+            due = [r.id for r in list_rollouts(session) if r.needs_steps]
+        return {rollout_id: self.step(rollout_id, now) for rollout_id in due}
+
+
+# -- what is stored, for people ----------------------------------------------------------------
+
+
+def needs_steps(state: RolloutState) -> bool:
+    """Whether stepping may still decide or record something: running or paused, a pending
+    device not yet recorded, or (rolled back) a device not yet recorded back."""
+    if state.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED) or state.pending:
+        return True
+    if state.status is RolloutStatus.ROLLED_BACK:
+        return len(state.rollback_converged) < len(state.assigned)
+    return False
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DecisionView(_View):
+    """One stored decision of a rollout."""
+
+    seq: int = Field(description="Its number in the rollout, from 1.")
+    at: float = Field(description="Unix seconds of the decision.")
+    kind: str = Field(description="What was decided (rollouts.DecisionKind).")
+    wave: int | None = Field(description="The wave (1-based) it concerns.")
+    devices: list[str] = Field(description="The devices it concerns.")
+    reason: str = Field(description="Why, in words.")
+    actor: str | None = Field(description="The operator, for an operator's command.")
+
+
+class DesiredWriteView(_View):
+    """What the rollout last wrote (or is about to write) to one device."""
+
+    device_id: str = Field(description="Device id.")
+    step: int = Field(description="The rollout step it belongs to.")
+    target: str = Field(description="release or rollback.")
+    manifest_sha256: str = Field(description="sha256 of the model it names.")
+    revision: int = Field(description="The desired state's revision.")
+    written_at: float | None = Field(description="When the broker took it; null: not yet.")
+
+
+class RolloutView(_View):
+    """A rollout as stored (``edgefleet rollout status``)."""
+
+    id: str = Field(description="Rollout id.")
+    release_id: str = Field(description="The release rolled out.")
+    stream: str = Field(description="The stream whose model it replaces.")
+    status: RolloutStatus = Field(description="Where it stands.")
+    devices: int = Field(description="How many devices it targets.")
+    waves: str = Field(description="The wave spec it was started with.")
+    waves_started: int = Field(description="How many waves have started.")
+    pending: list[str] = Field(description="Devices pending (offline), not yet converged.")
+    created_by: str = Field(description="Who started it.")
+    created_at: float = Field(description="When, Unix seconds.")
+    updated_at: float = Field(description="When its state last changed.")
+    needs_steps: bool = Field(description="Whether stepping may still decide something.")
+    decisions: list[DecisionView] = Field(description="Every decision, oldest first (show).")
+    writes: list[DesiredWriteView] = Field(description="Per device, the last write (show).")
+
+
+def list_rollouts(session: Session, *, status: RolloutStatus | None = None) -> list[RolloutView]:
+    """Every rollout (of ``status``, if given), newest first, without decisions or writes."""
+    query = select(RolloutRow).order_by(RolloutRow.created_at.desc(), RolloutRow.id)
+    if status is not None:
+        query = query.where(RolloutRow.status == status.value)
+    return [_rollout_view(row, [], []) for row in session.scalars(query)]
+
+
+def show_rollout(session: Session, rollout_id: str) -> RolloutView:
+    """One rollout with every decision and its last write per device."""
+    row = _rollout(session, rollout_id)
+    decisions = session.scalars(
+        select(RolloutDecisionRow)
+        .where(RolloutDecisionRow.rollout_id == rollout_id)
+        .order_by(RolloutDecisionRow.seq)
+    )
+    writes = session.scalars(
+        select(DesiredWriteRow)
+        .where(DesiredWriteRow.rollout_id == rollout_id)
+        .order_by(DesiredWriteRow.device_id)
+    )
+    return _rollout_view(
+        row,
+        [
+            DecisionView(
+                seq=d.seq, at=d.at, kind=d.kind, wave=d.wave, devices=list(d.devices),
+                reason=d.reason, actor=d.actor,
+            )
+            for d in decisions
+        ],
+        [
+            DesiredWriteView(
+                device_id=w.device_id, step=w.step, target=w.target,
+                manifest_sha256=w.manifest_sha256, revision=w.revision, written_at=w.written_at,
+            )
+            for w in writes
+        ],
+    )  # fmt: skip
+
+
+def _rollout_view(
+    row: RolloutRow, decisions: list[DecisionView], writes: list[DesiredWriteView]
+) -> RolloutView:
+    plan, state = load_plan(row), load_state(row)
+    return RolloutView(
+        id=row.id,
+        release_id=row.release_id,
+        stream=row.stream,
+        status=state.status,
+        devices=len(plan.devices),
+        waves=plan.waves,
+        waves_started=len(state.waves),
+        pending=list(state.pending),
+        created_by=row.created_by,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        needs_steps=needs_steps(state),
+        decisions=decisions,
+        writes=writes,
+    )
