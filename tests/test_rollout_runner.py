@@ -58,6 +58,7 @@ from edgefleet.ops.controller.rollouts import (
     RolloutPlan,
     RolloutStatus,
 )
+from edgefleet.ops.errors import BrokerError
 from edgefleet.ops.fleet import ManifestTerms, SequenceCounter
 from edgefleet.ops.profile import OperatorProfile, ResolvedProfile
 from edgefleet.provisioning import generate_signing_key, load_private_key
@@ -564,3 +565,29 @@ def test_step_all_steps_what_is_due_and_show_rollout_tells_what_was_decided_and_
         DecisionKind.CONVERGED
     ]
     assert runner.step_all(T0 + 5) == {}  # rolled back and recorded: nothing is due
+
+
+def test_a_broker_outage_leaves_the_decision_stored_and_the_next_step_writes_it(
+    database: Database, signed: Signed, publisher: BrokerPublisher, broker: Mosquitto
+) -> None:
+    register(database, signed)
+    start(database, signed)
+    runner = RolloutRunner(database, publisher)
+    broker.stop()
+
+    with pytest.raises(BrokerError):
+        runner.step("r1", T0)
+
+    with database.session() as session:
+        assert [w.device_id for w in unwritten(session, "r1")] == ["cam1"]
+        assert load_state(session.get_one(RolloutRow, "r1")).waves  # decided, committed
+    broker.start()
+    resumed = runner.step("r1", T0 + 1)
+    assert resumed.published == ("cam1",)
+    assert resumed.decision.records == ()
+    with MqttProbe(broker) as device:
+        device.subscribe(f"{ROOT}/cam1/desired")
+        retained = device.wait_for_message(f"{ROOT}/cam1/desired")
+    assert DesiredState.model_validate_json(retained.payload).models[STREAM] == signed.new.manifest
+    with database.session() as session:
+        assert unwritten(session, "r1") == []

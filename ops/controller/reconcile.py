@@ -270,13 +270,13 @@ def command(
     if session.get(RolloutCommandRow, order.id) is not None:
         return False
     plan, state = load_plan(row), load_state(row)
-    pending = _pending_commands(session, rollout_id)
-    for earlier in pending:  # as the next step will apply them, in order
+    facts = device_facts(session, plan)
+    for earlier in _pending_commands(session, rollout_id):  # as the next step applies them
         try:
-            state = decide(plan, state, {}, at, earlier).state
+            state = decide(plan, state, facts, at, earlier).state
         except CommandRefused:
             continue
-    decide(plan, state, {}, at, order)  # raises CommandRefused, nothing stored
+    decide(plan, state, facts, at, order)  # raises CommandRefused; nothing is stored
     session.add(
         RolloutCommandRow(
             id=order.id,
