@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -61,6 +61,9 @@ from edgefleet.runtime import EnvironmentProblem, SettingError
 from .db import Database, open_database
 from .ingest import Ingest, IngestSettings, IngestStats
 from .releases import ReleaseStore
+
+if TYPE_CHECKING:
+    from .api import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +184,19 @@ def load_config(path: Path) -> ControllerConfig:
         config = ControllerConfig.model_validate(data)
     except ValidationError as exc:
         raise ControllerConfigError(f"{source}: {_problems(exc)}", hint=_FIELDS) from None
-    return _resolved_paths(config, path.resolve().parent)
+    config = _resolved_paths(config, path.resolve().parent)
+    try:
+        check_config(config)
+    except ControllerConfigError as exc:
+        raise ControllerConfigError(f"{source}: {exc.message}", hint=exc.hint) from exc
+    return config
+
+
+def check_config(config: ControllerConfig) -> None:
+    """What validation alone cannot see: the broker profile, the TLS files, the tokens file,
+    a way to authenticate. :class:`ControllerConfigError` names the field."""
+    broker_profile(config)
+    authenticator(config)
 
 
 _FIELDS = f"the fields: {', '.join(ControllerConfig.model_fields)} (docs/configuration.md)"
@@ -284,6 +299,24 @@ def read_tokens(path: Path) -> dict[str, str]:
             )
         tokens[match["hash"]] = match["name"]
     return tokens
+
+
+def authenticator(config: ControllerConfig) -> Authenticator:
+    """The API's :class:`~.api.Authenticator` (tokens read, TLS files loaded once, here)."""
+    from .api import Authenticator
+
+    http = config.http
+    if http.tls is not None:
+        _check_tls_files(http.tls)
+    mtls = http.tls is not None and http.tls.client_cafile is not None
+    tokens = read_tokens(http.tokens_file) if http.tokens_file is not None else {}
+    if not mtls and http.tokens_file is None:
+        raise ControllerConfigError(
+            "http: no way for a caller to authenticate: the API would refuse everyone",
+            hint="give http.tokens_file (bearer tokens) or http.tls.client_cafile (client "
+            "certificates), or both",
+        )
+    return Authenticator(tokens=tokens, client_certificates=mtls)
 
 
 # -- the HTTP server ----------------------------------------------------------------------
@@ -429,12 +462,12 @@ class ControllerService:
         """Open the database, start ingest, start the HTTP API; undone if a step fails."""
         config = self.config
         resolved = broker_profile(config)
-        authenticator = self._authenticator()
+        who = authenticator(config)
         try:
             self.database = open_database(config.database)
             self.ingest = Ingest(self.database, resolved, config.ingest)
             self.ingest.start()
-            self.http = HttpServer(self._app(authenticator), config.http)
+            self.http = HttpServer(self._app(who), config.http)
             self.http.start()
         except BaseException:
             self.stop()
@@ -504,23 +537,7 @@ class ControllerService:
         assert self.http is not None, "start() first"
         return self.http.url
 
-    def _authenticator(self) -> Any:
-        from .api import Authenticator
-
-        http = self.config.http
-        if http.tls is not None:
-            _check_tls_files(http.tls)
-        mtls = http.tls is not None and http.tls.client_cafile is not None
-        tokens = read_tokens(http.tokens_file) if http.tokens_file is not None else {}
-        if not mtls and http.tokens_file is None:
-            raise ControllerConfigError(
-                "http: no way for a caller to authenticate: the API would refuse everyone",
-                hint="give http.tokens_file (bearer tokens) or http.tls.client_cafile (client "
-                "certificates), or both",
-            )
-        return Authenticator(tokens=tokens, client_certificates=mtls)
-
-    def _app(self, authenticator: Any) -> Any:
+    def _app(self, authenticator: Authenticator) -> Any:
         from .api import ApiContext, create_app
 
         assert self.database is not None

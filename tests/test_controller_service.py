@@ -1,0 +1,257 @@
+"""``edgefleet controller run --config FILE`` as a process, with a real Mosquitto and a SQLite
+file: what devices publish shows in the API, SIGTERM ends it with exit 0; the config file's
+errors name the file and the field; a registry writer that ended is restarted."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import yaml
+from broker import Mosquitto, MqttProbe
+from controller_db import health_message, status_message
+
+from edgefleet.agent.protocol import Topics
+from edgefleet.ops.cli import main
+from edgefleet.ops.controller.service import (
+    ControllerConfig,
+    ControllerConfigError,
+    ControllerService,
+    hash_token,
+    load_config,
+    read_tokens,
+)
+
+EDGEFLEET = Path(sys.executable).with_name("edgefleet")
+TOKEN = "service-test-token"
+WAIT_S = 20.0
+_T = TypeVar("_T")
+_LISTENING = re.compile(r"API on (?P<url>https?://\S+?);")
+
+
+def write_config(
+    tmp_path: Path, mosquitto: Mosquitto, overrides: dict[str, Any] | None = None
+) -> Path:
+    """A config file: SQLite beside it, the test broker's plain listener, bearer tokens."""
+    (tmp_path / "tokens.txt").write_text(f"# the test's\n{hash_token(TOKEN)} tester\n")
+    config: dict[str, Any] = {
+        "database": "controller.sqlite3",
+        "broker": {"host": mosquitto.host, "port": mosquitto.port, "insecure": True},
+        "releases_dir": "releases",
+        "http": {"host": "127.0.0.1", "port": 0, "tokens_file": "tokens.txt"},
+    }
+    config.update(overrides or {})
+    path = tmp_path / "controller.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def eventually(check: Callable[[], _T | None], what: str) -> _T:
+    """Poll ``check`` until it returns something (an HTTP API has no event to wait on)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        found = check()
+        if found is not None:
+            return found
+        assert time.monotonic() < deadline, f"no {what} within {WAIT_S} s"
+        time.sleep(0.05)
+
+
+class ControllerProcess:
+    """``edgefleet controller run`` in a subprocess; its first stdout line read on a thread."""
+
+    def __init__(self, config: Path) -> None:
+        self._log = config.with_name("controller.log")
+        with self._log.open("w") as log:  # a file: a pipe nobody reads could fill and block it
+            self.process = subprocess.Popen(
+                [str(EDGEFLEET), "controller", "run", "--config", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        self._line: list[str] = []
+        self._read = threading.Thread(target=self._first_line, name="controller-stdout")
+        self._read.start()
+
+    def _first_line(self) -> None:
+        assert self.process.stdout is not None
+        self._line.append(self.process.stdout.readline())
+
+    def url(self) -> str:
+        """Where it says it listens."""
+        self._read.join(WAIT_S)
+        line = self._line[0] if self._line else ""
+        match = _LISTENING.search(line)
+        assert match is not None, f"stdout {line!r}; stderr {self.stderr()}"
+        return match["url"]
+
+    def stderr(self) -> str:
+        return self._log.read_text()
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(WAIT_S)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(WAIT_S)
+        self._read.join(WAIT_S)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def controller(tmp_path: Path, broker: Mosquitto) -> Iterator[ControllerProcess]:
+    running = ControllerProcess(write_config(tmp_path, broker))
+    yield running
+    running.close()
+
+
+def test_a_devices_status_and_health_appear_in_the_api_and_sigterm_exits_0(
+    controller: ControllerProcess, broker: Mosquitto
+) -> None:
+    topics = Topics("cam1")
+    now = time.time()
+    url = controller.url()
+    with MqttProbe(broker) as probe:
+        probe.publish(topics.status, status_message("cam1", now).model_dump_json(), retain=True)
+        probe.publish(topics.health, health_message("cam1", now + 1).model_dump_json())
+
+    def cam1_with_health() -> dict[str, Any] | None:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        devices = httpx.get(f"{url}/devices", headers=headers, timeout=5).json()
+        return next((d for d in devices if d["health_ts"] == now + 1), None)
+
+    cam1 = eventually(cam1_with_health, "cam1's health in GET /devices")
+    code = controller.stop()
+
+    assert cam1["status"] == "online"
+    assert cam1["streams"][0]["fps"] == 15.0
+    assert code == 0, controller.stderr()
+
+
+def test_the_api_refuses_a_caller_without_a_token(controller: ControllerProcess) -> None:
+    response = httpx.get(f"{controller.url()}/devices", timeout=5)
+
+    assert response.status_code == 401
+    assert response.json()["code"] == "unauthenticated"
+    assert controller.stop() == 0
+
+
+# -- the config file ---------------------------------------------------------------------
+
+
+def test_relative_paths_resolve_against_the_config_files_folder(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    config = load_config(write_config(tmp_path, broker))
+
+    assert config.database == str(tmp_path / "controller.sqlite3")
+    assert config.releases_dir == tmp_path / "releases"
+    assert config.http.tokens_file == tmp_path / "tokens.txt"
+    assert read_tokens(tmp_path / "tokens.txt") == {hash_token(TOKEN): "tester"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"http": {"prot": 1}}, "http.prot: unknown field"),
+        ({"http": {"port": 70000}}, "http.port"),
+        ({"ingest": {"batch_max_messages": 0}}, "ingest.batch_max_messages"),
+        ({"broker": {"host": "x", "colour": "red"}}, "broker.colour: unknown field"),
+        ({"http": {"port": 0}}, "no way for a caller to authenticate"),
+        ({"broker": "missing.yaml"}, "missing.yaml: no such profile file"),
+        ({"broker": {"host": "x"}}, "broker: no TLS certificates"),
+    ],
+)
+def test_a_config_that_does_not_hold_exits_2_naming_the_file_and_the_field(
+    tmp_path: Path,
+    broker: Mosquitto,
+    capsys: pytest.CaptureFixture[str],
+    overrides: dict[str, Any],
+    says: str,
+) -> None:
+    path = write_config(tmp_path, broker, overrides)
+
+    code = main(["controller", "run", "--config", str(path)])
+
+    error = capsys.readouterr().err
+    assert code == 2
+    assert says in error
+    assert f"error: {path}: " in error
+
+
+def test_a_tokens_file_holding_a_plain_token_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.txt"
+    path.write_text(f"{TOKEN} tester\n")
+
+    with pytest.raises(ControllerConfigError, match="line 1"):
+        read_tokens(path)
+
+
+def test_the_token_command_appends_a_hash_and_prints_the_token_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokens.txt"
+
+    assert main(["controller", "token", "ci-bot", "--tokens-file", str(path)]) == 0
+
+    token = capsys.readouterr().out.strip()
+    assert read_tokens(path) == {hash_token(token): "ci-bot"}
+    assert token not in path.read_text()
+    assert path.stat().st_mode & 0o077 == 0
+
+
+# -- supervision -----------------------------------------------------------------------------
+
+
+def test_a_registry_writer_that_ended_is_restarted_and_writes_again(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    config = load_config(write_config(tmp_path, broker, {"writer_restart_backoff_s": 0.01}))
+    service = ControllerService(config)
+    service.start()
+    try:
+        assert service.ingest is not None
+        service.ingest.writer.stop()  # the thread ends, as after an unexpected error
+        eventually(lambda: _supervised(service), "a restarted writer")
+        now = time.time()
+        with MqttProbe(broker) as probe:
+            probe.publish(Topics("cam2").health, health_message("cam2", now).model_dump_json())
+        stats = service.ingest.writer.wait_for(lambda s: s.written >= 1, WAIT_S)
+    finally:
+        service.stop()
+
+    assert stats.written >= 1
+
+
+def _supervised(service: ControllerService) -> bool | None:
+    service.supervise()
+    assert service.ingest is not None
+    return True if service.ingest.writer.alive else None
+
+
+def test_the_config_schema_describes_every_field() -> None:
+    def undescribed(schema: dict[str, Any], where: str) -> list[str]:
+        missing = []
+        for name, field in schema.get("properties", {}).items():
+            if "description" not in field:
+                missing.append(f"{where}.{name}")
+        return missing
+
+    schema = ControllerConfig.model_json_schema()
+    missing = undescribed(schema, "")
+    for name, section in schema.get("$defs", {}).items():
+        missing += undescribed(section, name)
+
+    assert missing == []
