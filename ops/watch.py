@@ -9,8 +9,9 @@ Every line starts with the time it arrived (UTC, ISO 8601) and the device it is 
 A retained message (the broker's stored copy, sent when the subscription starts) says so,
 and how old it is from its own time field (``ts``; an event's inference time), or that it
 carries none. The fleet-wide models published over the broker (``<root>/_models/``) and the
-release-key set (``<root>/_trust/keyset``) show as ``fleet``: a model's meta is one line; their chunks, raw bytes, are not even subscribed to
-unless ``--chunks``. A payload that does not parse is printed as such, never fatal.
+release-key set (``<root>/_trust/keyset``) show as ``fleet``: a model's meta is one line;
+its chunks, raw bytes, are not even subscribed to unless ``--chunks``. A payload that does
+not parse is printed as such, never fatal.
 
 The broker options (``--profile``, ``--host``, ``--port``, ``--topic-root``, ``--cafile``,
 ``--cert``, ``--key``, ``--insecure``) are those of every broker command
