@@ -16,12 +16,16 @@ from controller_db import health_message, reported_message, status_message
 
 from edgefleet.ops.cli import main
 from edgefleet.ops.controller import registry
-from edgefleet.ops.controller.api import ApiContext, Authenticator, create_app
+from edgefleet.ops.controller.api import ApiContext, Authenticator, create_app, error_answer
 from edgefleet.ops.controller.db import Database, open_database
+from edgefleet.ops.controller.reconcile import UnknownRollout
 from edgefleet.ops.controller.registry import Received
 from edgefleet.ops.controller.releases import ReleaseStore
+from edgefleet.ops.controller.rollouts import CommandRefused
 from edgefleet.ops.controller.service import HttpServer, HttpSettings, HttpTls, hash_token
+from edgefleet.ops.errors import BrokerError, Refused
 from edgefleet.provisioning import generate_signing_key, pki
+from edgefleet.runtime import EdgefleetError, EnvironmentProblem, SettingError
 
 TOKEN = "a-long-random-token-for-alice"
 T0 = 1_800_000_000.0
@@ -354,3 +358,22 @@ def test_bad_input_is_a_4xx_with_the_error_body(
     response = http.request(method, path, **kwargs)  # type: ignore[arg-type]
 
     assert_error(response, status, code)
+
+
+@pytest.mark.parametrize(
+    ("error", "answer"),
+    [
+        (registry.UnknownDevice("x"), (404, "unknown_device")),
+        (UnknownRollout("x"), (404, "unknown_rollout")),
+        (registry.BadSelector("x"), (400, "bad_selector")),
+        (SettingError("x"), (400, "bad_input")),
+        (CommandRefused("x"), (409, "command_refused")),
+        (Refused("x"), (409, "refused")),
+        (BrokerError("x"), (503, "broker_error")),
+        (EnvironmentProblem("x"), (503, "unavailable")),
+    ],
+)
+def test_the_controllers_errors_answer_with_their_class_as_the_code(
+    error: EdgefleetError, answer: tuple[int, str]
+) -> None:
+    assert error_answer(error) == answer

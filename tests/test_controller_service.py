@@ -172,6 +172,10 @@ def test_relative_paths_resolve_against_the_config_files_folder(
         ({"http": {"port": 0}}, "no way for a caller to authenticate"),
         ({"broker": "missing.yaml"}, "missing.yaml: no such profile file"),
         ({"broker": {"host": "x"}}, "broker: no TLS certificates"),
+        (
+            {"http": {"tls": {"certfile": "no.crt", "keyfile": "no.key"}, "tokens_file": "t"}},
+            "http.tls: cannot load the certificate",
+        ),
     ],
 )
 def test_a_config_that_does_not_hold_exits_2_naming_the_file_and_the_field(

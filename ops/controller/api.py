@@ -15,8 +15,10 @@ Routes (``docs/openapi.json`` is the generated document, checked fresh by a test
     GET    /artifacts/{sha256}          (artifacts.py; no authentication: see below)
 
 More routers (the rollouts API) are passed to :func:`create_app` by whoever builds them;
-each gets the same authentication and error bodies (use :data:`CallerDep`,
-:func:`context` and :func:`audited` in them).
+each gets the same authentication and error bodies: their handlers take :data:`CallerDep`
+(the caller, or 401), :data:`SessionDep` (a session in the request's transaction) or
+:data:`ContextDep`, record writes with :func:`audited`, and raise the controller's own
+errors, answered as :func:`error_answer` says (an ``Unknown*`` 404, ``Refused`` 409, ...).
 
 Authentication (:class:`Authenticator`), one of:
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,30 +67,36 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edgefleet.agent.protocol import SignedManifest
+from edgefleet.ops.errors import Refused
 from edgefleet.runtime import EdgefleetError, EnvironmentProblem, SettingError
 
 from . import registry
 from .artifacts import ErrorBody, artifacts_router
 from .db import AuditEntry, Database
 from .registry import DeviceState, DeviceView
-from .releases import ARTIFACTS_PATH, Release, ReleaseStore, UnknownRelease
+from .releases import ARTIFACTS_PATH, Release, ReleaseStore
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ApiContext",
+    "ApiError",
     "AuditView",
     "Authenticator",
     "Caller",
     "CallerDep",
+    "ContextDep",
     "ErrorBody",
+    "ErrorCode",
     "GroupView",
     "ReleaseView",
+    "SessionDep",
     "TagValue",
     "TlsScopeProtocol",
     "audited",
     "context",
     "create_app",
+    "error_answer",
     "openapi_document",
 ]
 
@@ -100,7 +109,8 @@ AUDIT_LIMIT_MAX = 1_000
 
 
 class ErrorCode(str, Enum):
-    """The ``code`` of every error body the API answers with."""
+    """The API's own codes; an error of the controller's modules answers with its class's
+    name (:func:`error_answer`), as these do for the registry's and the release store's."""
 
     UNAUTHENTICATED = "unauthenticated"
     INVALID_REQUEST = "invalid_request"
@@ -113,6 +123,7 @@ class ErrorCode(str, Enum):
     BAD_SELECTOR = "bad_selector"
     BAD_NAME = "bad_name"
     BAD_INPUT = "bad_input"
+    REFUSED = "refused"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal_error"
 
@@ -127,12 +138,6 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-_NOT_FOUND = {
-    registry.UnknownDevice: ErrorCode.UNKNOWN_DEVICE,
-    registry.UnknownGroup: ErrorCode.UNKNOWN_GROUP,
-    UnknownRelease: ErrorCode.UNKNOWN_RELEASE,
-}
-_BAD = {registry.BadSelector: ErrorCode.BAD_SELECTOR, registry.BadName: ErrorCode.BAD_NAME}
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 
 
@@ -141,17 +146,43 @@ def _body(status: int, code: ErrorCode, message: str, headers: Any = None) -> JS
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _edgefleet_error(exc: EdgefleetError) -> JSONResponse:
-    for kinds, status in ((_NOT_FOUND, 404), (_BAD, 400)):
-        for kind, code in kinds.items():
-            if isinstance(exc, kind):
-                return _body(status, code, exc.message)
-    if isinstance(exc, SettingError):
-        return _body(400, ErrorCode.BAD_INPUT, exc.message)
+def error_answer(exc: EdgefleetError) -> tuple[int, str]:
+    """The status and code an error of the controller's modules is answered with.
+
+    The code is the class's name in snake case (``UnknownDevice``: ``unknown_device``), so
+    the rollouts' errors need no table here; the base classes answer ``bad_input``,
+    ``refused`` and ``unavailable``. Status: an ``Unknown*`` bad input is 404, other bad
+    input 400, :class:`~edgefleet.ops.errors.Refused` 409, the environment 503.
+    """
+    kind = type(exc)
+    generic = kind in (EdgefleetError, SettingError, Refused, EnvironmentProblem)
+    code = _BASE_CODES.get(kind, "bad_input") if generic else _snake(kind.__name__)
+    if isinstance(exc, Refused):
+        return 409, code
     if isinstance(exc, EnvironmentProblem):
+        return 503, code
+    if isinstance(exc, SettingError) and kind.__name__.startswith("Unknown"):
+        return 404, code
+    return 400, code
+
+
+_BASE_CODES: dict[type[EdgefleetError], str] = {
+    SettingError: ErrorCode.BAD_INPUT.value,
+    Refused: ErrorCode.REFUSED.value,
+    EnvironmentProblem: ErrorCode.UNAVAILABLE.value,
+}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _edgefleet_error(exc: EdgefleetError) -> JSONResponse:
+    status, code = error_answer(exc)
+    if status >= 500:
         log.error("API request failed: %s", exc.message)
-        return _body(503, ErrorCode.UNAVAILABLE, exc.message)
-    return _body(400, ErrorCode.BAD_INPUT, exc.message)
+    body = ErrorBody(code=code, message=exc.message).model_dump()
+    return JSONResponse(body, status_code=status)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -198,6 +229,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The documented error answers of a route (every one an :class:`ErrorBody`)."""
     described = {
         400: "Bad input (a selector, name or value that does not hold).",
+        409: "Refused: checked, and it would not work; nothing changed.",
         401: "No valid client certificate or bearer token.",
         404: "No such device, group, tag or release.",
         422: "The request's parameters or body do not validate.",
