@@ -500,8 +500,10 @@ class ControllerService:
                 if time.monotonic() >= summary_at:
                     last = self._log_summary(last)
                     summary_at = time.monotonic() + self.config.summary_interval_s
+            log.info("controller stopping")
         finally:
             self.stop()
+        log.info("controller stopped")
 
     def supervise(self) -> None:
         """Restart the registry writer if it died (logged, with backoff between restarts)."""
