@@ -4,6 +4,8 @@ errors name the file and the field; a registry writer that ended is restarted.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import signal
 import subprocess
@@ -26,6 +28,9 @@ from edgefleet.ops.controller.service import (
     ControllerConfig,
     ControllerConfigError,
     ControllerService,
+    HttpServer,
+    HttpSettings,
+    ServiceError,
     hash_token,
     load_config,
     read_tokens,
@@ -259,3 +264,49 @@ def test_the_config_schema_describes_every_field() -> None:
         missing += undescribed(section, name)
 
     assert missing == []
+
+
+# -- the HTTP server --------------------------------------------------------------------------
+
+
+def test_the_http_server_stops_with_a_request_still_in_flight() -> None:
+    in_flight = threading.Event()
+
+    async def never_answers(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            in_flight.set()
+            await asyncio.Event().wait()
+
+    server = HttpServer(never_answers, HttpSettings(port=0, stop_timeout_s=0.2))
+    server.start()
+    request = threading.Thread(
+        target=_request_ignoring_errors, args=(f"{server.url}/slow",), name="slow-request"
+    )
+    request.start()
+    assert in_flight.wait(WAIT_S)
+
+    server.stop()
+    request.join(WAIT_S)
+
+    assert not server.alive
+    assert not request.is_alive()
+
+
+def _request_ignoring_errors(url: str) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.get(url, timeout=WAIT_S)
+
+
+def test_a_port_in_use_is_a_service_error_naming_it() -> None:
+    first = HttpServer(_nothing, HttpSettings(port=0))
+    first.start()
+    port = int(first.url.rsplit(":", 1)[1])
+    try:
+        with pytest.raises(ServiceError, match=f"127.0.0.1:{port}"):
+            HttpServer(_nothing, HttpSettings(port=port))
+    finally:
+        first.stop()
+
+
+async def _nothing(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app never called."""

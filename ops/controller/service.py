@@ -389,6 +389,11 @@ class HttpServer:
         shown = f"[{host}]" if ":" in host else host
         return f"{scheme}://{shown}:{port}"
 
+    @property
+    def alive(self) -> bool:
+        """Whether the server's thread runs."""
+        return self._thread.is_alive()
+
     def start(self) -> None:
         """Start serving; :class:`ServiceError` when uvicorn does not start in time."""
         self._thread.start()
