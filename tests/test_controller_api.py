@@ -162,6 +162,16 @@ def test_a_tag_set_and_removed_is_audited_with_the_callers_identity(http: httpx.
     ]
 
 
+def test_a_write_is_committed_before_its_answer_is_sent(
+    http: httpx.Client, database: Database
+) -> None:
+    for value in ("a", "b", "c", "d", "e"):
+        http.put("/devices/cam1/tags/hw", json={"value": value}).raise_for_status()
+
+        with database.session() as session:
+            assert registry.show_device(session, "cam1").tags == {"hw": value}
+
+
 def test_removing_a_tag_the_device_does_not_have_is_404_and_not_audited(
     http: httpx.Client,
 ) -> None:

@@ -368,7 +368,9 @@ def session(context: ContextDep) -> Iterator[Session]:
         yield opened
 
 
-SessionDep = Annotated[Session, Depends(session)]
+# "function": committed before the answer is sent, so a caller that got 200 reads its
+# write back, and a commit that fails is the answer (the default ends it after sending).
+SessionDep = Annotated[Session, Depends(session, scope="function")]
 
 
 def audited(
