@@ -8,6 +8,7 @@ need them skip with the reason; under CI (``CI`` set) that is a failure.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -218,3 +219,17 @@ def no_operator_profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
         for name in OPERATOR_ENV:
             patch.delenv(name, raising=False)
         yield
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging() -> Iterator[None]:
+    """Undo what a test did to the root logger (configure_logging, a command's -v, the
+    controller's INFO): its handlers and level as they were, so no test logs for the next."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)

@@ -87,19 +87,6 @@ class JournalListener:
 
 
 @pytest.fixture
-def restore_root_logging() -> Iterator[None]:
-    """Undo configure_logging: the root logger's handlers and level as they were."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-
-
-@pytest.fixture
 def journal(tmp_path: Path, restore_root_logging: None) -> Iterator[JournalListener]:
     """A journald stand-in socket in tmp_path."""
     path = tmp_path / "journal.sock"

@@ -109,7 +109,9 @@ def _run(args: argparse.Namespace) -> int:
     from .service import ControllerService, load_config
 
     if not getattr(args, "verbose", False):
-        logging.getLogger("edgefleet").setLevel(logging.INFO)
+        # A service tells its story at INFO (the other commands warn only). On the root
+        # logger, which the command line configured, not on a logger of ours for good.
+        logging.getLogger().setLevel(logging.INFO)
     config = load_config(args.config)
     service = ControllerService(config)
 
