@@ -131,7 +131,7 @@ def _fleet_config(args: argparse.Namespace) -> int:
     fleet = fleet_dir(args)
     settings_of_fleet = fleet.settings()
     out = args.out.resolve()
-    files = _copy_fleet_files(fleet, out)
+    files = _copy_fleet_files(fleet, out, settings_of_fleet.topic_root)
     owner = _broker_owner(args.user)
     try:
         settings = MosquittoSettings(
@@ -164,9 +164,8 @@ def _fleet_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_fleet_files(fleet: FleetDir, out: Path) -> FleetBrokerFiles:
+def _copy_fleet_files(fleet: FleetDir, out: Path, topic_root: str) -> FleetBrokerFiles:
     """Copy what the broker reads from the fleet directory into ``out``, and write the ACLs."""
-    settings = fleet.settings()
     pki.make_private_dir(out / "certs")
     pki.make_private_dir(out / "acl")
     out.chmod(0o755)
@@ -185,12 +184,12 @@ def _copy_fleet_files(fleet: FleetDir, out: Path) -> FleetBrokerFiles:
         paths[field] = out / name
         _write(paths[field], _read(source), mode)
     acls = {
-        "device_acl": ("acl/devices.acl", render_device_acl(settings.topic_root)),
+        "device_acl": ("acl/devices.acl", render_device_acl(topic_root)),
         "operator_acl": (
             "acl/operators.acl",
-            render_operator_acl(settings.topic_root, fleet.operator_identities()),
+            render_operator_acl(topic_root, fleet.operator_identities()),
         ),
-        "claim_acl": ("acl/claim.acl", render_claim_acl(settings.topic_root)),
+        "claim_acl": ("acl/claim.acl", render_claim_acl(topic_root)),
     }
     for field, (name, text) in acls.items():
         paths[field] = out / name
