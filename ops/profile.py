@@ -61,6 +61,9 @@ ENV_VARIABLES: Mapping[str, str] = {
     "certfile": "EDGEFLEET_CERTFILE",
     "keyfile": "EDGEFLEET_KEYFILE",
     "insecure": "EDGEFLEET_INSECURE",
+    "controller": "EDGEFLEET_CONTROLLER",
+    "controller_cafile": "EDGEFLEET_CONTROLLER_CAFILE",
+    "token_file": "EDGEFLEET_TOKEN_FILE",
 }
 """The variable that sets each field, between the flags and the profile file."""
 FLAGS: Mapping[str, str] = {
@@ -71,11 +74,14 @@ FLAGS: Mapping[str, str] = {
     "certfile": "--cert",
     "keyfile": "--key",
     "insecure": "--insecure",
+    "controller": "--controller",
+    "controller_cafile": "--controller-cafile",
+    "token_file": "--token-file",
 }
 """The flag that sets each field (the argparse ``dest`` is the field's name)."""
 DEFAULT = "default"
 _TLS_FIELDS = ("cafile", "certfile", "keyfile")
-_PATH_FIELDS = _TLS_FIELDS
+_PATH_FIELDS = (*_TLS_FIELDS, "controller_cafile", "token_file")
 GET_A_PROFILE = (
     "'edgefleet provision init DIR' writes DIR/operator.yaml: copy it to "
     "~/.config/edgefleet/operator.yaml or pass --profile DIR/operator.yaml (or give --cafile, "
@@ -117,6 +123,22 @@ class OperatorProfile(BaseModel):
     insecure: bool = Field(
         False,
         description="Plain MQTT without TLS or a client certificate (a lab broker only).",
+    )
+    controller: str | None = Field(
+        None,
+        pattern=r"^https?://[^/\s]+/?$",
+        description="The controller's API, e.g. https://controller.lan:8443 (the devices, "
+        "audit, rollout and fleet-wide cmd commands).",
+    )
+    controller_cafile: Path | None = Field(
+        None,
+        description="CA certificate the controller's HTTPS certificate chains to (default: "
+        "cafile). The client certificate, if any, is certfile and keyfile.",
+    )
+    token_file: Path | None = Field(
+        None,
+        description="A file holding a bearer token for the controller's API (instead of the "
+        "client certificate; $EDGEFLEET_TOKEN gives the token itself).",
     )
 
     @field_validator("topic_root")
@@ -406,6 +428,9 @@ def register(subcommands: Any) -> None:
         "where each value came from.",
     )
     add_broker_options(show)
+    from .apiclient import add_controller_fields
+
+    add_controller_fields(show.add_argument_group("controller connection"))
     show.set_defaults(handler=_show)
 
 
@@ -414,20 +439,20 @@ def describe(resolved: ResolvedProfile, environ: Mapping[str, str] | None = None
     environ = os.environ if environ is None else environ
     p = resolved.profile
     if resolved.file is not None:
-        lines = [f"{'profile':<11} {resolved.file}"]
+        lines = [f"{'profile':<17} {resolved.file}"]
     else:
-        lines = [f"{'profile':<11} none ({default_profile_path(environ)} is not there)"]
+        lines = [f"{'profile':<17} none ({default_profile_path(environ)} is not there)"]
     for name in OperatorProfile.model_fields:
         value = p.broker_port if name == "port" else getattr(p, name)
         shown = "-" if value is None else str(value).lower() if isinstance(value, bool) else value
-        lines.append(f"{name:<11} {shown!s:<40} {resolved.source(name)}")
+        lines.append(f"{name:<17} {shown!s:<40} {resolved.source(name)}")
     try:
         resolved.check_transport()
     except ProfileError as exc:
-        lines.append(f"{'connects':<11} not at all: {exc.message}")
+        lines.append(f"{'connects':<17} not at all: {exc.message}")
     else:
         how = "plain MQTT, no TLS (insecure)" if p.insecure else "mutual TLS"
-        lines.append(f"{'connects':<11} {how} to {p.address}")
+        lines.append(f"{'connects':<17} {how} to {p.address}")
     return lines
 
 

@@ -68,6 +68,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edgefleet.agent.protocol import SignedManifest
 from edgefleet.ops.errors import Refused
+from edgefleet.ops.profile import ResolvedProfile
 from edgefleet.runtime import EdgefleetError, EnvironmentProblem, SettingError
 
 from . import registry
@@ -330,6 +331,8 @@ class ApiContext:
     database: Database
     store: ReleaseStore
     authenticator: Authenticator
+    broker: ResolvedProfile | None = None
+    """How the controller reaches the broker (fleet-wide commands); None: it does not."""
 
 
 def context(request: Request) -> ApiContext:

@@ -549,7 +549,7 @@ class ControllerService:
 
         assert self.database is not None
         store = ReleaseStore(self.config.releases_dir)
-        context = ApiContext(self.database, store, authenticator)
+        context = ApiContext(self.database, store, authenticator, broker_profile(self.config))
         return create_app(context, routers=self.routers)
 
     def _stats(self) -> IngestStats:
