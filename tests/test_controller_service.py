@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
-import yaml
 from broker import Mosquitto, MqttProbe
 from controller_db import health_message, status_message
+from controllerproc import TOKEN, WAIT_S, ControllerProcess, eventually, write_config
 
 from edgefleet.agent.protocol import Topics
 from edgefleet.ops.cli import main
@@ -35,84 +31,6 @@ from edgefleet.ops.controller.service import (
     load_config,
     read_tokens,
 )
-
-EDGEFLEET = Path(sys.executable).with_name("edgefleet")
-TOKEN = "service-test-token"
-WAIT_S = 20.0
-_T = TypeVar("_T")
-_LISTENING = re.compile(r"API on (?P<url>https?://\S+?);")
-
-
-def write_config(
-    tmp_path: Path, mosquitto: Mosquitto, overrides: dict[str, Any] | None = None
-) -> Path:
-    """A config file: SQLite beside it, the test broker's plain listener, bearer tokens."""
-    (tmp_path / "tokens.txt").write_text(f"# the test's\n{hash_token(TOKEN)} tester\n")
-    config: dict[str, Any] = {
-        "database": "controller.sqlite3",
-        "broker": {"host": mosquitto.host, "port": mosquitto.port, "insecure": True},
-        "releases_dir": "releases",
-        "http": {"host": "127.0.0.1", "port": 0, "tokens_file": "tokens.txt"},
-    }
-    config.update(overrides or {})
-    path = tmp_path / "controller.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def eventually(check: Callable[[], _T | None], what: str) -> _T:
-    """Poll ``check`` until it returns something (an HTTP API has no event to wait on)."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        found = check()
-        if found is not None:
-            return found
-        assert time.monotonic() < deadline, f"no {what} within {WAIT_S} s"
-        time.sleep(0.05)
-
-
-class ControllerProcess:
-    """``edgefleet controller run`` in a subprocess; its first stdout line read on a thread."""
-
-    def __init__(self, config: Path) -> None:
-        self._log = config.with_name("controller.log")
-        with self._log.open("w") as log:  # a file: a pipe nobody reads could fill and block it
-            self.process = subprocess.Popen(
-                [str(EDGEFLEET), "controller", "run", "--config", str(config)],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-        self._line: list[str] = []
-        self._read = threading.Thread(target=self._first_line, name="controller-stdout")
-        self._read.start()
-
-    def _first_line(self) -> None:
-        assert self.process.stdout is not None
-        self._line.append(self.process.stdout.readline())
-
-    def url(self) -> str:
-        """Where it says it listens."""
-        self._read.join(WAIT_S)
-        line = self._line[0] if self._line else ""
-        match = _LISTENING.search(line)
-        assert match is not None, f"stdout {line!r}; stderr {self.stderr()}"
-        return match["url"]
-
-    def stderr(self) -> str:
-        return self._log.read_text()
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(WAIT_S)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(WAIT_S)
-        self._read.join(WAIT_S)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
 
 
 @pytest.fixture

@@ -642,11 +642,14 @@ class RolloutRunner:
             mark_written(session, rollout_id, writes, now)
         return tuple(w.device_id for w in writes)
 
-    def step_all(self, now: float) -> dict[str, Stepped]:
-        """Step every rollout that still has something to decide or record (:func:`needs_steps`)."""
+    def due(self) -> list[str]:
+        """The rollouts that still have something to decide or record (:func:`needs_steps`)."""
         with self.database.session() as session:
-            due = [r.id for r in list_rollouts(session) if r.needs_steps]
-        return {rollout_id: self.step(rollout_id, now) for rollout_id in due}
+            return [r.id for r in list_rollouts(session) if r.needs_steps]
+
+    def step_all(self, now: float) -> dict[str, Stepped]:
+        """Step every rollout that is :meth:`due`."""
+        return {rollout_id: self.step(rollout_id, now) for rollout_id in self.due()}
 
 
 # -- what is stored, for people ----------------------------------------------------------------

@@ -20,14 +20,21 @@ Relative paths resolve against the config file's folder.
 undoes them in reverse::
 
     open the database (migrated) -> start ingest (MQTT, the registry-writer thread)
+      -> start the rollout engine ("controller-rollouts" thread)
       -> start the HTTP API (uvicorn on the "controller-http" thread)
+
+The rollout engine (:class:`RolloutLoop`) steps every active rollout each
+``rollout_interval_s`` (``reconcile.RolloutRunner.step_all``); a step that fails (the
+broker down, the database busy) is logged and tried again next time: what was decided is
+in the database, so a restarted controller goes on where it stopped.
 
 Threads: the owner's thread (``controller run``: the main thread) calls ``start``, ``stop``
 and :meth:`~ControllerService.run`, which waits on the one stop event (set by SIGTERM or
 SIGINT), logs a summary every ``summary_interval_s`` and restarts the registry writer when
 it died (:meth:`~ControllerService.supervise`: ``RegistryWriter`` owns its thread and turns
 an unexpected error into ``writer_problem``, so the agent's ``Supervisor``, which restarts
-functions that raise, does not fit it). uvicorn runs its event loop on ``controller-http``
+functions that raise, does not fit it). The rollout engine runs on its own thread, so a
+slow broker does not hold the supervisor up. uvicorn runs its event loop on ``controller-http``
 (its request handlers on its worker threads); paho runs ingest's network thread.
 
 Errors::
@@ -56,10 +63,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.ops.profile import OperatorProfile, ProfileError, ResolvedProfile, resolve_profile
-from edgefleet.runtime import EnvironmentProblem, SettingError
+from edgefleet.runtime import EdgefleetError, EnvironmentProblem, SettingError
 
 from .db import Database, open_database
 from .ingest import Ingest, IngestSettings, IngestStats
+from .reconcile import BrokerPublisher, RolloutRunner
 from .releases import ReleaseStore
 
 if TYPE_CHECKING:
@@ -160,6 +168,13 @@ class ControllerConfig(_Section):
     )
     writer_restart_backoff_max_s: float = Field(
         60.0, gt=0, description="Longest wait between restarts of the registry writer."
+    )
+    rollout_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="How often the rollout engine steps every active rollout (decides, "
+        "writes desired states).",
     )
 
 
@@ -438,6 +453,60 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# -- the rollout engine's thread ----------------------------------------------------------
+
+
+class RolloutLoop:
+    """Steps every active rollout every ``interval_s`` on the "controller-rollouts" thread."""
+
+    def __init__(self, runner: RolloutRunner, interval_s: float) -> None:
+        self.runner = runner
+        self.interval_s = interval_s
+        self.steps = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread (its first step at once)."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="controller-rollouts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the step in progress, if any."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def step(self) -> None:
+        """Step every rollout due once; a failure is logged and counted, never raised (one
+        rollout's failure does not hold the others up)."""
+        try:
+            due = self.runner.due()
+        except Exception as exc:  # the database: tried again next interval
+            self._failed("cannot list the rollouts", exc)
+            return
+        for rollout_id in due:
+            try:
+                self.runner.step(rollout_id, time.time())
+            except Exception as exc:  # the broker or the database: tried again next interval
+                self._failed(f"rollout {rollout_id}: a step failed", exc)
+        self.steps += 1
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.failures += 1
+        reason = str(exc) if isinstance(exc, EdgefleetError) else f"{type(exc).__name__}: {exc}"
+        log.error("%s (%s); trying again in %.0f s", what, reason, self.interval_s)
+        log.debug("rollout engine failure", exc_info=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.step()
+            self._stop.wait(self.interval_s)
+
+
 # -- the service ---------------------------------------------------------------------------
 
 
@@ -460,6 +529,7 @@ class ControllerService:
     stop_event: threading.Event = field(default_factory=threading.Event)
     database: Database | None = None
     ingest: Ingest | None = None
+    rollouts: RolloutLoop | None = None
     http: HttpServer | None = None
     _watch: _WriterWatch | None = None
 
@@ -472,6 +542,9 @@ class ControllerService:
             self.database = open_database(config.database)
             self.ingest = Ingest(self.database, resolved, config.ingest)
             self.ingest.start()
+            runner = RolloutRunner(self.database, BrokerPublisher(resolved))
+            self.rollouts = RolloutLoop(runner, config.rollout_interval_s)
+            self.rollouts.start()
             self.http = HttpServer(self._app(who), config.http)
             self.http.start()
         except BaseException:
@@ -480,10 +553,14 @@ class ControllerService:
         self._watch = _WriterWatch(config.writer_restart_backoff_s)
 
     def stop(self) -> None:
-        """Stop the HTTP API, then ingest (writing what is queued), then close the database."""
+        """Stop the HTTP API, the rollout engine, then ingest (writing what is queued), then
+        close the database."""
         if self.http is not None:
             self.http.stop()
             self.http = None
+        if self.rollouts is not None:
+            self.rollouts.stop()
+            self.rollouts = None
         if self.ingest is not None:
             self.ingest.stop()
             self.ingest = None
