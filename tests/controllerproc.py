@@ -57,6 +57,7 @@ class ControllerProcess:
     """``edgefleet controller run`` in a subprocess; its first stdout line read on a thread."""
 
     def __init__(self, config: Path) -> None:
+        self.config = config
         self._log = config.with_name("controller.log")
         with self._log.open("a") as log:  # a file: a pipe nobody reads could fill and block it
             self.process = subprocess.Popen(

@@ -12,6 +12,7 @@ back what the device says, parsed by the protocol's own models.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from broker import Mosquitto, MqttProbe
 from conftest import Assets
 from httpserver import ModelServer
+from PIL import Image
 
 from edgefleet.agent.protocol import (
     DesiredState,
@@ -80,6 +82,13 @@ def agent_config(
             **updates,
         },
     }
+
+
+def write_image(folder: Path, value: int) -> None:
+    """The folder's only image: one flat grey level (written beside, then renamed in)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (value,) * 3).save(folder / "next.png")
+    os.replace(folder / "next.png", folder / "frame.png")
 
 
 def video(assets: Assets, *, realtime: bool = True) -> dict[str, Any]:

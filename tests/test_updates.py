@@ -6,7 +6,6 @@ and reads the device's ``reported`` state back, exactly as the controller does.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import statistics
@@ -37,9 +36,9 @@ from fleet import (
     sha256,
     variant,
     video,
+    write_image,
 )
 from httpserver import ModelServer
-from PIL import Image
 
 from edgefleet.agent.modelstore import ModelStore
 from edgefleet.agent.protocol import StatusMessage
@@ -112,13 +111,6 @@ def test_live_swap_under_load_drops_no_frame(
 
 
 # -- probation ----------------------------------------------------------------------------
-
-
-def write_image(folder: Path, value: int) -> None:
-    """The folder's only image: one flat grey level (written beside, then renamed in)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (value,) * 3).save(folder / "next.png")
-    os.replace(folder / "next.png", folder / "frame.png")
 
 
 def test_model_failing_during_probation_is_rolled_back_without_an_operator(
