@@ -6,6 +6,7 @@ into a real store with a real key."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from edgefleet.ops.controller.rollouts import (
     RolloutPlan,
     RolloutStatus,
 )
+from edgefleet.ops.controller.service import RolloutLoop
 from edgefleet.ops.errors import BrokerError
 from edgefleet.ops.fleet import ManifestTerms, SequenceCounter
 from edgefleet.ops.profile import OperatorProfile, ResolvedProfile
@@ -589,5 +591,30 @@ def test_a_broker_outage_leaves_the_decision_stored_and_the_next_step_writes_it(
         device.subscribe(f"{ROOT}/cam1/desired")
         retained = device.wait_for_message(f"{ROOT}/cam1/desired")
     assert DesiredState.model_validate_json(retained.payload).models[STREAM] == signed.new.manifest
+    with database.session() as session:
+        assert unwritten(session, "r1") == []
+
+
+def test_the_services_rollout_loop_logs_a_failed_step_and_the_next_one_writes_it(
+    database: Database,
+    signed: Signed,
+    publisher: BrokerPublisher,
+    broker: Mosquitto,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    register(database, signed)
+    start(database, signed)
+    loop = RolloutLoop(RolloutRunner(database, publisher), interval_s=5)
+    broker.stop()
+
+    with caplog.at_level(logging.ERROR, logger="edgefleet.ops.controller.service"):
+        loop.step()  # raises nothing: the service's thread goes on
+
+    assert loop.failures == 1
+    assert "rollout r1: a step failed" in caplog.text
+    assert "trying again in 5 s" in caplog.text
+    broker.start()
+    loop.step()
+    assert loop.failures == 1
     with database.session() as session:
         assert unwritten(session, "r1") == []
