@@ -95,7 +95,10 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
 def add_controller_fields(group: Any) -> None:
     """``--controller``, ``--token-file`` and ``--controller-cafile`` (``profile show`` too)."""
     group.add_argument(
-        "--controller", metavar="URL", help="the controller's API, e.g. https://HOST:8443"
+        "--controller",
+        metavar="URL",
+        help="the controller's API, e.g. https://HOST:8443 (default: $EDGEFLEET_CONTROLLER, "
+        "else the profile's controller)",
     )
     group.add_argument(
         "--token-file",

@@ -258,14 +258,22 @@ class BrokerConnection:
             raise self._lost(f"publishing to {topic}")
         self._check(self._wait(lambda: self._acks.get(info.mid), "PUBACK"), f"refused {topic}")
 
-    def publish_all(self, messages: Sequence[tuple[str, bytes]], *, retain: bool = False) -> None:
+    def publish_all(
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        *,
+        retain: bool = False,
+        properties: Sequence[Properties | None] = (),
+    ) -> None:
         """Publish each (topic, payload) at QoS 1, all at once, then wait for every PUBACK.
 
-        Each wait has the full timeout: a slow link is fine while the acks keep coming.
+        ``properties``, when given, are each message's MQTT 5 properties, in order. Each
+        wait has the full timeout: a slow link is fine while the acks keep coming.
         """
         sent = []
-        for topic, payload in messages:
-            info = self._client.publish(topic, payload, qos=1, retain=retain)
+        for i, (topic, payload) in enumerate(messages):
+            props = properties[i] if i < len(properties) else None
+            info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise self._lost(f"publishing to {topic}")
             sent.append((topic, info.mid))
