@@ -125,13 +125,15 @@ def health_message(
     *,
     uptime_s: float = 60.0,
     fps: float = 15.0,
+    processed: int = 890,
     failed: int = 0,
     stream_state: str = "running",
     temperature_c: float | None = 51.5,
 ) -> HealthMessage:
     """A heartbeat with one stream 'door'."""
     stream = StreamHealth(
-        state=stream_state, captured=900, processed=890, skipped=10, failed=failed, events=40,
+        state=stream_state, captured=processed + 10, processed=processed, skipped=10,
+        failed=failed, events=40,
         events_lost=0, fps=fps, latency_p50_ms=21.0, latency_p99_ms=35.0,
         inference_p50_ms=8.0, inference_p99_ms=11.0, source_failures=0,
     )  # fmt: skip

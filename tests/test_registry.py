@@ -10,7 +10,7 @@ from controller_db import health_message, reported_message, status_message
 
 from edgefleet.agent.protocol import UpdateState
 from edgefleet.ops.controller import registry
-from edgefleet.ops.controller.db import Database, open_database
+from edgefleet.ops.controller.db import Database, DeviceStream, open_database
 from edgefleet.ops.controller.registry import (
     BadName,
     BadSelector,
@@ -277,3 +277,26 @@ def test_a_heartbeat_with_a_new_stream_adds_it(database: Database) -> None:
         assert registry.record_health(session, yard)
     with database.session() as session:
         assert [s.stream for s in registry.show_device(session, "cam1").streams] == ["door", "yard"]
+
+
+def test_a_streams_error_rate_counts_the_running_models_frames_only(database: Database) -> None:
+    def rate() -> float | None:
+        with database.session() as session:
+            row = session.get(DeviceStream, ("cam1", "door"))
+            assert row is not None
+            return registry.error_rate(row)
+
+    with database.session() as session:
+        registry.record_status(session, status_message("cam1", T0))
+        registry.record_health(session, health_message("cam1", T0 + 1, processed=1000, failed=10))
+        # A live swap: the agent's counters go on from 1000 frames.
+        registry.record_reported(session, reported_message("cam1", T0 + 2, sha256="b" * 64))
+        registry.record_health(session, health_message("cam1", T0 + 3, processed=1100, failed=40))
+    assert rate() == pytest.approx(0.3)  # 30 of the new model's 100 frames, not 40 of 1100
+    with database.session() as session:
+        row = session.get(DeviceStream, ("cam1", "door"))
+        assert row is not None
+        assert row.previous_error_rate == pytest.approx(0.01)
+        # The agent restarts: its counters start again, all of them the running model's.
+        registry.record_health(session, health_message("cam1", T0 + 9, processed=50, failed=1))
+    assert rate() == pytest.approx(0.02)

@@ -185,6 +185,9 @@ class DeviceStream(Base):
     backend: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     delegate: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     model_since: Mapped[float | None] = mapped_column(Double)  # first message naming it
+    # the health counters when it started running (its own frames are the ones above)
+    model_processed_base: Mapped[int | None] = mapped_column(Integer)
+    model_failed_base: Mapped[int | None] = mapped_column(Integer)
 
     # the model before it, and its figures when it was replaced (rollout health gates)
     previous_model_sha256: Mapped[str | None] = mapped_column(String(64))

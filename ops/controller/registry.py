@@ -217,19 +217,30 @@ def _write_heartbeats(
         for device_id, message in newest.items()
     ]
     session.execute(update(Device), devices)
-    query = select(DeviceStream.device_id, DeviceStream.stream)
+    query = select(
+        DeviceStream.device_id,
+        DeviceStream.stream,
+        DeviceStream.processed,
+        DeviceStream.model_processed_base,
+        DeviceStream.model_failed_base,
+    )
     existing = {
-        (device_id, stream)
-        for device_id, stream in session.execute(
-            query.where(DeviceStream.device_id.in_(list(newest)))
-        )
+        (row.device_id, row.stream): row
+        for row in session.execute(query.where(DeviceStream.device_id.in_(list(newest))))
     }
     updates: list[dict[str, Any]] = []
     inserts: list[dict[str, Any]] = []
     for device_id, message in newest.items():
         for stream, health in message.streams.items():
             values = {"device_id": device_id, "stream": stream, **_stream_health_values(health)}
-            (updates if (device_id, stream) in existing else inserts).append(values)
+            row = existing.get((device_id, stream))
+            if row is None:
+                inserts.append(values)
+                continue
+            restarted = row.processed is not None and health.processed < row.processed
+            values["model_processed_base"] = None if restarted else row.model_processed_base
+            values["model_failed_base"] = None if restarted else row.model_failed_base
+            updates.append(values)
     if updates:
         session.execute(update(DeviceStream), updates)
     if inserts:
@@ -343,6 +354,9 @@ def _apply_health(device: Device, message: HealthMessage) -> bool:
         setattr(device, name, value)
     for stream, health in message.streams.items():
         row = _stream(device, stream)
+        if row.processed is not None and health.processed < row.processed:
+            row.model_processed_base = row.model_failed_base = None  # the agent restarted
+            # (the bulk path, _write_heartbeats, does the same)
         for name, value in _stream_health_values(health).items():
             setattr(row, name, value)
     return True
@@ -423,15 +437,28 @@ def _set_model(row: DeviceStream, model: ModelRef, at: float) -> None:
             row.previous_error_rate = error_rate(row)
             row.previous_latency_p99_ms = row.latency_p99_ms
         row.model_since = at
+        # The new model's frames are those the counters add from here (the last health
+        # before the swap is the nearest reading; the frames since are few).
+        row.model_processed_base, row.model_failed_base = row.processed, row.failed
     row.model_id, row.model_version, row.model_sha256 = model.id, model.version, model.sha256
     row.task, row.backend, row.delegate = model.task, model.backend, model.delegate
 
 
 def error_rate(row: DeviceStream) -> float | None:
-    """Failed frames over processed ones (the health counters since the agent started)."""
-    if row.processed is None or row.failed is None or row.processed == 0:
+    """Failed frames over processed ones, of the running model only.
+
+    The agent's counters run from its start, across live swaps: the frames counted before
+    the model changed (``model_*_base``) are left out. Counters that went down mean the
+    agent restarted, and then every frame counted is the running model's (the base is
+    cleared, :func:`_apply_health`).
+    """
+    processed, failed = row.processed, row.failed
+    if processed is None or failed is None:
         return None
-    return row.failed / row.processed
+    base_processed, base_failed = row.model_processed_base, row.model_failed_base
+    if base_processed is not None and base_failed is not None:
+        processed, failed = processed - base_processed, failed - base_failed
+    return failed / processed if processed > 0 else None
 
 
 def set_desired_model(
