@@ -254,7 +254,8 @@ class UpdateSettings(_Section):
         3.0,
         gt=1,
         description="A new model is rolled back when its median invoke time on the stream "
-        "exceeds the one measured when it was validated by this factor.",
+        "exceeds the one measured when it was validated by this factor (and by more than "
+        "1 ms: timer and scheduling noise on a model that runs in microseconds).",
     )
     max_probation_starts: int = Field(
         2, ge=1, description="Agent restarts during probation (a crash loop) that roll back."

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from .config import UpdateSettings
 from .pipeline import ModelStats
 
-__all__ = ["Throughput", "Verdict", "probation_verdict"]
+__all__ = ["LATENCY_NOISE_MS", "Throughput", "Verdict", "probation_verdict"]
+
+LATENCY_NOISE_MS = 1.0
+"""A median invoke at most this far over the validated one is never "slower": for a model
+that runs in microseconds, a cold cache or a busy core makes 3x of nothing."""
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,12 @@ def _slower_than_validated(
         or not validated_p50_ms
         or stats.processed < settings.probation_min_frames
         or p50 <= validated_p50_ms * settings.max_latency_factor
+        or p50 - validated_p50_ms <= LATENCY_NOISE_MS
     ):
         return None
     return (
-        f"median invoke {p50:.1f} ms on the stream is over {settings.max_latency_factor}x the "
-        f"{validated_p50_ms:.1f} ms measured when it was validated"
+        f"median invoke {p50:.2f} ms on the stream is over {settings.max_latency_factor}x the "
+        f"{validated_p50_ms:.2f} ms measured when it was validated"
     )
 
 

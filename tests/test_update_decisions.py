@@ -306,6 +306,16 @@ def test_probation_rolls_back_a_model_much_slower_than_when_validated() -> None:
     assert "median invoke" in verdict.rollback_reason
 
 
+def test_probation_keeps_a_microsecond_model_whose_median_is_a_few_times_noise() -> None:
+    # 0.004 ms validated, 0.02 ms on the stream: 5x, but a cold cache, not a slower model.
+    fast = stats(50, 0, latency_ms=0.02)
+    verdict = probation_verdict(
+        fast, captured=CAPTURED, elapsed_s=61, validated_p50_ms=0.004, settings=SETTINGS
+    )
+    assert verdict.rollback_reason is None
+    assert verdict.commit
+
+
 def test_probation_without_a_validated_latency_judges_errors_only() -> None:
     slow = stats(50, 0, latency_ms=20.0)
     verdict = probation_verdict(
