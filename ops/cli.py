@@ -23,7 +23,19 @@ from edgefleet.runtime import EdgefleetError
 from edgefleet.runtime.cli import register as register_model_commands
 from edgefleet.runtime.cli import report_error
 
-from . import broker, commands, deploy, enroll, fleet, keys, profile, provision, release, watch
+from . import (
+    broker,
+    commands,
+    deploy,
+    enroll,
+    fleet,
+    keys,
+    profile,
+    provision,
+    release,
+    rollout,
+    watch,
+)
 from .controller import cli as controller_cli
 from .errors import exit_code
 
@@ -78,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.register(subcommands)
     provision.register(subcommands)
     release.register(subcommands)
+    rollout.register(subcommands)
     controller_cli.register(subcommands)
     for sub in _subparsers(parser):
         # SUPPRESS: given before the command, -v is not reset by the command's parser.

@@ -260,24 +260,31 @@ def _publish_chunks(args: argparse.Namespace) -> int:
 
 
 def _release_key(args: argparse.Namespace) -> tuple[Path, Ed25519PrivateKey]:
-    """The signing key's file and key: ``--key``, else the fleet's newest release key; a
-    key the fleet's key set would not have devices trust is refused."""
-    named = args.fleet or os.environ.get(FLEET_ENV)
+    return release_key(args.key, args.fleet)
+
+
+def release_key(
+    key: Path | None, fleet_dir: Path | None, *, key_option: str = "--key"
+) -> tuple[Path, Ed25519PrivateKey]:
+    """The signing key's file and key: ``key``, else the newest release key of the fleet
+    (``fleet_dir``, else ``$EDGEFLEET_FLEET``); a key the fleet's key set would not have
+    devices trust is refused. ``key_option`` is how the command names ``key``."""
+    named = fleet_dir or os.environ.get(FLEET_ENV)
     fleet = Path(named) if named else None
     path: Path
-    if args.key is not None:
-        path = args.key
+    if key is not None:
+        path = key
     elif fleet is not None:
         path = _newest_release_key(fleet)
     else:
         raise SettingError(
-            "which release key? no --key, no --fleet and no $" + FLEET_ENV,
-            hint="pass --key KEYFILE (a release key's .key file) or --fleet DIR",
+            f"which release key? no {key_option}, no --fleet and no ${FLEET_ENV}",
+            hint=f"pass {key_option} KEYFILE (a release key's .key file) or --fleet DIR",
         )
-    key = load_private_key(path)
+    private = load_private_key(path)
     if fleet is not None:
-        check_release_key(fleet, key.public_key())
-    return path, key
+        check_release_key(fleet, private.public_key())
+    return path, private
 
 
 def _newest_release_key(fleet: Path) -> Path:

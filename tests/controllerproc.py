@@ -92,12 +92,12 @@ class ControllerProcess:
     def kill(self) -> None:
         """SIGKILL: a crash, as far as the database and the broker can tell."""
         self.process.kill()
-        self.process.wait(WAIT_S)
+        self.close()
 
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait(WAIT_S)
+        self.process.wait(WAIT_S)
         self._read.join(WAIT_S)
         assert self.process.stdout is not None
         self.process.stdout.close()

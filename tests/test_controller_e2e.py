@@ -108,7 +108,7 @@ class World:
     def start_rollout(self, release: str, *options: str) -> str:
         done = self.edgefleet(
             "rollout", "start", release, "--to", "all", "--stream", STREAM,
-            "--soak", "1s", "--gate", LOOSE_LATENCY, "--key", str(self.key), "--json",
+            "--soak", "1s", "--gate", LOOSE_LATENCY, "--release-key", str(self.key), "--json",
             *options,
         )  # fmt: skip
         rollout_id: str = json.loads(done.stdout)["id"]
@@ -133,7 +133,11 @@ class World:
             rollout = self.rollout(rollout_id)
             return rollout if check(rollout) else None
 
-        return eventually(reached, f"rollout {rollout_id}: {what}", CONVERGE_S)
+        try:
+            return eventually(reached, f"rollout {rollout_id}: {what}", CONVERGE_S)
+        except AssertionError as exc:
+            shown = json.dumps(self.rollout(rollout_id), indent=1)
+            raise AssertionError(f"{exc}\n--- the rollout\n{shown}\n{self.logs()}") from None
 
     def stream_of(self, device: str) -> dict[str, Any]:
         """The device's stream in the registry ({} before the registry has it)."""
@@ -184,7 +188,7 @@ def world(tmp_path: Path, broker: Mosquitto, controller_db_url: str) -> Iterator
     finally:
         for agent in world.agents.values():
             agent.kill()
-        controller.close()
+        world.controller.close()  # the test may have restarted it
         probe.disconnect()
 
 

@@ -46,7 +46,6 @@ from edgefleet.ops.controller.fanout import (
     CommandAnswer,
     CommandsUnavailable,
     Outcome,
-    commands_router,
     fan_out,
 )
 from edgefleet.ops.controller.ingest import Ingest
@@ -224,7 +223,7 @@ def database(controller_db_url: str, fleet: Fleet) -> Iterator[Database]:
 def serve(database: Database, broker: ResolvedProfile | None, tmp_path: Path) -> HttpServer:
     authenticator = Authenticator(tokens={hash_token(TOKEN): "alice"})
     context = ApiContext(database, ReleaseStore(tmp_path / "store"), authenticator, broker)
-    server = HttpServer(create_app(context, routers=[commands_router()]),
+    server = HttpServer(create_app(context),
                         HttpSettings(host="127.0.0.1", port=0))  # fmt: skip
     server.start()
     return server

@@ -13,9 +13,11 @@ Routes (``docs/openapi.json`` is the generated document, checked fresh by a test
     GET    /releases/{id}               MODEL_ID@VERSION
     GET    /audit                       ?limit=
     GET    /artifacts/{sha256}          (artifacts.py; no authentication: see below)
+    ...    /rollouts                    (rollouts_api.py)
+    POST   /commands                    (fanout.py)
 
-More routers (the rollouts API) are passed to :func:`create_app` by whoever builds them;
-each gets the same authentication and error bodies: their handlers take :data:`CallerDep`
+The rollouts and commands routers live in their own modules and get the same
+authentication and error bodies: their handlers take :data:`CallerDep`
 (the caller, or 401), :data:`SessionDep` (a session in the request's transaction) or
 :data:`ContextDep`, record writes with :func:`audited`, and raise the controller's own
 errors, answered as :func:`error_answer` says (an ``Unknown*`` 404, ``Refused`` 409, ...).
@@ -47,7 +49,7 @@ import asyncio
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -606,12 +608,8 @@ def _audit_router() -> APIRouter:
 # -- the app ---------------------------------------------------------------------------------
 
 
-def create_app(context: ApiContext | None, *, routers: Sequence[APIRouter] = ()) -> FastAPI:
-    """The controller's API over ``context`` (None: only to describe it, no request served).
-
-    ``routers`` are more APIs to include (the rollouts API); their routes use
-    :data:`CallerDep` for authentication and raise the controller's errors.
-    """
+def create_app(context: ApiContext | None) -> FastAPI:
+    """The controller's API over ``context`` (None: only to describe it, no request served)."""
     app = FastAPI(
         title=API_TITLE,
         version=API_VERSION,
@@ -623,9 +621,12 @@ def create_app(context: ApiContext | None, *, routers: Sequence[APIRouter] = ())
     )
     app.state.context = context
     _install_error_handlers(app)
+    from .fanout import commands_router  # they build on this module's dependencies
+    from .rollouts_api import rollouts_router
+
     for router in (_devices_router(), _groups_router(), _releases_router(), _audit_router()):
         app.include_router(router)
-    for router in routers:
+    for router in (rollouts_router(), commands_router()):
         app.include_router(router, responses=_errors())
     store = context.store if context is not None else ReleaseStore(Path("/nonexistent"))
     invalid: dict[int | str, dict[str, Any]] = {

@@ -54,7 +54,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -524,8 +524,6 @@ class ControllerService:
     """The controller's parts, started in order and stopped in reverse."""
 
     config: ControllerConfig
-    routers: Sequence[Any] = ()
-    """More API routers to include (the rollouts API), built by the caller."""
     stop_event: threading.Event = field(default_factory=threading.Event)
     database: Database | None = None
     ingest: Ingest | None = None
@@ -627,7 +625,7 @@ class ControllerService:
         assert self.database is not None
         store = ReleaseStore(self.config.releases_dir)
         context = ApiContext(self.database, store, authenticator, broker_profile(self.config))
-        return create_app(context, routers=self.routers)
+        return create_app(context)
 
     def _stats(self) -> IngestStats:
         return self.ingest.stats() if self.ingest is not None else IngestStats()
