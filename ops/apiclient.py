@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from edgefleet.runtime import EnvironmentProblem, SettingError
 
 from .errors import Refused
-from .profile import ProfileError, ResolvedProfile, broker_profile
+from .profile import ProfileError, ResolvedProfile, add_profile_option, broker_profile
 
 if TYPE_CHECKING:
     import httpx
@@ -74,7 +74,7 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         "flags beat the EDGEFLEET_* variables, which beat the profile file "
         "('edgefleet profile show' prints what applies)",
     )
-    group.add_argument("--profile", type=Path, metavar="FILE", help="operator profile")
+    add_profile_option(group)
     add_controller_fields(group)
     group.add_argument(
         "--cert",

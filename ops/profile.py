@@ -324,6 +324,17 @@ def _problems(exc: ValidationError, *, names: Mapping[str, str] | None = None) -
 # -- the broker options of every command that connects ----------------------------------
 
 
+def add_profile_option(group: Any) -> None:
+    """``--profile FILE``, the same in every command that reads the operator profile."""
+    group.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help=f"operator profile (default: ${PROFILE_ENV}, else "
+        f"$XDG_CONFIG_HOME/{PROFILE_NAME} if there)",
+    )
+
+
 def add_broker_options(parser: argparse.ArgumentParser) -> None:
     """``--profile`` and the fields' flags, the same in every broker command.
 
@@ -334,13 +345,7 @@ def add_broker_options(parser: argparse.ArgumentParser) -> None:
         "flags beat the EDGEFLEET_* variables, which beat the profile file "
         "('edgefleet profile show' prints what applies)",
     )
-    group.add_argument(
-        "--profile",
-        type=Path,
-        metavar="FILE",
-        help=f"operator profile (default: ${PROFILE_ENV}, else "
-        f"$XDG_CONFIG_HOME/{PROFILE_NAME} if there)",
-    )
+    add_profile_option(group)
     group.add_argument(
         "--host",
         help=f"broker host name or address (default: from the profile, else {DEFAULT_HOST})",

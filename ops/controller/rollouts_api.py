@@ -377,7 +377,7 @@ def rollouts_router() -> APIRouter:
             description=f"{_COMMAND_HELP[kind]} Applied by the rollout's next step; a "
             "command its status does not allow is refused (409).",
             response_model=RolloutView,
-            responses=_errors(404, 409),
+            responses=_errors(400, 404, 409),
         )
     return router
 
