@@ -40,7 +40,6 @@ import re
 import sys
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +82,7 @@ from .deploy import read_signed
 from .errors import NotPublished, Refused
 from .keys import check_release_key
 from .profile import ResolvedProfile, add_broker_options, broker_options, broker_profile
+from .text import utc
 
 DEFAULT_EXPIRES_IN_DAYS = 30.0
 DEFAULT_ROLLBACK_EXPIRES_IN = "6h"
@@ -320,7 +320,7 @@ def _manifest_create(args: argparse.Namespace) -> int:
             raise SettingError(
                 f"cannot write {args.out}: {exc.strerror or exc}", hint="check --out"
             ) from exc
-    expires = _utc(manifest.expires_at)
+    expires = utc(manifest.expires_at)
     kind = "rollback" if manifest.rollback else "release"
     print(
         f"signed {manifest.model_id} version {manifest.version} sequence {manifest.sequence} "
@@ -542,10 +542,6 @@ def _tensor_spec(tensor: TensorInfo) -> TensorSpec:
     return TensorSpec(shape=tensor.shape or None, dtype=tensor.dtype)
 
 
-def _utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
 # -- verifying manifests -------------------------------------------------
 
 
@@ -578,7 +574,7 @@ def _manifest_verify(args: argparse.Namespace) -> int:
     if manifest.expires_at <= time.time():
         raise Refused(
             f"{args.manifest}: the signature verifies, but it expired at "
-            f"{_utc(manifest.expires_at)}; devices refuse it",
+            f"{utc(manifest.expires_at)}; devices refuse it",
             hint="sign a new one with 'edgefleet manifest create'",
         )
     return 0
@@ -606,8 +602,8 @@ def _describe_manifest(signed: SignedManifest, m: Manifest) -> str:
         *(f"output         {_spec(t)}" for t in m.outputs or []),
         f"max latency    {_pace(m)}",
         f"min agent      {m.min_agent_version}",
-        f"issued         {_utc(m.issued_at)}",
-        f"expires        {_utc(m.expires_at)} ({left})",
+        f"issued         {utc(m.issued_at)}",
+        f"expires        {utc(m.expires_at)} ({left})",
     ]
     return "\n".join(lines)
 

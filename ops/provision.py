@@ -33,6 +33,8 @@ from edgefleet.provisioning.fleetdir import (
 from edgefleet.provisioning.mosquitto import CLAIM_PORT, DEVICE_PORT, OPERATOR_PORT
 from edgefleet.runtime import SettingError
 
+from .text import table
+
 FLEET_ENV = "EDGEFLEET_FLEET"
 RELOAD_STEP = "systemctl reload mosquitto  (or: kill -HUP $(pidof mosquitto))"
 """Mosquitto 2.0 reads its CRL again on SIGHUP (tests/test_provision.py measures it)."""
@@ -275,11 +277,7 @@ def _list(args: argparse.Namespace) -> int:
     for entry in fleet.ledger().certificates:
         revoked = entry.revoked_at.strftime("%Y-%m-%d %H:%M") if entry.revoked_at else "-"
         rows.append((entry.name, entry.kind, entry.serial, _day(entry), revoked))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+    print("\n".join(table(rows)))
     return 0
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,7 @@ from .fleet import (
 from .keys import check_release_key
 from .profile import add_broker_options, broker_profile
 from .provision import FLEET_ENV
+from .text import table, utc
 
 URL_BASE_ENV = "EDGEFLEET_ARTIFACTS_URL"
 PRIVATE_KEY_SUFFIX = ".key"
@@ -210,16 +210,13 @@ def _list(args: argparse.Namespace) -> int:
             str(r.sequence),
             r.sha256[:12],
             f"{r.size:,}",
-            _utc(r.created_at),
-            _utc(r.expires_at),
+            utc(r.created_at),
+            utc(r.expires_at),
             r.notes.splitlines()[0] if r.notes else "",
         )
         for r in releases
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        print("  ".join(cells).rstrip())
+    print("\n".join(table(rows)))
     return 0
 
 
@@ -347,8 +344,8 @@ def _describe(release: Release, store: ReleaseStore) -> str:
         *(f"url            {url}" for url in manifest.urls),
         f"task           {manifest.task.task or 'detected on the device'}",
         f"signed by      key {release.key_id}",
-        f"created        {_utc(release.created_at)}",
-        f"expires        {_utc(release.expires_at)}",
+        f"created        {utc(release.created_at)}",
+        f"expires        {utc(release.expires_at)}",
         f"stored         {store.root / 'artifacts' / release.sha256}",
     ]
     if manifest.replaces_model_id:
@@ -356,7 +353,3 @@ def _describe(release: Release, store: ReleaseStore) -> str:
     if release.notes:
         lines.append(f"notes          {release.notes}")
     return "\n".join(lines)
-
-
-def _utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -49,7 +49,6 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -78,6 +77,7 @@ from .errors import Refused
 from .fleet import SequenceCounter
 from .provision import FLEET_ENV
 from .release import release_key
+from .text import table, utc
 
 if TYPE_CHECKING:
     from .controller.reconcile import RolloutView
@@ -475,14 +475,11 @@ def _print_table(views: Sequence[RolloutView]) -> None:
             f"{v.waves_started}/{_wave_count(v)}",
             str(v.devices),
             str(len(v.pending)),
-            _utc(v.created_at),
+            utc(v.created_at),
         )
         for v in views
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        print("  ".join(cells).rstrip())
+    print("\n".join(table(rows)))
 
 
 def describe(view: RolloutView) -> list[str]:
@@ -491,7 +488,7 @@ def describe(view: RolloutView) -> list[str]:
         f"rollout        {view.id}  ({view.status.value})",
         f"release        {view.release_id} on stream {view.stream}, {view.devices} devices",
         f"waves          {view.waves}: {view.waves_started} of {_wave_count(view)} started",
-        f"started        {_utc(view.created_at)} by {view.created_by}",
+        f"started        {utc(view.created_at)} by {view.created_by}",
         f"pending        {_device_list(view.pending) if view.pending else 'none'}",
     ]
     if view.decisions:
@@ -499,7 +496,7 @@ def describe(view: RolloutView) -> list[str]:
         for d in view.decisions:
             wave = f"wave {d.wave} " if d.wave is not None else ""
             who = f" ({d.actor})" if d.actor else ""
-            lines.append(f"  {_utc(d.at, seconds=True)}  {d.kind}  {wave}{d.reason}{who}")
+            lines.append(f"  {utc(d.at, seconds=True)}  {d.kind}  {wave}{d.reason}{who}")
     else:
         lines.append("decisions      none yet (the controller's next step starts wave 1)")
     if view.writes:
@@ -518,11 +515,6 @@ def _wave_count(view: RolloutView) -> str:
         return str(len(resolve_waves(view.waves, view.devices)))
     except RolloutPlanError:
         return "?"
-
-
-def _utc(ts: float, *, seconds: bool = False) -> str:
-    shape = "%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime(shape)
 
 
 def _duration_text(seconds: float) -> str:
