@@ -27,6 +27,7 @@ from . import (
     broker,
     commands,
     deploy,
+    devices,
     enroll,
     fleet,
     keys,
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     provision.register(subcommands)
     release.register(subcommands)
     rollout.register(subcommands)
+    devices.register(subcommands)
     controller_cli.register(subcommands)
     for sub in _subparsers(parser):
         # SUPPRESS: given before the command, -v is not reset by the command's parser.

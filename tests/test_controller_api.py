@@ -4,8 +4,9 @@ groups, tags, releases, the audit log; bearer tokens and client certificates; er
 
 from __future__ import annotations
 
+import json
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -387,3 +388,135 @@ def test_the_controllers_errors_answer_with_their_class_as_the_code(
     error: EdgefleetError, answer: tuple[int, str]
 ) -> None:
     assert error_answer(error) == answer
+
+
+# -- the operator's commands: edgefleet devices and edgefleet audit ----------------------------
+
+
+Cli = Callable[..., int]
+
+
+@pytest.fixture
+def cli(api: str, monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """``edgefleet ARGS`` against the API, with alice's token in the environment."""
+    monkeypatch.setenv("EDGEFLEET_TOKEN", TOKEN)
+
+    def run(*argv: str) -> int:
+        return main([*argv, "--controller", api])
+
+    return run
+
+
+def test_devices_list_prints_one_row_per_device_with_its_state_model_and_health(
+    cli: Cli, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("devices", "list") == 0
+
+    header, cam1, cam2 = capsys.readouterr().out.splitlines()
+    assert header.split()[:5] == ["DEVICE", "STATE", "SEEN", "AGENT", "MODELS"]
+    assert cam1.split()[:2] == ["cam1", "online"]
+    assert {"door=ssd@3", "63C", "15.0"} <= set(cam1.split())
+    assert cam2.split()[:2] == ["cam2", "offline"]
+
+
+def test_devices_list_filters_by_state_and_selector_and_says_when_none_match(
+    cli: Cli, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("devices", "list", "--state", "offline") == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["cam2"]
+    assert cli("devices", "list", "device:cam1", "--json") == 0
+    assert [d["id"] for d in json.loads(capsys.readouterr().out)] == ["cam1"]
+    assert cli("devices", "list", "device:cam1", "--state", "offline") == 0
+    assert capsys.readouterr().out == "no devices in device:cam1 are offline\n"
+
+
+def test_devices_show_prints_status_health_and_each_streams_model(
+    cli: Cli, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("devices", "show", "cam1") == 0
+
+    shown = capsys.readouterr().out
+    assert "device         cam1  (online)" in shown
+    assert "health         63.0 C throttled, cpu 40%, rss 110 MiB" in shown
+    assert "stream door     ssd v3 (aaaaaaaaaaaa) on litert 2.3.0, cpu" in shown
+    assert "  running, 15.0 fps, p50 21 ms, p99 35 ms, 890 frames, 0 failed" in shown
+
+
+def test_devices_show_of_an_unknown_device_is_exit_2_naming_it(
+    cli: Cli, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("devices", "show", "cam9") == 2
+
+    assert "cam9" in capsys.readouterr().err
+
+
+def test_devices_tag_and_untag_change_the_registry_and_the_audit_log_names_the_caller(
+    cli: Cli, http: httpx.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("devices", "tag", "cam1", "site=shop12", "floor=2") == 0
+    assert cli("devices", "untag", "cam1", "floor") == 0
+
+    assert http.get("/devices/cam1").json()["tags"] == {"site": "shop12"}
+    printed = capsys.readouterr().out
+    assert "tagged cam1: site=shop12, floor=2" in printed
+    assert "untagged cam1: floor" in printed
+    assert cli("audit") == 0
+    rows = [line.split()[3:7] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [
+        ["token:alice", "tag", "device:cam1", "key=site"],
+        ["token:alice", "tag", "device:cam1", "key=floor"],
+        ["token:alice", "untag", "device:cam1", "key=floor"],
+    ]
+
+
+def test_a_tag_change_that_fails_names_the_ones_already_made(
+    cli: Cli, http: httpx.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("devices", "tag", "cam1", "site=shop12", "floor=two words") == 2
+
+    error = capsys.readouterr().err
+    assert "(already done: site=shop12)" in error
+    assert http.get("/devices/cam1").json()["tags"] == {"site": "shop12"}
+
+
+def test_a_tag_without_a_value_is_refused_before_any_call(
+    cli: Cli, http: httpx.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli("devices", "tag", "cam1", "site")
+
+    assert exited.value.code == 2
+    assert "'site' is not KEY=VALUE" in capsys.readouterr().err
+    assert http.get("/audit").json() == []
+
+
+def test_devices_group_add_and_remove_and_groups_lists_them(
+    cli: Cli, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("devices", "group", "add", "shops", "cam1", "cam2") == 0
+    assert cli("devices", "list", "group:shops", "--json") == 0
+    capsys.readouterr()
+    assert cli("devices", "group", "remove", "shops", "cam2") == 0
+    assert cli("devices", "groups") == 0
+
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "removed from group shops: cam2"
+    assert printed[2].split() == ["shops", "1", "cam1"]
+
+
+def test_adding_an_unknown_device_to_a_group_is_exit_2_and_audits_nothing(
+    cli: Cli, http: httpx.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("devices", "group", "add", "shops", "cam9") == 2
+
+    assert "cam9" in capsys.readouterr().err
+    assert http.get("/audit").json() == []
+
+
+def test_audit_limit_shows_the_newest_entries(cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("devices", "tag", "cam1", "a=1", "b=2", "c=3") == 0
+    capsys.readouterr()
+    assert cli("audit", "--limit", "2") == 0
+
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[6] for row in rows] == ["key=b", "key=c"]
