@@ -56,7 +56,7 @@ from edgefleet.provisioning import pki
 from edgefleet.runtime import EdgefleetError
 
 from .config import AgentConfig, ConfigError, EnrollmentSettings, key_file_problems
-from .mqtt import Inbound, MqttLink, tls_context
+from .mqtt import Inbound, MqttLink, close_client, tls_context
 from .protocol import (
     EnrollAnswer,
     EnrollRequest,
@@ -416,7 +416,7 @@ def request_certificate(claim: _Claim, request: EnrollRequest) -> EnrollAnswer:
         return parse_answer(session.answers[0])
     finally:
         client.disconnect()
-        client.loop_stop()
+        close_client(client)
 
 
 def parse_answer(payload: bytes) -> EnrollAnswer:

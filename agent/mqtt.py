@@ -89,6 +89,19 @@ def _read_password(settings: BrokerSettings) -> str | None:
         ) from exc
 
 
+def close_client(client: paho.Client) -> None:
+    """Stop the client's network thread (if started) and close its sockets now.
+
+    paho 2.1 closes the socket pair it makes for ``loop_start``/``loop`` only in the
+    client's ``__del__``, which a reference cycle (callbacks that are bound methods) may
+    reach after the sockets' own finalizers: an "unclosed socket" warning at a random
+    garbage collection, and two descriptors held until then (eclipse-paho/paho.mqtt.python
+    issue 627). Call it after ``disconnect()``.
+    """
+    client.loop_stop()
+    client._reset_sockets()
+
+
 def tls_context(cafile: Path, certfile: Path | None, keyfile: Path | None) -> ssl.SSLContext:
     """A TLS 1.2+ client context: the broker verified against ``cafile`` (and its host
     name), this client's certificate when given. Raises ``OSError``/``ssl.SSLError``."""
@@ -310,6 +323,8 @@ class MqttLink:
         if self.client.is_connected():
             self.client.disconnect()
             self.client.loop_write()  # the mqtt thread has ended: send the DISCONNECT here
+        if self._thread is None or not self._thread.is_alive():
+            close_client(self.client)
         self._connected.clear()
 
     def publish(

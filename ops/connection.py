@@ -35,6 +35,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edgefleet.agent.mqtt import close_client
 from edgefleet.agent.protocol import MODELS_LEVEL
 from edgefleet.provisioning import pki
 
@@ -218,7 +219,7 @@ class BrokerConnection:
             connack = self._wait(lambda: self._connack, "CONNACK")
             self._check(connack, "refused the connection")
         except BrokerError:
-            self._client.loop_stop()
+            close_client(self._client)
             raise
         return self
 
@@ -229,7 +230,7 @@ class BrokerConnection:
         traceback: TracebackType | None,
     ) -> None:
         self._client.disconnect()
-        self._client.loop_stop()
+        close_client(self._client)
 
     @property
     def max_packet_bytes(self) -> int | None:

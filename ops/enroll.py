@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from edgefleet.agent.mqtt import tls_context
+from edgefleet.agent.mqtt import close_client, tls_context
 from edgefleet.agent.protocol import (
     ENROLL_LEVEL,
     RENEW_LEVEL,
@@ -282,7 +282,7 @@ def connect(profile: OperatorProfile, inbox: _Inbox) -> mqtt.Client:
         ) from exc
     client.loop_start()
     if not inbox.subscribed.wait(_CONNECT_TIMEOUT_S) or inbox.problem:
-        client.loop_stop()
+        close_client(client)
         raise BrokerError(
             inbox.problem or f"no answer from the broker at {profile.address}",
             hint="the enrollment service needs the controller's identity (operator profile)",
@@ -320,7 +320,7 @@ def serve(
             print(_story(answer), flush=True)
     finally:
         client.disconnect()
-        client.loop_stop()
+        close_client(client)
 
 
 def _story(answer: Answer) -> str:

@@ -41,6 +41,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
+from edgefleet.agent.mqtt import close_client
 from edgefleet.agent.protocol import (
     MODEL_META_LEVEL,
     MODELS_LEVEL,
@@ -398,7 +399,7 @@ def _watch(args: argparse.Namespace) -> int:
         pass  # the usual way to stop
     finally:
         watcher.client.disconnect()
-        watcher.client.loop_stop()
+        close_client(watcher.client)
     if watcher.refused is not None:
         raise BrokerError(
             f"the broker at {resolved.profile.address} refused the connection: {watcher.refused}",

@@ -35,6 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgefleet.agent.mqtt import close_client
 from edgefleet.provisioning.mosquitto import (
     BrokerListener,
     MosquittoSettings,
@@ -367,7 +368,7 @@ class MqttProbe:
                 "a refusal (the broker accepted the client)",
             )
         finally:
-            self.client.loop_stop()
+            close_client(self.client)
         if self._connack is not None and self._connack.is_failure:
             return f"CONNACK {self._connack}"
         return "the broker closed the connection"
@@ -452,7 +453,7 @@ class MqttProbe:
         self.client.disconnect()
         if connected:
             self.wait_until_disconnected()
-        self.client.loop_stop()
+        close_client(self.client)
 
     def __enter__(self) -> MqttProbe:
         self.connect()

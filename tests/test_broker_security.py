@@ -16,6 +16,7 @@ import pytest
 from broker import ClientTls, MqttProbe
 from fleetbroker import ROOT, FleetBroker, FleetPki, make_fleet_pki, run_fleet_broker
 
+from edgefleet.agent.mqtt import close_client
 from edgefleet.agent.protocol import enroll_answer_topic, enroll_request_topic, key_set_topic
 from edgefleet.provisioning import pki
 
@@ -140,7 +141,7 @@ def test_plain_mqtt_on_a_tls_listener_is_refused(fleet_broker: FleetBroker) -> N
     probe = MqttProbe(fleet_broker.mosquitto, port=fleet_broker.device_port, timeout_s=3)
     with pytest.raises(AssertionError, match="CONNACK"):  # the broker waits for a handshake
         probe.connect()
-    probe.client.loop_stop()
+    close_client(probe.client)
 
 
 def test_a_certificate_from_another_ca_is_refused(

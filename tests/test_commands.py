@@ -48,7 +48,7 @@ from edgefleet.agent.commands import (
     parse_command,
 )
 from edgefleet.agent.config import CommandSettings
-from edgefleet.agent.mqtt import Inbound
+from edgefleet.agent.mqtt import Inbound, close_client
 from edgefleet.agent.protocol import (
     COMMAND_ARGS,
     COMMAND_ID_PATTERN,
@@ -500,7 +500,7 @@ class Requester:
         tb: TracebackType | None,
     ) -> None:
         self._client.disconnect()
-        self._client.loop_stop()
+        close_client(self._client)
 
     def subscribe(self, topic: str) -> None:
         """Subscribe at QoS 1 and wait for the SUBACK."""

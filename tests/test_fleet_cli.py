@@ -31,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
+from edgefleet.agent.mqtt import close_client
 from edgefleet.agent.protocol import (
     COMMAND_ARGS,
     CommandReply,
@@ -362,7 +363,7 @@ class Responder:
         traceback: TracebackType | None,
     ) -> None:
         self._client.disconnect()
-        self._client.loop_stop()
+        close_client(self._client)
 
     def _on_subscribe(self, *args: Any) -> None:
         self._subscribed.set()

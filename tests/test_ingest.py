@@ -15,6 +15,7 @@ from controller_db import health_message, reported_message, status_message
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgefleet.agent.mqtt import close_client
 from edgefleet.agent.protocol import Topics, UpdateState
 from edgefleet.ops.controller import registry
 from edgefleet.ops.controller.db import Database, open_database
@@ -212,7 +213,7 @@ def test_the_last_will_from_the_broker_marks_the_device_offline(
         settled(ingest, 1)
         device.client.socket().close()  # dropped, not disconnected: the broker sends the will
         stats = settled(ingest, 2)
-        device.client.loop_stop()
+        close_client(device.client)
     assert stats.applied == 2
     with database.session() as session:
         assert registry.show_device(session, "cam1").status_reason == "connection lost"

@@ -58,6 +58,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
+from edgefleet.agent.mqtt import close_client
 from edgefleet.agent.protocol import (
     TOPIC_LEVEL_PATTERN,
     HealthMessage,
@@ -415,14 +416,14 @@ class Ingest:
             self._wait_for_connack()
             self._wait_for_suback()
         except BaseException:
-            self._client.loop_stop()
+            close_client(self._client)
             self.writer.stop()
             raise
 
     def stop(self) -> None:
         """Disconnect, stop paho's thread, then let the writer write what is queued."""
         self._client.disconnect()
-        self._client.loop_stop()
+        close_client(self._client)
         self.writer.stop()
 
     def stats(self) -> IngestStats:
