@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -22,7 +22,11 @@ class AgentProcess:
     """Writes a config, starts the agent, and stops or kills it; the log is kept in a file."""
 
     def __init__(
-        self, workdir: Path, config: Mapping[str, Any], env: Mapping[str, str] | None = None
+        self,
+        workdir: Path,
+        config: Mapping[str, Any],
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -30,6 +34,7 @@ class AgentProcess:
         self.write_config(config)
         self.log_path = workdir / "agent.log"
         self._env = {**os.environ, **(env or {})}
+        self._prefix = list(prefix)  # a command that sets up the process, then execs the agent
         self.process: subprocess.Popen[bytes] | None = None
 
     def write_config(self, config: Mapping[str, Any]) -> None:
@@ -40,7 +45,7 @@ class AgentProcess:
         """Start ``edgefleet-agent run``."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(AGENT), "run", "--config", str(self.config_path)],
+                [*self._prefix, str(AGENT), "run", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._env,
