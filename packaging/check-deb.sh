@@ -94,7 +94,7 @@ in_root dpkg --purge edgefleet
 umount "$root/proc"
 snapshot > "$scratch/after"
 echo "what purge left behind, against the root before the install:"
-diff "$scratch/before" "$scratch/after" | awk '/^[<>]/ {seen[$NF] = seen[$NF] $1}
+{ diff "$scratch/before" "$scratch/after" || true; } | awk '/^[<>]/ {seen[$NF] = seen[$NF] $1}
   END {for (p in seen) print (seen[p] == "<" ? "removed " : seen[p] == ">" ? "added   " : "changed ") p}' \
   | sort -k2
 for path in opt/edgefleet etc/edgefleet var/lib/edgefleet var/lib/edgefleet-controller \
