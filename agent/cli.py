@@ -27,6 +27,7 @@ try:  # the first thing to fail under a small memory limit: say so in one line
         load_config,
     )
     from .logs import configure_logging
+    from .schemadoc import reference_markdown
     from .sources import mask_credentials
 except (MemoryError, ImportError, OSError) as _exc:
     if not is_out_of_memory(_exc):
@@ -36,6 +37,12 @@ except (MemoryError, ImportError, OSError) as _exc:
 log = logging.getLogger(__name__)
 
 _SWITCH_INTERVAL_S = 0.001
+REFERENCE_TITLE = "Agent configuration reference"
+REFERENCE_INTRO = (
+    "Every field of the agent's config file (`/etc/edgefleet/agent/agent.yaml`), generated "
+    "from its schema by `edgefleet-agent schema --markdown`: do not edit by hand. What the "
+    "settings do together, with examples: [configuration.md](configuration.md)."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(check)
     schema = commands.add_parser("schema", help="print the JSON Schema of the config file")
+    schema.add_argument(
+        "--markdown",
+        action="store_true",
+        help="the reference of every field in Markdown instead (docs/agent-config-reference.md)",
+    )
     for sub in (run, check, schema):
         _add_verbose(sub, default=argparse.SUPPRESS)  # after the command: same flag
         sub.set_defaults(command_parser=sub)
@@ -105,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edgefleet-agent`` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "schema":
-        print(json.dumps(json_schema(), indent=2))
+        if args.markdown:
+            sys.stdout.write(
+                reference_markdown(json_schema(), title=REFERENCE_TITLE, intro=REFERENCE_INTRO)
+            )
+        else:
+            print(json.dumps(json_schema(), indent=2))
         return 0
     path = _config_path(args)
     if args.command == "check-config":

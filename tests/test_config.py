@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from agentproc import AGENT
-from conftest import Assets
+from conftest import REPO, Assets
 
 from edgefleet.agent.cli import build_parser
 from edgefleet.agent.config import ConfigError, load_config
@@ -181,6 +181,33 @@ def test_schema_command_prints_the_json_schema() -> None:
     schema = json.loads(result.stdout)
     assert {"device_id", "broker", "streams", "outbox"} <= set(schema["properties"])
     assert schema["properties"]["device_id"]["description"] == "This device's id."
+
+
+@pytest.mark.parametrize(
+    ("command", "document"),
+    [
+        ([str(AGENT), "schema", "--markdown"], "agent-config-reference.md"),
+        ([str(AGENT.with_name("edgefleet")), "controller", "schema", "--markdown"],
+         "controller-config-reference.md"),
+    ],
+)  # fmt: skip
+def test_the_config_references_in_docs_are_the_generated_ones(
+    command: list[str], document: str
+) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+
+    published = (REPO / "docs" / document).read_text()
+    assert published == result.stdout, f"regenerate: {' '.join(command[-3:])} > docs/{document}"
+
+
+def test_the_agent_reference_has_a_row_for_every_field_of_every_section() -> None:
+    from edgefleet.agent.config import json_schema
+
+    schema = json_schema()
+    published = (REPO / "docs" / "agent-config-reference.md").read_text()
+    for definition in [schema, *schema["$defs"].values()]:
+        for field in definition.get("properties", {}):
+            assert f"| `{field}` |" in published
 
 
 def test_version_flag_prints_the_version() -> None:

@@ -3,6 +3,8 @@
 - ``run --config FILE`` starts the service (``service.py``), prints where it listens, and
   serves until SIGTERM or SIGINT, then stops in order and exits 0;
 - ``openapi [--output FILE]`` prints (or writes) the API's OpenAPI document;
+- ``schema [--markdown]`` prints the config file's JSON Schema, or its reference in Markdown
+  (docs/controller-config-reference.md);
 - ``token NAME --tokens-file FILE`` makes a bearer token, prints it once, and appends its
   sha256 and NAME to the tokens file (which never holds a token).
 
@@ -29,7 +31,7 @@ _TOKEN_BYTES = 32
 
 
 def register(subcommands: Any) -> None:
-    """Add ``controller run|openapi|token`` to the top-level command parser."""
+    """Add ``controller run|openapi|schema|token`` to the top-level command parser."""
     controller = subcommands.add_parser(
         "controller",
         help="the fleet controller service and its HTTP API",
@@ -57,6 +59,13 @@ def register(subcommands: Any) -> None:
         "--output", type=Path, metavar="FILE", help="write it here (default: standard output)"
     )
     openapi.set_defaults(handler=_openapi)
+    schema = commands.add_parser("schema", help="print the JSON Schema of the config file")
+    schema.add_argument(
+        "--markdown",
+        action="store_true",
+        help="the reference of every field in Markdown (docs/controller-config-reference.md)",
+    )
+    schema.set_defaults(handler=_schema)
     token = commands.add_parser(
         "token",
         help="make a bearer token for the HTTP API",
@@ -83,6 +92,32 @@ def _openapi(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     else:
         args.output.write_text(text, encoding="utf-8")
+    return 0
+
+
+def schema_markdown() -> str:
+    """The config file's reference as docs/controller-config-reference.md holds it."""
+    from edgefleet.agent.schemadoc import reference_markdown
+
+    from .service import ControllerConfig
+
+    return reference_markdown(
+        ControllerConfig.model_json_schema(),
+        title="Controller configuration reference",
+        intro="Every field of the controller's config file (`/etc/edgefleet/controller.yaml`), "
+        "generated from its schema by `edgefleet controller schema --markdown`: do not edit "
+        "by hand. What the settings do together: "
+        "[configuration.md](configuration.md#controller).",
+    )
+
+
+def _schema(args: argparse.Namespace) -> int:
+    if args.markdown:
+        sys.stdout.write(schema_markdown())
+    else:
+        from .service import ControllerConfig
+
+        print(json.dumps(ControllerConfig.model_json_schema(), indent=2))
     return 0
 
 
