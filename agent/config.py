@@ -73,10 +73,17 @@ OPERATOR_ENV = frozenset(
         "EDGEFLEET_CERTFILE",
         "EDGEFLEET_KEYFILE",
         "EDGEFLEET_INSECURE",
+        "EDGEFLEET_CONTROLLER",
+        "EDGEFLEET_CONTROLLER_CAFILE",
+        "EDGEFLEET_TOKEN",
+        "EDGEFLEET_TOKEN_FILE",
+        "EDGEFLEET_RELEASES",
+        "EDGEFLEET_ARTIFACTS_URL",
     }
 )
-"""The operator tools' variables (edgefleet.ops.profile, provision): set in a shell that
-also starts an agent, they are not the agent's settings."""
+"""The operator tools' variables (edgefleet.ops: the profile, provision, the controller's
+client, releases): set in a shell that also starts an agent, they are not the agent's
+settings. tests/test_config.py checks every one ops/ reads is here."""
 _ENV_SKIP = {
     "EDGEFLEET_BACKEND",
     "EDGEFLEET_ASSETS",

@@ -495,6 +495,8 @@ def describe(view: RolloutView) -> list[str]:
         lines.append("decisions")
         for d in view.decisions:
             wave = f"wave {d.wave} " if d.wave is not None else ""
+            if d.reason.startswith(wave):  # "wave 1 of 2: ..." says it already
+                wave = ""
             who = f" ({d.actor})" if d.actor else ""
             lines.append(f"  {utc(d.at, seconds=True)}  {d.kind}  {wave}{d.reason}{who}")
     else:

@@ -124,5 +124,5 @@ if [ "$mode" = test ]; then
     [ -z "${CI:-}" ] || exit 1
   fi
 else
-  make_venv .venv "$backend" || exit 1
+  make_venv .venv "$backend,controller" || exit 1
 fi

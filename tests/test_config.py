@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from agentproc import AGENT
 from conftest import REPO, Assets
 
 from edgefleet.agent.cli import build_parser
-from edgefleet.agent.config import ConfigError, load_config
+from edgefleet.agent.config import OPERATOR_ENV, ConfigError, load_config
 from edgefleet.agent.config import check_config as check_config_file
 
 
@@ -208,6 +209,17 @@ def test_the_agent_reference_has_a_row_for_every_field_of_every_section() -> Non
     for definition in [schema, *schema["$defs"].values()]:
         for field in definition.get("properties", {}):
             assert f"| `{field}` |" in published
+
+
+def test_every_variable_the_operator_tools_read_is_not_taken_for_an_agent_setting() -> None:
+    read = {
+        name
+        for path in (REPO / "ops").rglob("*.py")
+        for name in re.findall(r"\bEDGEFLEET_[A-Z_]*[A-Z]\b", path.read_text())
+    }
+
+    assert read
+    assert read - OPERATOR_ENV == set()
 
 
 def test_version_flag_prints_the_version() -> None:
