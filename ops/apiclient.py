@@ -31,10 +31,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import TypeAdapter, ValidationError
+
+from edgefleet.agent.protocol import describe_errors
 from edgefleet.runtime import EnvironmentProblem, SettingError
 
 from .errors import Refused
-from .profile import ProfileError, ResolvedProfile, add_profile_option, broker_profile
+from .profile import (
+    ProfileError,
+    ResolvedProfile,
+    add_certificate_options,
+    add_profile_option,
+    broker_profile,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -76,20 +85,7 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
     )
     add_profile_option(group)
     add_controller_fields(group)
-    group.add_argument(
-        "--cert",
-        dest="certfile",
-        type=Path,
-        metavar="FILE",
-        help="the operator's client certificate (default: from the profile)",
-    )
-    group.add_argument(
-        "--key",
-        dest="keyfile",
-        type=Path,
-        metavar="FILE",
-        help="the client certificate's private key (default: from the profile)",
-    )
+    add_certificate_options(group)
 
 
 def add_controller_fields(group: Any) -> None:
@@ -224,6 +220,18 @@ def _error_body(answer: httpx.Response) -> tuple[str, str]:
         return str(body["code"]), str(body["message"])
     except (ValueError, KeyError, TypeError):
         return "not_the_api", answer.text[:200] or answer.reason_phrase
+
+
+def parse_answer(kind: Any, answer: Any, what: str) -> Any:
+    """``answer`` validated as ``kind`` (a model, or ``list[Model]``), else a
+    :class:`ControllerError` naming ``what`` did not parse."""
+    try:
+        return TypeAdapter(kind).validate_python(answer)
+    except ValidationError as exc:
+        raise ControllerError(
+            f"the controller's {what} does not parse ({describe_errors(exc)})",
+            hint="is the URL the controller's, and of the same edgefleet version?",
+        ) from exc
 
 
 def controller_client(

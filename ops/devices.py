@@ -33,12 +33,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from pydantic import ValidationError
-
-from edgefleet.agent.protocol import describe_errors
 from edgefleet.runtime import EdgefleetError
 
-from .apiclient import ControllerError, add_controller_options, controller_client
+from .apiclient import add_controller_options, controller_client, parse_answer
 from .text import age, table, utc
 
 if TYPE_CHECKING:
@@ -155,7 +152,7 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
-    views = _device_views(answer)
+    views = device_views(answer)
     if not views:
         wanted = " or ".join(args.selector) or "the fleet"
         print(f"no devices in {wanted}" + (f" are {args.state}" if args.state else ""))
@@ -197,7 +194,7 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
     else:
-        print("\n".join(describe(_device_views([answer])[0], time.time())))
+        print("\n".join(describe(device_views([answer])[0], time.time())))
     return 0
 
 
@@ -267,17 +264,12 @@ def _stream_lines(s: StreamView) -> list[str]:
     return lines
 
 
-def _device_views(answer: Any) -> list[DeviceView]:
+def device_views(answer: Any) -> list[DeviceView]:
+    """The devices of a ``GET /devices`` answer."""
     from .controller.registry import DeviceView
 
-    try:
-        return [DeviceView.model_validate(each) for each in answer]
-    except (TypeError, ValidationError) as exc:
-        detail = describe_errors(exc) if isinstance(exc, ValidationError) else "not a list"
-        raise ControllerError(
-            f"the controller's devices do not parse ({detail})",
-            hint="is the URL the controller's, and of the same edgefleet version?",
-        ) from exc
+    views: list[DeviceView] = parse_answer(list[DeviceView], answer, "device list")
+    return views
 
 
 # -- tags and groups ---------------------------------------------------------------------

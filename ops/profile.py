@@ -324,6 +324,24 @@ def _problems(exc: ValidationError, *, names: Mapping[str, str] | None = None) -
 # -- the broker options of every command that connects ----------------------------------
 
 
+def add_certificate_options(group: Any) -> None:
+    """``--cert`` and ``--key``: the operator's client certificate (broker and controller)."""
+    group.add_argument(
+        "--cert",
+        dest="certfile",
+        type=Path,
+        metavar="FILE",
+        help="the operator's client certificate (default: from the profile)",
+    )
+    group.add_argument(
+        "--key",
+        dest="keyfile",
+        type=Path,
+        metavar="FILE",
+        help="the client certificate's private key (default: from the profile)",
+    )
+
+
 def add_profile_option(group: Any) -> None:
     """``--profile FILE``, the same in every command that reads the operator profile."""
     group.add_argument(
@@ -368,20 +386,7 @@ def add_broker_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="CA certificate the broker's certificate chains to (default: from the profile)",
     )
-    group.add_argument(
-        "--cert",
-        dest="certfile",
-        type=Path,
-        metavar="FILE",
-        help="the operator's client certificate (default: from the profile)",
-    )
-    group.add_argument(
-        "--key",
-        dest="keyfile",
-        type=Path,
-        metavar="FILE",
-        help="the client certificate's private key (default: from the profile)",
-    )
+    add_certificate_options(group)
     group.add_argument(
         "--insecure",
         action="store_true",

@@ -54,9 +54,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import ValidationError
 
-from edgefleet.agent.protocol import SignedManifest, describe_errors
+from edgefleet.agent.protocol import SignedManifest
 from edgefleet.provisioning import (
     FleetDir,
     KeySetError,
@@ -69,9 +68,15 @@ from edgefleet.provisioning import (
 )
 from edgefleet.runtime import EdgefleetError, SettingError
 
-from .apiclient import ControllerClient, ControllerError, add_controller_options, controller_client
+from .apiclient import (
+    ControllerClient,
+    add_controller_options,
+    controller_client,
+    parse_answer,
+)
 from .controller.releases import Release, sign_rollback
 from .controller.rollouts import OperatorCommandKind, RolloutGates, RolloutPlanError, resolve_waves
+from .devices import device_views
 from .enroll import parse_duration
 from .errors import Refused
 from .fleet import SequenceCounter
@@ -280,28 +285,15 @@ def fetch_release(client: ControllerClient, release_id: str) -> Release:
 
 
 def _parsed_release(answer: Any, what: str) -> Release:
-    try:
+    fields = answer
+    if isinstance(answer, dict):  # the API's view adds id, artifact: the record's fields only
         fields = {name: answer[name] for name in Release.model_fields if name in answer}
-        return Release.model_validate(fields)
-    except (TypeError, ValidationError) as exc:
-        detail = describe_errors(exc) if isinstance(exc, ValidationError) else "not an object"
-        raise ControllerError(
-            f"the controller's {what} is not a release ({detail})",
-            hint="is the URL the controller's, and of the same edgefleet version?",
-        ) from exc
+    release: Release = parse_answer(Release, fields, what)
+    return release
 
 
 def _target_devices(client: ControllerClient, selectors: Sequence[str]) -> list[DeviceView]:
-    from .controller.registry import DeviceView
-
-    answer = client.get("/devices", params={"selector": list(selectors)})
-    try:
-        devices = [DeviceView.model_validate(each) for each in answer]
-    except (TypeError, ValidationError) as exc:
-        raise ControllerError(
-            "the controller's device list does not parse",
-            hint="is the URL the controller's, and of the same edgefleet version?",
-        ) from exc
+    devices = device_views(client.get("/devices", params={"selector": list(selectors)}))
     if not devices:
         raise NoTargetDevices(
             f"no device matches {' or '.join(selectors)}",
@@ -452,13 +444,8 @@ def _command(args: argparse.Namespace) -> int:
 def _rollout_view(answer: Any) -> RolloutView:
     from .controller.reconcile import RolloutView
 
-    try:
-        return RolloutView.model_validate(answer)
-    except ValidationError as exc:
-        raise ControllerError(
-            f"the controller's rollout does not parse ({describe_errors(exc)})",
-            hint="is the URL the controller's, and of the same edgefleet version?",
-        ) from exc
+    view: RolloutView = parse_answer(RolloutView, answer, "rollout")
+    return view
 
 
 def _print_table(views: Sequence[RolloutView]) -> None:
