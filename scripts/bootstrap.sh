@@ -124,5 +124,10 @@ if [ "$mode" = test ]; then
     [ -z "${CI:-}" ] || exit 1
   fi
 else
-  make_venv .venv "$backend,controller" || exit 1
+  # The controller's wheels (pydantic-core, psycopg) are missing on some boards (32-bit
+  # Raspberry Pi OS): the agent and the model tools still install, the demo's fleet part not.
+  if ! make_venv .venv "$backend,controller"; then
+    say "the controller cannot be installed here: installing the agent and the model tools only"
+    make_venv .venv "$backend" || exit 1
+  fi
 fi
