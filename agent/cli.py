@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument(
         "--markdown",
         action="store_true",
-        help="the reference of every field in Markdown instead (docs/agent-config-reference.md)",
+        help="print the reference of every field in Markdown (docs/agent-config-reference.md; "
+        "default: the JSON Schema)",
     )
     for sub in (run, check, schema):
         _add_verbose(sub, default=argparse.SUPPRESS)  # after the command: same flag

@@ -63,7 +63,8 @@ def register(subcommands: Any) -> None:
     schema.add_argument(
         "--markdown",
         action="store_true",
-        help="the reference of every field in Markdown (docs/controller-config-reference.md)",
+        help="print the reference of every field in Markdown "
+        "(docs/controller-config-reference.md; default: the JSON Schema)",
     )
     schema.set_defaults(handler=_schema)
     token = commands.add_parser(
