@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from edgefleet.runtime import (
@@ -43,6 +43,7 @@ from edgefleet.runtime import (
     read_model,
 )
 from edgefleet.runtime.delegates import LoadedDelegate
+from edgefleet.runtime.predictor import result_dict
 from edgefleet.runtime.preprocess import Frame
 
 from .clock import kernel_synchronised
@@ -489,4 +490,4 @@ def _results_fields(draft: EventDraft) -> dict[str, Any]:
     """The event's results under the same key ``edgefleet model run --json`` uses."""
     if not draft.results:
         return {}
-    return {RESULT_KEYS[TaskName(draft.kind)]: [asdict(r) for r in draft.results]}
+    return {RESULT_KEYS[TaskName(draft.kind)]: [result_dict(r) for r in draft.results]}

@@ -5,17 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 from .preprocess import Frame
 
 
 def load_image(path: Path | str) -> Frame:
-    """Decode an image file (any format Pillow reads) as an RGB frame."""
+    """Decode an image file (any format Pillow reads) as an RGB frame, upright.
+
+    A phone photo stores its pixels as the sensor saw them and says in its EXIF
+    orientation tag how to turn them; the frame is turned that way, as a viewer does.
+    """
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except FileNotFoundError:
         raise ImageError(f"{path}: no such image file", hint="check the path") from None
     except (UnidentifiedImageError, OSError) as exc:

@@ -91,6 +91,19 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """How float inputs are made from pixels: ``(pixel - mean) / std``, per channel or for all."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def range(self) -> tuple[float, float]:
+        """The values pixels 0 and 255 become (for the first channel)."""
+        return (-self.mean[0] / self.std[0], (255.0 - self.mean[0]) / self.std[0])
+
+
+@dataclass(frozen=True)
 class OperatorInfo:
     """One node of the graph: its op name and its input and output tensor indices."""
 
@@ -112,6 +125,8 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
     operators: tuple[OperatorInfo, ...]
     metadata_labels: tuple[str, ...] | None = field(default=None)
+    normalization: Normalization | None = field(default=None)
+    """The first input's ``(pixel - mean) / std`` from the TFLite metadata, where it has one."""
 
     @property
     def op_names(self) -> tuple[str, ...]:
@@ -136,6 +151,11 @@ class ModelInfo:
             "outputs": [_tensor_dict(t) for t in self.outputs],
             "operators": list(self.op_names),
             "metadata_label_count": len(self.metadata_labels) if self.metadata_labels else 0,
+            "metadata_normalization": (
+                {"mean": list(self.normalization.mean), "std": list(self.normalization.std)}
+                if self.normalization
+                else None
+            ),
         }
 
 
@@ -185,6 +205,7 @@ def _parse(model: ModelBytes) -> ModelInfo:
         outputs=tuple(tensors[i] for i in graph.OutputsAsNumpy()),
         operators=operators,
         metadata_labels=_metadata_labels(root, model.content),
+        normalization=_metadata_normalization(root),
     )
 
 
@@ -212,18 +233,23 @@ def _op_name(code: Any) -> str:
     return str(_BUILTIN_OPS.get(builtin, f"BUILTIN_{builtin}"))
 
 
-# --- TFLite metadata: labels packed with the model --------------------------
+# --- TFLite metadata: labels packed with the model, input normalisation -----
 # The TFLITE_METADATA buffer holds a ModelMetadata flatbuffer (metadata_schema.fbs);
 # the files it names are stored in a zip archive appended to the model. Only the
-# few fields needed to find the label file are read; field numbers follow the schema.
+# few fields needed to find the label file and the input's NormalizationOptions are
+# read; field numbers follow the schema.
 _AXIS_LABELS = 2  # AssociatedFileType.TENSOR_AXIS_LABELS
 _MODEL_SUBGRAPHS, _MODEL_FILES = 3, 6  # ModelMetadata.subgraph_metadata, .associated_files
-_SUBGRAPH_OUTPUTS = 3  # SubGraphMetadata.output_tensor_metadata
-_TENSOR_FILES = 6  # TensorMetadata.associated_files
+_SUBGRAPH_INPUTS, _SUBGRAPH_OUTPUTS = 2, 3  # SubGraphMetadata.input/output_tensor_metadata
+_TENSOR_PROCESS_UNITS, _TENSOR_FILES = 4, 6  # TensorMetadata.process_units, .associated_files
+_UNIT_TYPE, _UNIT_OPTIONS = 0, 1  # ProcessUnit.options_type, .options (a union)
+_NORMALIZATION_OPTIONS = 1  # ProcessUnitOptions.NormalizationOptions
+_NORM_MEAN, _NORM_STD = 0, 1  # NormalizationOptions.mean, .std
 _FILE_NAME, _FILE_TYPE = 0, 2  # AssociatedFile.name, .type
 
 
-def _metadata_labels(root: Any, content: bytes) -> tuple[str, ...] | None:
+def _metadata_root(root: Any) -> Any | None:
+    """The ModelMetadata table of the TFLITE_METADATA buffer, or None."""
     for i in range(root.MetadataLength()):
         entry = root.Metadata(i)
         if entry.Name() != METADATA_NAME.encode():
@@ -231,14 +257,48 @@ def _metadata_labels(root: Any, content: bytes) -> tuple[str, ...] | None:
         buffer = root.Buffers(entry.Buffer())
         if not buffer.DataLength():
             return None
-        names = _label_file_names(buffer.DataAsNumpy().tobytes())
-        return _read_packed_labels(content, names)
+        buf = bytearray(buffer.DataAsNumpy().tobytes())
+        start = flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, 0)
+        return flatbuffers.table.Table(buf, start)
     return None
 
 
-def _label_file_names(metadata: bytes) -> list[str]:
-    buf = bytearray(metadata)
-    root = flatbuffers.table.Table(buf, flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, 0))
+def _metadata_labels(root: Any, content: bytes) -> tuple[str, ...] | None:
+    metadata = _metadata_root(root)
+    return None if metadata is None else _read_packed_labels(content, _label_file_names(metadata))
+
+
+def _metadata_normalization(root: Any) -> Normalization | None:
+    metadata = _metadata_root(root)
+    subgraphs = _vector(metadata, _MODEL_SUBGRAPHS) if metadata is not None else []
+    inputs = _vector(subgraphs[0], _SUBGRAPH_INPUTS) if subgraphs else []
+    for unit in _vector(inputs[0], _TENSOR_PROCESS_UNITS) if inputs else []:
+        kind_offset = unit.Offset(4 + 2 * _UNIT_TYPE)
+        kind = (
+            unit.Get(flatbuffers.number_types.Uint8Flags, kind_offset + unit.Pos)
+            if kind_offset
+            else 0
+        )
+        options_offset = unit.Offset(4 + 2 * _UNIT_OPTIONS)
+        if kind != _NORMALIZATION_OPTIONS or not options_offset:
+            continue
+        options = flatbuffers.table.Table(unit.Bytes, unit.Indirect(options_offset + unit.Pos))
+        mean, std = _floats(options, _NORM_MEAN), _floats(options, _NORM_STD)
+        if mean and std and all(s > 0 for s in std):
+            return Normalization(tuple(mean), tuple(std))
+    return None
+
+
+def _floats(table: Any, field_number: int) -> list[float]:
+    offset = table.Offset(4 + 2 * field_number)
+    if not offset:
+        return []
+    start = table.Vector(offset)
+    flags = flatbuffers.number_types.Float32Flags
+    return [float(table.Get(flags, start + 4 * i)) for i in range(table.VectorLen(offset))]
+
+
+def _label_file_names(root: Any) -> list[str]:
     files = _vector(root, _MODEL_FILES)
     for subgraph in _vector(root, _MODEL_SUBGRAPHS):
         for tensor in _vector(subgraph, _SUBGRAPH_OUTPUTS):

@@ -14,15 +14,16 @@ from .delegates import DelegateSettings
 from .engine import Engine
 from .errors import SettingError
 from .labels import Labels
-from .modelfile import ModelBytes, read_model
+from .modelfile import ModelBytes, Normalization, read_model
 from .preprocess import Frame, Preprocessor, ResizeMode, Transform
-from .tasks import Result, Task, TaskName, detect_task, make_task
+from .tasks import Detection, Result, Task, TaskName, detect_task, make_task
 
 # The key under which each task's results appear in JSON output.
 RESULT_KEYS = {
     TaskName.CLASSIFICATION: "classes",
     TaskName.DETECTION: "detections",
     TaskName.POSE: "keypoints",
+    TaskName.SEGMENTATION: "segments",
     TaskName.RAW: "tensors",
 }
 
@@ -45,8 +46,16 @@ class Prediction:
             "latency_ms": round(self.latency_ms, 3),
             "preprocess_ms": round(self.preprocess_ms, 3),
             "postprocess_ms": round(self.postprocess_ms, 3),
-            RESULT_KEYS[self.task]: [asdict(r) for r in self.results],
+            RESULT_KEYS[self.task]: [result_dict(r) for r in self.results],
         }
+
+
+def result_dict(result: Result) -> dict[str, Any]:
+    """One result, JSON-ready; a detection's keypoints only where the detector gives them."""
+    record = asdict(result)
+    if isinstance(result, Detection) and not result.keypoints:
+        del record["keypoints"]
+    return record
 
 
 def _task_name(value: TaskName | str) -> TaskName:
@@ -60,10 +69,24 @@ def _task_name(value: TaskName | str) -> TaskName:
 class Predictor:
     """Runs one model on RGB frames. One thread at a time, like the engine it owns."""
 
-    def __init__(self, engine: Engine, task: Task, *, resize: ResizeMode = ResizeMode.STRETCH):
+    def __init__(
+        self,
+        engine: Engine,
+        task: Task,
+        *,
+        resize: ResizeMode | None = None,
+        normalization: Normalization | None = None,
+    ):
+        """``resize`` defaults to the task's; ``normalization`` (float inputs) to the model's
+        metadata, else the task's."""
         self.engine = engine
         self.task = task
-        self.preprocess = Preprocessor(engine.inputs[0], source=engine.model.source, resize=resize)
+        self.preprocess = Preprocessor(
+            engine.inputs[0],
+            source=engine.model.source,
+            resize=resize or task.resize,
+            normalization=normalization or engine.info.normalization or task.normalization,
+        )
 
     @classmethod
     def open(
@@ -75,7 +98,8 @@ class Predictor:
         delegate: DelegateSettings | None = None,
         threads: int | None = None,
         backend: Backend | BackendName | str | None = None,
-        resize: ResizeMode = ResizeMode.STRETCH,
+        resize: ResizeMode | None = None,
+        normalization: Normalization | None = None,
         min_score: float | None = None,
         top_k: int = 5,
     ) -> Predictor:
@@ -88,7 +112,7 @@ class Predictor:
                 labels = Labels.from_lines(info.metadata_labels, f"{info.source} (metadata)")
             name = _task_name(task) if task else detect_task(info)
             built = make_task(name, info, labels=labels, min_score=min_score, top_k=top_k)
-            return cls(engine, built, resize=resize)
+            return cls(engine, built, resize=resize, normalization=normalization)
         except BaseException:
             engine.close()
             raise

@@ -4,7 +4,8 @@ Resizing stretches the frame to the input size or letterboxes it (keeps the
 aspect ratio, pads the rest); the ``Transform`` returned maps model-normalised
 coordinates back to frame-normalised ones. Values are written straight into
 the interpreter's input buffer: uint8 as is, int8 shifted by 128, float as
-``(pixel - mean) / std``. A frame already at model size is not resized.
+``(pixel - mean) / std``. A frame already at model size is not resized. A
+one-channel input gets the frame's luma (ITU-R 601, as Pillow's ``L`` mode).
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ import numpy.typing as npt
 from PIL import Image
 
 from .errors import InputMismatch, UnsupportedModel
-from .modelfile import TensorInfo
+from .modelfile import Normalization, TensorInfo
 
 Frame = npt.NDArray[np.uint8]
 _SUPPORTED_DTYPES = ("uint8", "int8", "float32")
+_CHANNELS = (1, 3)
+SIGNED_UNIT = Normalization(mean=(127.5,), std=(127.5,))
+"""Pixels to [-1, 1]: the default for float inputs of models without normalisation metadata."""
+UNIT = Normalization(mean=(0.0,), std=(255.0,))
+"""Pixels to [0, 1]: what YOLO exports and most MediaPipe models were trained on."""
 
 
 class ResizeMode(str, Enum):
@@ -59,8 +65,18 @@ def _clip(value: float) -> float:
     return min(1.0, max(0.0, value))
 
 
+def is_image_input(spec: TensorInfo) -> bool:
+    """True for an input a frame can fill: ``[1, H, W, 3]`` (RGB) or ``[1, H, W, 1]`` (gray)."""
+    return (
+        len(spec.shape) == 4
+        and spec.shape[0] == 1
+        and spec.shape[3] in _CHANNELS
+        and spec.dtype in _SUPPORTED_DTYPES
+    )
+
+
 class Preprocessor:
-    """Writes frames into one image input of shape ``[1, H, W, 3]``."""
+    """Writes frames into one image input of shape ``[1, H, W, 3]`` or ``[1, H, W, 1]``."""
 
     def __init__(
         self,
@@ -68,29 +84,33 @@ class Preprocessor:
         *,
         source: str = "model",
         resize: ResizeMode = ResizeMode.STRETCH,
-        mean: float = 127.5,
-        std: float = 127.5,
+        normalization: Normalization = SIGNED_UNIT,
     ) -> None:
-        if len(spec.shape) != 4 or spec.shape[0] != 1 or spec.shape[3] != 3:
+        if len(spec.shape) != 4 or spec.shape[0] != 1 or spec.shape[3] not in _CHANNELS:
             raise UnsupportedModel(
                 source,
-                f"input shape {list(spec.shape)} is not an RGB image [1, H, W, 3]",
-                hint="use the raw task and feed tensors yourself",
+                f"input '{spec.name}' has shape {list(spec.shape)}, not an image "
+                "[1, H, W, 3] (RGB) or [1, H, W, 1] (grayscale)",
+                hint=f"use --task raw and feed it from a file: --input {spec.name}=FILE.npy",
             )
         if spec.dtype not in _SUPPORTED_DTYPES:
             raise UnsupportedModel(
                 source,
                 f"input dtype {spec.dtype} is not one of {', '.join(_SUPPORTED_DTYPES)}",
-                hint="use the raw task and feed tensors yourself",
+                hint=f"use --task raw and feed it from a file: --input {spec.name}=FILE.npy",
             )
         self.spec = spec
-        self.height, self.width = spec.shape[1], spec.shape[2]
+        self.height, self.width, self.channels = spec.shape[1:4]
         self.resize = resize
-        self.mean, self.std = mean, std
+        self.normalization = normalization
+        self.mean = np.asarray(normalization.mean, dtype=np.float32)
+        self.std = np.asarray(normalization.std, dtype=np.float32)
 
     def __call__(self, frame: Frame, view: npt.NDArray[Any]) -> Transform:
         """Write ``frame`` into the input buffer ``view``; returns the coordinate transform."""
         _check_frame(frame)
+        if self.channels == 1:
+            frame = np.asarray(Image.fromarray(frame).convert("L"))[:, :, np.newaxis]
         frame_h, frame_w = frame.shape[:2]
         if (frame_h, frame_w) == (self.height, self.width):
             self._store(frame, view[0])
@@ -128,7 +148,7 @@ class Preprocessor:
             target /= self.std
 
     def _fill_black(self, target: npt.NDArray[Any]) -> None:
-        black = np.zeros((1, 1, 3), dtype=np.uint8)
+        black = np.zeros((1, 1, self.channels), dtype=np.uint8)
         self._store(np.broadcast_to(black, target.shape), target)
 
 
@@ -141,5 +161,8 @@ def _check_frame(frame: Frame) -> None:
 
 
 def _resized(frame: Frame, width: int, height: int) -> Frame:
+    if frame.shape[2] == 1:
+        image = Image.fromarray(frame[:, :, 0]).resize((width, height), Image.Resampling.BILINEAR)
+        return np.asarray(image)[:, :, np.newaxis]
     image = Image.fromarray(frame).resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(image)

@@ -18,8 +18,8 @@ import numpy.typing as npt
 from .engine import Engine
 from .errors import UnsupportedModel
 from .labels import Labels
-from .modelfile import DETECTION_POSTPROCESS_OP, ModelInfo, TensorInfo
-from .preprocess import Transform
+from .modelfile import DETECTION_POSTPROCESS_OP, ModelInfo, Normalization, TensorInfo
+from .preprocess import SIGNED_UNIT, ResizeMode, Transform
 
 # MoveNet / PoseNet order, the COCO keypoint convention.
 KEYPOINT_NAMES = (
@@ -37,6 +37,7 @@ class TaskName(str, Enum):
     CLASSIFICATION = "classification"
     DETECTION = "detection"
     POSE = "pose"
+    SEGMENTATION = "segmentation"
     RAW = "raw"
 
 
@@ -57,6 +58,9 @@ class Detection:
     label: str
     score: float
     box: tuple[float, float, float, float]
+    keypoints: tuple[tuple[float, float], ...] = ()
+    """``(x, y)`` points normalised to the frame, for detectors that give them (BlazeFace's
+    eyes, nose, mouth and ears); empty otherwise."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,16 @@ class Keypoint:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One class of a segmentation mask: the share of the frame's pixels it covers."""
+
+    class_id: int
+    label: str
+    coverage: float
+    """0 to 1, of the frame (letterbox padding excluded)."""
+
+
+@dataclass(frozen=True)
 class RawTensor:
     """One output tensor as the model produced it (dequantized when quantized)."""
 
@@ -78,7 +92,7 @@ class RawTensor:
     values: list[Any]
 
 
-Result = Classification | Detection | Keypoint | RawTensor
+Result = Classification | Detection | Keypoint | Segment | RawTensor
 
 
 def detect_task(info: ModelInfo) -> TaskName:
@@ -102,9 +116,16 @@ def dequantize(values: npt.NDArray[Any], spec: TensorInfo) -> npt.NDArray[np.flo
 
 
 class Task(ABC):
-    """Base of the tasks: turns the engine's outputs into results."""
+    """Base of the tasks: turns the engine's outputs into results.
+
+    ``resize`` and ``normalization`` are how the task's models were trained to see
+    frames, used unless the caller (or, for normalisation, the model's metadata) says
+    otherwise: YOLO exports expect letterboxed [0, 1] input, say.
+    """
 
     name: TaskName
+    resize: ResizeMode = ResizeMode.STRETCH
+    normalization: Normalization = SIGNED_UNIT
 
     @abstractmethod
     def results(self, engine: Engine, transform: Transform) -> list[Result]:

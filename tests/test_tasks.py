@@ -237,6 +237,6 @@ def test_placeholder_is_dropped_only_when_present() -> None:
 
 
 def test_unknown_task_name_lists_the_choices(assets: Assets) -> None:
-    with pytest.raises(SettingError, match="unknown task 'segmentation'") as caught:
-        Predictor.open(assets.mobilenet_v2, task="segmentation")
+    with pytest.raises(SettingError, match="unknown task 'tracking'") as caught:
+        Predictor.open(assets.mobilenet_v2, task="tracking")
     assert "classification" in caught.value.hint
