@@ -51,7 +51,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edgefleet.runtime import Classification, Detection, Keypoint, RawTensor
+from edgefleet.runtime import Classification, Detection, Keypoint, RawTensor, Segment
 from edgefleet.runtime.tasks import Result
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,7 @@ class _Frame:
     detections: list[Detection]
     classifications: list[Classification]
     keypoints: list[Keypoint]
+    segments: list[Segment]
     raw: list[RawTensor]
 
 
@@ -547,7 +548,7 @@ def _untracked(
 
 
 def _split(results: Sequence[Result]) -> _Frame:
-    frame = _Frame([], [], [], [])
+    frame = _Frame([], [], [], [], [])
     for result in results:
         if isinstance(result, Detection):
             frame.detections.append(result)
@@ -555,6 +556,8 @@ def _split(results: Sequence[Result]) -> _Frame:
             frame.classifications.append(result)
         elif isinstance(result, Keypoint):
             frame.keypoints.append(result)
+        elif isinstance(result, Segment):
+            frame.segments.append(result)
         else:
             frame.raw.append(result)
     return frame

@@ -393,7 +393,7 @@ def _validate(
             _check_tensors("input", manifest.inputs, engine.inputs)
             if manifest.outputs is not None:
                 _check_tensors("output", manifest.outputs, engine.outputs)
-        if frame is None:
+        if frame is None and predictor.preprocess is not None:
             shape = (predictor.preprocess.height, predictor.preprocess.width, 3)
             frame = np.full(shape, _GREY, dtype=np.uint8)
         smoke = _smoke(predictor, frame)
@@ -421,7 +421,7 @@ def _validate(
 
 
 def _time_reference(
-    request: _Request, reference: bytes, frame: npt.NDArray[np.uint8]
+    request: _Request, reference: bytes, frame: npt.NDArray[np.uint8] | None
 ) -> float | None:
     """The running model's median, timed like the candidate's, on the same frame."""
     try:
@@ -555,7 +555,7 @@ def _matches(want: TensorSpec, have: TensorInfo) -> bool:
     return want.shape is None or tuple(want.shape) == have.shape
 
 
-def _smoke(predictor: Predictor, frame: npt.NDArray[np.uint8]) -> Prediction:
+def _smoke(predictor: Predictor, frame: npt.NDArray[np.uint8] | None) -> Prediction:
     try:
         return predictor.predict(frame)
     except EdgefleetError as exc:

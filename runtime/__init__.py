@@ -1,5 +1,6 @@
 """Everything about running a .tflite model: backends, delegates, inspection, tasks, benchmarks."""
 
+from .anchors import ANCHOR_PRESETS, AnchorDetectionTask, AnchorSpec
 from .backends import BACKEND_ENV, Backend, BackendName, explain_import_failure, select_backend
 from .bench import BenchResult, bench
 from .delegates import (
@@ -38,11 +39,17 @@ from .modelfile import ModelBytes, ModelInfo, TensorInfo, inspect_model, read_mo
 from .platforms import InterpreterFacts, RuntimeChoice, choose_runtime
 from .predictor import RESULT_KEYS, Prediction, Predictor
 from .preprocess import Preprocessor, ResizeMode, Transform
-from .tasks import Classification, Detection, Keypoint, RawTensor, TaskName, detect_task
+from .recognition import TaskChoice, choose_task, detect_task
+from .segmentation import SegmentationTask, mask_image, save_mask_png
+from .tasks import Classification, Detection, Keypoint, RawTensor, Segment, TaskName
+from .yolo import YoloTask
 
 __all__ = [
+    "ANCHOR_PRESETS",
     "BACKEND_ENV",
     "RESULT_KEYS",
+    "AnchorDetectionTask",
+    "AnchorSpec",
     "Backend",
     "BackendName",
     "BackendUnavailable",
@@ -79,21 +86,28 @@ __all__ = [
     "RawTensor",
     "ResizeMode",
     "RuntimeChoice",
+    "Segment",
+    "SegmentationTask",
     "SettingError",
     "SystemTooOld",
+    "TaskChoice",
     "TaskName",
     "TensorAllocationFailed",
     "TensorInfo",
     "Transform",
     "UnresolvedCustomOp",
     "UnsupportedModel",
+    "YoloTask",
     "bench",
     "choose_runtime",
+    "choose_task",
     "detect_task",
     "explain_import_failure",
     "inspect_model",
     "load_image",
+    "mask_image",
     "parse_delegate",
     "read_model",
+    "save_mask_png",
     "select_backend",
 ]

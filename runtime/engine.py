@@ -76,6 +76,8 @@ class Engine:
             raise ModelCompiledForEdgeTPU(model.source)
         self.threads = threads
         self.delegate: LoadedDelegate = load_delegate(settings, self.backend)
+        if self.info.edgetpu_compiled and self.delegate.handle is None:
+            raise ModelCompiledForEdgeTPU(model.source, fell_back=True)
         started = time.perf_counter()
         self._interpreter = self._create()
         self.load_ms = (time.perf_counter() - started) * 1000.0
@@ -181,6 +183,22 @@ class Engine:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def unresolved_custom_op(
+    model: ModelBytes, backend: Backend | BackendName | str | None = None
+) -> str | None:
+    """The first custom op of ``model`` that the backend cannot resolve, or None.
+
+    The interpreter resolves ops while allocating tensors and stops at the first one it
+    lacks, so a model with two unknown ops names one; the Edge TPU's op counts as
+    unresolved, since no delegate is loaded here. Nothing is invoked.
+    """
+    try:
+        Engine(model, backend=backend).close()
+    except UnresolvedCustomOp as exc:
+        return exc.op
+    return None
 
 
 @contextmanager

@@ -32,11 +32,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-EDGETPU_HINT = (
-    "run it with the Edge TPU delegate (--delegate edgetpu; install libedgetpu1-std "
-    "and attach a Coral device), or use the CPU build of the model (the file without "
-    "'_edgetpu')"
-)
+_EDGETPU_SUFFIX = "_edgetpu"
+
+
+def cpu_build_of(path: Path | str) -> str:
+    """Where the CPU build of an Edge TPU model is, in words: the compiler's input file.
+
+    ``edgetpu_compiler model.tflite`` writes ``model_edgetpu.tflite``; a renamed file
+    gives no clue, and the hint says so rather than guess.
+    """
+    name = Path(path).name
+    if _EDGETPU_SUFFIX in name:
+        return f"'{name.replace(_EDGETPU_SUFFIX, '', 1)}' (the file edgetpu_compiler was given)"
+    return (
+        f"the file edgetpu_compiler was given to make '{name}' (its name does not say which: "
+        f"the compiler names its output <input>{_EDGETPU_SUFFIX}.tflite)"
+    )
 
 
 class EdgefleetError(Exception):
@@ -103,15 +114,27 @@ class UnresolvedCustomOp(ModelError):
 
 
 class ModelCompiledForEdgeTPU(UnresolvedCustomOp):
-    """The model was compiled for the Coral Edge TPU but no Edge TPU delegate is in use."""
+    """The model was compiled for the Coral Edge TPU but no Edge TPU delegate is in use.
 
-    def __init__(self, path: Path | str) -> None:
-        super().__init__(
-            path,
-            "edgetpu-custom-op",
-            message="compiled for the Coral Edge TPU, but no Edge TPU delegate is loaded",
-            hint=EDGETPU_HINT,
-        )
+    ``fell_back`` is the case of ``--allow-cpu-fallback`` with no Edge TPU present: the
+    fallback cannot help, since the compiled graph runs on the Edge TPU only.
+    """
+
+    def __init__(self, path: Path | str, *, fell_back: bool = False) -> None:
+        cpu_build = cpu_build_of(path)
+        if fell_back:
+            message = (
+                "compiled for the Coral Edge TPU, and no Edge TPU could be loaded: "
+                "--allow-cpu-fallback cannot run it, the CPU needs a CPU build of the model"
+            )
+            hint = f"attach the Coral (and install libedgetpu1-std), or run {cpu_build} on the CPU"
+        else:
+            message = "compiled for the Coral Edge TPU, but no Edge TPU delegate is loaded"
+            hint = (
+                "run it with the Edge TPU delegate (--delegate edgetpu; install libedgetpu1-std "
+                f"and attach a Coral device), or run the CPU build of the model: {cpu_build}"
+            )
+        super().__init__(path, "edgetpu-custom-op", message=message, hint=hint)
 
 
 class TensorAllocationFailed(ModelError):

@@ -28,6 +28,7 @@ _MIN_SIZE = 8  # root offset + file identifier
 
 _TENSOR_TYPES = {v: k.lower() for k, v in vars(tflite.TensorType).items() if k.isupper()}
 _BUILTIN_OPS = {v: k for k, v in vars(tflite.BuiltinOperator).items() if k.isupper()}
+_BUILTIN_NAMES = frozenset(_BUILTIN_OPS.values())
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,11 @@ class ModelInfo:
     def op_names(self) -> tuple[str, ...]:
         """Distinct operator names, in first-use order."""
         return tuple(dict.fromkeys(op.name for op in self.operators))
+
+    @property
+    def custom_ops(self) -> tuple[str, ...]:
+        """The op names that are custom ops (not TFLite builtins), in first-use order."""
+        return tuple(name for name in self.op_names if name not in _BUILTIN_NAMES)
 
     @property
     def edgetpu_compiled(self) -> bool:

@@ -24,6 +24,7 @@ from .modelfile import Normalization, TensorInfo
 Frame = npt.NDArray[np.uint8]
 _SUPPORTED_DTYPES = ("uint8", "int8", "float32")
 _CHANNELS = (1, 3)
+_FILTER = Image.Resampling.BICUBIC
 SIGNED_UNIT = Normalization(mean=(127.5,), std=(127.5,))
 """Pixels to [-1, 1]: the default for float inputs of models without normalisation metadata."""
 UNIT = Normalization(mean=(0.0,), std=(255.0,))
@@ -161,8 +162,9 @@ def _check_frame(frame: Frame) -> None:
 
 
 def _resized(frame: Frame, width: int, height: int) -> Frame:
+    # Bicubic, Pillow's default: what the reference results of the assets were measured with
+    # (bilinear moved YOLOv8n's scores by up to 0.05).
     if frame.shape[2] == 1:
-        image = Image.fromarray(frame[:, :, 0]).resize((width, height), Image.Resampling.BILINEAR)
+        image = Image.fromarray(frame[:, :, 0]).resize((width, height), _FILTER)
         return np.asarray(image)[:, :, np.newaxis]
-    image = Image.fromarray(frame).resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(image)
+    return np.asarray(Image.fromarray(frame).resize((width, height), _FILTER))

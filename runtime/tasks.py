@@ -1,8 +1,10 @@
-"""What a model's outputs mean: classification, SSD detection, single-pose keypoints, raw.
+"""What a model's outputs mean: the result types, and the tasks for classifiers, SSD
+detectors, single-pose keypoints and raw tensors (YOLO, anchor detectors and
+segmentation have their own modules).
 
-The task is found from the model itself (``detect_task``) and can be
-overridden. Each task turns the interpreter's output tensors into typed
-results, dequantizing scores and mapping coordinates back to the frame.
+Which task a model gets is decided in ``recognition.py``. Each task turns the
+interpreter's output tensors into typed results, dequantizing scores and mapping
+coordinates back to the frame.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy.typing as npt
 from .engine import Engine
 from .errors import UnsupportedModel
 from .labels import Labels
-from .modelfile import DETECTION_POSTPROCESS_OP, ModelInfo, Normalization, TensorInfo
+from .modelfile import DETECTION_POSTPROCESS_OP, Normalization, TensorInfo
 from .preprocess import SIGNED_UNIT, ResizeMode, Transform
 
 # MoveNet / PoseNet order, the COCO keypoint convention.
@@ -28,7 +30,7 @@ KEYPOINT_NAMES = (
     "left_wrist", "right_wrist", "left_hip", "right_hip",
     "left_knee", "right_knee", "left_ankle", "right_ankle",
 )  # fmt: skip
-_POSE_SHAPE = (1, 1, len(KEYPOINT_NAMES), 3)
+POSE_SHAPE = (1, 1, len(KEYPOINT_NAMES), 3)
 
 
 class TaskName(str, Enum):
@@ -93,19 +95,6 @@ class RawTensor:
 
 
 Result = Classification | Detection | Keypoint | Segment | RawTensor
-
-
-def detect_task(info: ModelInfo) -> TaskName:
-    """Guess the task from the model: a post-process op, the MoveNet shape, or a score vector."""
-    if DETECTION_POSTPROCESS_OP in info.op_names:
-        return TaskName.DETECTION
-    if len(info.outputs) == 1:
-        shape = info.outputs[0].shape
-        if shape == _POSE_SHAPE:
-            return TaskName.POSE
-        if len(shape) == 2 and shape[0] == 1 and shape[1] > 1:
-            return TaskName.CLASSIFICATION
-    return TaskName.RAW
 
 
 def dequantize(values: npt.NDArray[Any], spec: TensorInfo) -> npt.NDArray[np.float32]:
@@ -214,10 +203,10 @@ class PoseTask(Task):
 
     def results(self, engine: Engine, transform: Transform) -> list[Result]:
         spec = engine.outputs[0]
-        if spec.shape != _POSE_SHAPE:
+        if spec.shape != POSE_SHAPE:
             raise UnsupportedModel(
                 engine.model.source,
-                f"pose output has shape {list(spec.shape)}, expected {list(_POSE_SHAPE)}",
+                f"pose output has shape {list(spec.shape)}, expected {list(POSE_SHAPE)}",
                 hint="use --task raw",
             )
         points = dequantize(engine.output(0), spec).reshape(len(KEYPOINT_NAMES), 3)
@@ -245,27 +234,3 @@ def _as_list(values: npt.NDArray[Any]) -> list[Any]:
     ``tolist()`` gives a bare number for it (which broke the events of a model with one)."""
     listed = values.tolist()
     return listed if isinstance(listed, list) else [listed]
-
-
-def make_task(
-    name: TaskName,
-    info: ModelInfo,
-    *,
-    labels: Labels | None = None,
-    min_score: float | None = None,
-    top_k: int = 5,
-) -> Task:
-    """Build the task ``name`` for a model, checking that the model can serve it."""
-    if name is TaskName.DETECTION:
-        if DETECTION_POSTPROCESS_OP not in info.op_names:
-            raise UnsupportedModel(
-                info.source,
-                f"detection needs a model ending in {DETECTION_POSTPROCESS_OP}",
-                hint="choose another --task, or re-export the SSD model with post-processing",
-            )
-        return DetectionTask(labels, min_score=0.5 if min_score is None else min_score)
-    if name is TaskName.CLASSIFICATION:
-        return ClassificationTask(labels, top_k=top_k, min_score=min_score or 0.0)
-    if name is TaskName.POSE:
-        return PoseTask()
-    return RawTask()

@@ -96,17 +96,18 @@ def reshape_model(
     quant: Quant | None = None,
     *,
     target: tuple[int, ...] | None = None,
+    channels: int = 3,
 ) -> bytes:
-    """Input ``[1, H, W, 3]`` reshaped to ``target`` (default ``[1, H*W*3]``): output = input.
+    """Input ``[1, H, W, C]`` reshaped to ``target`` (default ``[1, H*W*C]``): output = input.
 
     The output holds the input's values in order, so tests can check exactly
     what pre-processing wrote. A ``target`` with another element count makes
     tensor allocation fail.
     """
-    target = target or (1, height * width * 3)
+    target = target or (1, height * width * channels)
     g = schema.SubGraphT()
     g.tensors = [
-        _tensor("image", (1, height, width, 3), dtype, 1, quant),
+        _tensor("image", (1, height, width, channels), dtype, 1, quant),
         _tensor("new_shape", (len(target),), "int32", 2),
         _tensor("flat", target, dtype, 3, quant),
     ]
@@ -131,6 +132,23 @@ def two_output_model(size: int = 4) -> bytes:
     g.operators = [_operator(0, [0, 1], [2]), _operator(1, [0, 1], [3])]
     codes = [_opcode(schema.BuiltinOperator.ADD), _opcode(schema.BuiltinOperator.MUL)]
     return _finish(_model(g, codes, [_buffer() for _ in range(5)]))
+
+
+def image_and_state_model(height: int = 4, width: int = 4) -> bytes:
+    """Float image ``[1, H, W, 3]`` plus a ``state`` input of the same shape: output ``sum``
+    = image + state. Carrying ``sum`` back into ``state`` accumulates the frames (an RNN's
+    state in miniature); left unfed, ``state`` is zeros and ``sum`` is the image."""
+    shape = (1, height, width, 3)
+    g = schema.SubGraphT()
+    g.tensors = [
+        _tensor("image", shape, "float32", 1),
+        _tensor("state", shape, "float32", 2),
+        _tensor("sum", shape, "float32", 3),
+    ]
+    g.inputs, g.outputs = [0, 1], [2]
+    g.operators = [_operator(0, [0, 1], [2])]
+    codes = [_opcode(schema.BuiltinOperator.ADD)]
+    return _finish(_model(g, codes, [_buffer() for _ in range(4)]))
 
 
 def hang_when_bright_model(height: int = 8, width: int = 8) -> bytes:
