@@ -170,7 +170,7 @@ class ModelSettings(_Section):
         None, description="Model version in events; default: sha256 prefix."
     )
     labels: Path | None = Field(None, description="Label file; default: labels in the model.")
-    task: Literal["classification", "detection", "pose", "raw"] | None = Field(
+    task: Literal["classification", "detection", "pose", "segmentation", "raw"] | None = Field(
         None, description="Override the task detected from the model."
     )
     delegate: DelegateSettings = Field(
@@ -178,7 +178,11 @@ class ModelSettings(_Section):
     )
     threads: int | None = Field(None, ge=1, le=64, description="CPU threads for the interpreter.")
     backend: BackendName = Field(BackendName.AUTO, description="Interpreter backend.")
-    resize: ResizeMode = Field(ResizeMode.STRETCH, description="stretch or letterbox frames.")
+    resize: ResizeMode | None = Field(
+        None,
+        description="stretch or letterbox frames; default: the task's (letterbox for YOLO "
+        "detectors, which were trained on it; stretch otherwise).",
+    )
     min_score: float | None = Field(
         None, ge=0, le=1, description="Minimum result score (default 0.5 detection, else 0)."
     )

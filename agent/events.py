@@ -31,6 +31,10 @@ What becomes an event, per frame:
   at most one event per label per ``min_interval_s``;
 - pose: the keypoints, when their mean score reaches ``min_score``, at most
   one event per ``min_interval_s``;
+- segmentation: the classes covering at least ``min_coverage`` of the frame or
+  of a zone (each class's share of every zone rides along; ``background`` only
+  when listed in ``labels``), at most one event per top class per
+  ``min_interval_s``;
 - raw tensors: every frame, at most one event per ``min_interval_s``.
 
 A capture time that goes backwards (a source restarted its clock, the wall
@@ -58,7 +62,8 @@ log = logging.getLogger(__name__)
 
 Point = tuple[float, float]
 Box = tuple[float, float, float, float]
-EventKind = Literal["detection", "classification", "pose", "raw"]
+BACKGROUND = "background"  # the segmentation class no one wants an event about, by default
+EventKind = Literal["detection", "classification", "pose", "segmentation", "raw"]
 Lifecycle = Literal["start", "update", "end"]
 
 # Tolerance for "on an edge" in normalised coordinates (a millionth of a pixel on a 4K frame).
@@ -188,6 +193,13 @@ class EventFilterSettings(BaseModel):
         description="When set, a detection counts only when the centre of its box's bottom "
         "edge lies in at least one of these zones.",
     )
+    min_coverage: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Segmentation: lowest share (0..1) of the frame, or of a zone, that a class "
+        "must cover to be in an event; 'background' counts only when listed in labels.",
+    )
     min_interval_s: float = Field(
         0.0,
         ge=0.0,
@@ -313,6 +325,7 @@ class EventFilter:
         events.extend(self._detection_events(frame.detections, capture_ts, now))
         events.extend(self._classification_events(frame.classifications, capture_ts, now))
         events.extend(self._pose_events(frame.keypoints, capture_ts, now))
+        events.extend(self._segmentation_events(frame.segments, capture_ts, now))
         events.extend(self._raw_events(frame.raw, capture_ts, now))
         return events
 
@@ -485,6 +498,33 @@ class EventFilter:
         if mean_score < self._settings.min_score or not self._gate("pose", None, now):
             return []
         return [_untracked("pose", tuple(keypoints), ts, score=mean_score)]
+
+    def _segmentation_events(
+        self, segments: list[Segment], ts: float, now: float
+    ) -> list[EventDraft]:
+        threshold = self._settings.min_coverage
+        passing = [
+            s
+            for s in segments
+            if self._segment_wanted(s.label)
+            and (s.coverage >= threshold or any(v >= threshold for v in s.zones.values()))
+        ]
+        if not passing:
+            return []
+        top = max(passing, key=lambda s: s.coverage)
+        if not self._gate("segmentation", top.label, now):
+            return []
+        zones = tuple(
+            zone.name
+            for zone in self._settings.zones
+            if any(s.zones.get(zone.name, 0.0) >= threshold for s in passing)
+        )
+        return [_untracked("segmentation", tuple(passing), ts, label=top.label, zones=zones)]
+
+    def _segment_wanted(self, label: str) -> bool:
+        if self._labels is None:
+            return label != BACKGROUND
+        return label in self._labels
 
     def _raw_events(self, tensors: list[RawTensor], ts: float, now: float) -> list[EventDraft]:
         if not tensors or not self._gate("raw", None, now):

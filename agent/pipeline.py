@@ -37,14 +37,19 @@ from edgefleet.runtime import (
     EdgefleetError,
     Labels,
     ModelBytes,
+    Prediction,
     Predictor,
     ResizeMode,
+    Segment,
+    SegmentationTask,
     TaskName,
     read_model,
+    with_region_coverage,
 )
 from edgefleet.runtime.delegates import LoadedDelegate
 from edgefleet.runtime.predictor import result_dict
 from edgefleet.runtime.preprocess import Frame
+from edgefleet.runtime.tasks import Result
 
 from .clock import kernel_synchronised
 from .config import ModelSettings, StreamSettings
@@ -202,11 +207,10 @@ class StreamRunner:
         self._warned: str | None = None  # the tracking warning last logged (events thread)
         self._slot = FrameSlot()
         self._source = make_source(settings.source)
-        inputs = self.predictor.engine.inputs[0].shape
+        pre = self.predictor.preprocess
         # Stretching: the source scales to the model's size (swscale, ISP); nothing resizes here.
-        output_size = (
-            (inputs[2], inputs[1]) if settings.model.resize is ResizeMode.STRETCH else None
-        )
+        stretched = pre is not None and pre.resize is ResizeMode.STRETCH
+        output_size = (pre.width, pre.height) if pre is not None and stretched else None
         self.capture = Capture(self.name, self._source, self._slot, output_size=output_size)
         self.latency = LatencyWindow()
         self.inference = LatencyWindow()
@@ -356,6 +360,7 @@ class StreamRunner:
             stats = self.model_stats
             try:
                 prediction = self.predictor.predict(frame.pixels)
+                results = self._with_zone_coverage(prediction)
             except EdgefleetError as exc:
                 stats.failed += 1
                 self._failed(exc)
@@ -367,7 +372,7 @@ class StreamRunner:
             stats.processed += 1
             stats.inference.add(prediction.latency_ms)
             handed = _Results(
-                prediction.results,
+                results,
                 frame.capture_ts,
                 taken_at,
                 done,
@@ -385,6 +390,16 @@ class StreamRunner:
             self._done_at.append(time.monotonic())
             if self._on_result is not None:
                 self._on_result()
+
+    def _with_zone_coverage(self, prediction: Prediction) -> list[Result]:  # infer thread
+        """Segments with each zone's share added: the mask is this thread's, until the next
+        frame replaces it."""
+        task, zones = self.predictor.task, self.settings.events.zones
+        if not zones or not isinstance(task, SegmentationTask):
+            return prediction.results
+        segments = [r for r in prediction.results if isinstance(r, Segment)]
+        regions = {zone.name: zone.polygon for zone in zones}
+        return list(with_region_coverage(segments, task.mask(), prediction.transform, regions))
 
     # -- the events-<stream> thread -----------------------------------------------
 

@@ -141,7 +141,7 @@ class ModelRef(_Frozen):
     id: str = Field(description="Model identifier (from the config or the manifest).")
     version: str = Field(description="Model version.")
     sha256: str = Field(description="sha256 of the exact model bytes loaded.")
-    task: str = Field(description="classification, detection, pose or raw.")
+    task: str = Field(description="classification, detection, pose, segmentation or raw.")
     backend: str = Field(description="Interpreter backend and version, e.g. 'litert 2.3.0'.")
     delegate: str = Field(description="Delegate in use, e.g. 'cpu' or 'edgetpu (usb:0)'.")
 
@@ -153,6 +153,11 @@ class DetectionOut(_Frozen):
     label: str = Field(description="Class label.")
     score: float = Field(description="Confidence, 0 to 1.")
     box: tuple[float, float, float, float] = Field(description="ymin, xmin, ymax, xmax in 0..1.")
+    keypoints: list[tuple[float, float]] | None = Field(
+        None,
+        description="(x, y) points in 0..1, for detectors that give them (a face detector's "
+        "eyes, nose, mouth and ears); absent otherwise.",
+    )
 
 
 class ClassOut(_Frozen):
@@ -170,6 +175,17 @@ class KeypointOut(_Frozen):
     x: float = Field(description="Horizontal position, 0..1.")
     y: float = Field(description="Vertical position, 0..1.")
     score: float = Field(description="Confidence, 0 to 1.")
+
+
+class SegmentOut(_Frozen):
+    """One class of a segmentation mask and how much of the frame (and of each zone) it covers."""
+
+    class_id: int = Field(description="Class index from the model.")
+    label: str = Field(description="Class label.")
+    coverage: float = Field(ge=0, le=1, description="Share of the frame's pixels, 0 to 1.")
+    zones: dict[str, float] = Field(
+        default_factory=dict, description="Share of each configured zone's pixels, 0 to 1."
+    )
 
 
 class TensorOut(_Frozen):
@@ -191,7 +207,9 @@ class EventMessage(_Message):
     seq: int = Field(
         description="Per-stream sequence number, increasing; restarts at 1 with the agent."
     )
-    kind: Literal["detection", "classification", "pose", "raw"] = Field(description="Task kind.")
+    kind: Literal["detection", "classification", "pose", "segmentation", "raw"] = Field(
+        description="Task kind."
+    )
     lifecycle: Literal["start", "update", "end"] | None = Field(
         None, description="For tracked objects: start, update or end; null when untracked."
     )
@@ -222,6 +240,9 @@ class EventMessage(_Message):
     detections: list[DetectionOut] | None = Field(None, description="Detection results.")
     classes: list[ClassOut] | None = Field(None, description="Classification results.")
     keypoints: list[KeypointOut] | None = Field(None, description="Pose keypoints.")
+    segments: list[SegmentOut] | None = Field(
+        None, description="Segmentation: classes and their coverage."
+    )
     tensors: list[TensorOut] | None = Field(None, description="Raw output tensors.")
 
 
@@ -653,7 +674,7 @@ class TaskSpec(_Frozen):
 
     model_config = ConfigDict(protected_namespaces=())
 
-    task: Literal["classification", "detection", "pose", "raw"] | None = Field(
+    task: Literal["classification", "detection", "pose", "segmentation", "raw"] | None = Field(
         None, description="The task; detected from the outputs when null."
     )
     labels: list[str] | None = Field(None, description="Class labels; the model's own if null.")

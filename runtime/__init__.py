@@ -40,7 +40,7 @@ from .platforms import InterpreterFacts, RuntimeChoice, choose_runtime
 from .predictor import RESULT_KEYS, Prediction, Predictor
 from .preprocess import Preprocessor, ResizeMode, Transform
 from .recognition import TaskChoice, choose_task, detect_task
-from .segmentation import SegmentationTask, mask_image, save_mask_png
+from .segmentation import SegmentationTask, mask_image, save_mask_png, with_region_coverage
 from .tasks import Classification, Detection, Keypoint, RawTensor, Segment, TaskName
 from .yolo import YoloTask
 
@@ -110,4 +110,5 @@ __all__ = [
     "read_model",
     "save_mask_png",
     "select_backend",
+    "with_region_coverage",
 ]

@@ -345,8 +345,8 @@ def _run(args: argparse.Namespace) -> int:
                 size = (frame.shape[1], frame.shape[0])
                 _save_mask(predictor, prediction.transform, size, args.mask_out / image.stem)
             if args.json:
-                record = {"image": str(image) if image else None, "backend": backend}
-                record |= {"delegate": delegate, "inputs": inputs}
+                record: dict[str, Any] = {"image": str(image) if image else None}
+                record |= {"backend": backend, "delegate": delegate, "inputs": inputs}
                 print(json.dumps(record | prediction.to_dict()))
             else:
                 print(_prediction_text(image, backend, delegate, prediction))

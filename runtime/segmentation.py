@@ -19,14 +19,16 @@ a fresh mask array, so a mask handed out stays valid after the next frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .engine import Engine
 from .errors import UnsupportedModel
@@ -210,6 +212,40 @@ class SegmentationTask(Task):
             raise _too_many_classes(source, f"{scores.shape[2]} classes")
         ids: Mask = np.argmax(scores, axis=2).astype(np.uint8)
         return ids
+
+
+Point = tuple[float, float]
+
+
+def with_region_coverage(
+    segments: Sequence[Segment],
+    mask: Mask,
+    transform: Transform,
+    regions: Mapping[str, Sequence[Point]],
+) -> list[Segment]:
+    """``segments`` with the share of each region (a polygon of ``(x, y)`` frame fractions)
+    that their class covers, computed on the mask's frame region."""
+    region = frame_region(mask, transform)
+    shares: dict[int, dict[str, float]] = {s.class_id: {} for s in segments}
+    for name, polygon in regions.items():
+        inside = _polygon_mask(tuple(polygon), region.shape)
+        pixels = int(inside.sum())
+        counts = np.bincount(region[inside], minlength=_PALETTE_SIZE) if pixels else None
+        for class_id, by_zone in shares.items():
+            share = counts[class_id] / pixels if counts is not None else 0.0
+            by_zone[name] = round(float(share), _COVERAGE_DIGITS)
+    return [replace(s, zones=shares[s.class_id]) for s in segments]
+
+
+@functools.lru_cache(maxsize=32)
+def _polygon_mask(polygon: tuple[Point, ...], shape: tuple[int, ...]) -> npt.NDArray[np.bool_]:
+    """The pixels of a ``shape`` mask inside ``polygon``, edges included (cached: zones and
+    mask sizes do not change between frames)."""
+    height, width = shape
+    image = Image.new("1", (width, height), 0)
+    corners = [(x * width, y * height) for x, y in polygon]
+    ImageDraw.Draw(image).polygon(corners, fill=1, outline=1)
+    return np.asarray(image, dtype=bool)
 
 
 def frame_region(mask: Mask, transform: Transform) -> Mask:

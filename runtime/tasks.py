@@ -10,7 +10,8 @@ coordinates back to the frame.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -83,6 +84,9 @@ class Segment:
     label: str
     coverage: float
     """0 to 1, of the frame (letterbox padding excluded)."""
+    zones: Mapping[str, float] = field(default_factory=dict)
+    """Share of each named region of the frame it covers, where regions were asked for
+    (the agent's zones)."""
 
 
 @dataclass(frozen=True)

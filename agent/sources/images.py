@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
 from edgefleet.runtime.preprocess import Frame
@@ -58,7 +58,7 @@ def _full_image(source: str, path: Path, hint: str) -> Frame:
     """The image at ``path`` at its own size, decoded again (any thread)."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
         raise SourceError(source, f"cannot read {path.name} again ({exc})", hint=hint) from exc
 
@@ -150,7 +150,8 @@ class ImageFolderSource(Source):
             with Image.open(path) as image:
                 if self._output_size is not None:
                     image.draft("RGB", self._output_size)  # JPEG: decode at a reduced scale
-                rgb = image.convert("RGB")
+                # Upright, as the model tools see it: a phone photo says how to turn it.
+                rgb = ImageOps.exif_transpose(image).convert("RGB")
         except FileNotFoundError:
             log.debug("%s: %s vanished before it was read", self.name, path.name)
             return None
@@ -158,7 +159,7 @@ class ImageFolderSource(Source):
             self._warn_unreadable(path, exc)
             return None
         if self._output_size is not None and rgb.size != self._output_size:
-            rgb = rgb.resize(self._output_size, Image.Resampling.BILINEAR)
+            rgb = rgb.resize(self._output_size, Image.Resampling.BICUBIC)  # as the model tools
         return np.asarray(rgb)
 
     def _warn_unreadable(self, path: Path, exc: Exception) -> None:
