@@ -90,6 +90,7 @@ class Agent:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._ready = False
+        self._announced_fallbacks: str | None = None  # what the retained status last said
         self.streams: list[StreamRunner] = []
         self._streams_lock = threading.RLock()
         # Why each stream that is not running could not start: the degraded status says it.
@@ -428,6 +429,8 @@ class Agent:
         shown: Literal["online", "degraded", "offline"] = state
         if online and not self.streams:
             shown, reason = "degraded", f"no stream could start: {self._failures_line()}"
+        elif online and self._fallbacks_line():
+            shown, reason = "degraded", self._fallbacks_line()
         message = StatusMessage(
             state=shown,
             device_id=self.config.device_id,
@@ -533,3 +536,13 @@ class Agent:
         self.link.publish(
             self.topics.health, message.model_dump_json(exclude_none=True).encode(), qos=0
         )
+        fallbacks = self._fallbacks_line()
+        if fallbacks != self._announced_fallbacks:
+            # A stream lost or regained its accelerator: the retained status says so.
+            self._announced_fallbacks = fallbacks
+            self._publish_birth()
+
+    def _fallbacks_line(self) -> str | None:
+        """``stream kite: accelerator lost: ...`` for each stream on a fallback build."""
+        lost = [f"stream {s.name}: {s.fallback_reason}" for s in self.streams if s.fallback_reason]
+        return "; ".join(lost) or None

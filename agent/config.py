@@ -159,6 +159,16 @@ class BrokerSettings(_Section):
     topic_root: str = Field(TOPIC_ROOT, description="Versioned topic root.")
 
 
+class FallbackSettings(_Section):
+    """Another build of the stream's model, for when the one before it cannot run."""
+
+    path: Path = Field(description="The .tflite file (e.g. the CPU build of an Edge TPU model).")
+    delegate: DelegateSettings = Field(
+        default_factory=CpuDelegate, description="Accelerator for this build (default: cpu)."
+    )
+    threads: int | None = Field(None, ge=1, le=64, description="CPU threads for the interpreter.")
+
+
 class ModelSettings(_Section):
     """The model a stream runs."""
 
@@ -187,6 +197,37 @@ class ModelSettings(_Section):
         None, ge=0, le=1, description="Minimum result score (default 0.5 detection, else 0)."
     )
     top_k: int = Field(3, ge=1, description="Classes kept per frame for classification.")
+    fallbacks: list[FallbackSettings] = Field(
+        default_factory=list,
+        description="Builds to run, in order, when the one before fails to load or fails "
+        "mid-stream (a Coral unplugged): typically the CPU build of an Edge TPU model. The "
+        "stream switches without a restart, reports 'accelerator lost: ...' as degraded, "
+        "retries the first build with backoff and returns to it once it runs again.",
+    )
+    retry_s: float = Field(
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="While on a fallback: seconds before the first retry of the model itself; "
+        "doubled after each failed retry, up to retry_max_s.",
+    )
+    retry_max_s: float = Field(
+        600.0, gt=0, allow_inf_nan=False, description="Longest wait between retries."
+    )
+
+    def build(self, index: int) -> ModelSettings:
+        """The settings of build ``index``: 0 is this model, 1.. its fallbacks (same task)."""
+        if index == 0:
+            return self
+        fallback = self.fallbacks[index - 1]
+        return self.model_copy(
+            update={
+                "path": fallback.path,
+                "delegate": fallback.delegate,
+                "threads": fallback.threads,
+                "fallbacks": [],
+            }
+        )
 
 
 class StreamSettings(_Section):
@@ -591,6 +632,8 @@ def _resolve_paths(config: AgentConfig, base_dir: Path) -> None:
             setattr(enrollment, name, resolve(value))
     for stream in config.streams:
         stream.model.path = resolve(stream.model.path)
+        for fallback in stream.model.fallbacks:
+            fallback.path = resolve(fallback.path)
         if stream.model.labels is not None:
             stream.model.labels = resolve(stream.model.labels)
         stream.source = _resolved_source(stream.source, resolve)
@@ -638,6 +681,21 @@ def _enrollment_problems(enrollment: EnrollmentSettings) -> list[str]:
 
 
 def _model_problems(where: str, model: ModelSettings) -> list[str]:
+    problems = _build_problems(where, model)
+    for i in range(len(model.fallbacks)):
+        problems.extend(_build_problems(f"{where}.fallbacks[{i}]", model.build(i + 1)))
+    if model.labels is not None:
+        if not model.labels.is_file():
+            problems.append(f"{where}.labels: no such file {model.labels}")
+        else:
+            try:
+                Labels.from_file(model.labels)
+            except LabelsError as exc:
+                problems.append(f"{where}.labels: {exc}")
+    return problems
+
+
+def _build_problems(where: str, model: ModelSettings) -> list[str]:
     if not model.path.is_file():
         what = "is not a file" if model.path.exists() else "no such file"
         return [f"{where}.path: {what} {model.path}"]
@@ -648,14 +706,6 @@ def _model_problems(where: str, model: ModelSettings) -> list[str]:
             raise ModelCompiledForEdgeTPU(model.path)
     except ModelError as exc:
         problems.append(f"{where}.path: {exc}")
-    if model.labels is not None:
-        if not model.labels.is_file():
-            problems.append(f"{where}.labels: no such file {model.labels}")
-        else:
-            try:
-                Labels.from_file(model.labels)
-            except LabelsError as exc:
-                problems.append(f"{where}.labels: {exc}")
     return problems
 
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from edgefleet.runtime import (
     RESULT_KEYS,
     EdgefleetError,
+    EnvironmentProblem,
     Labels,
     ModelBytes,
     Prediction,
@@ -54,6 +55,7 @@ from edgefleet.runtime.tasks import Result
 from .clock import kernel_synchronised
 from .config import ModelSettings, StreamSettings
 from .events import EventDraft, EventFilter
+from .fallback import FallbackChain
 from .metrics import LatencyWindow
 from .protocol import EventMessage, Manifest, ModelRef, StreamHealth, Topics
 from .sources import make_source
@@ -189,15 +191,23 @@ class StreamRunner:
         sink: EventSink,
         on_result: Callable[[], None] | None = None,
         model: LoadedModel | None = None,
+        open_build: Callable[[ModelSettings], LoadedModel] | None = None,
     ) -> None:
-        """Set the stream up with ``model``, or the config's model file when None."""
+        """Set the stream up with ``model``, or the config's model file when None.
+
+        ``open_build`` loads one build of the model (default ``load_model``): the seam
+        where a test stands in for an accelerator this machine lacks.
+        """
+        self._open_build = open_build or load_model
         self.settings = settings
         self.name = settings.name
         self._topic = topics.events(settings.name)
         self._device_id = topics.device_id
         self._sink = sink
         self._on_result = on_result
-        loaded = model or load_model(settings.model)
+        builds = 1 + len(settings.model.fallbacks)
+        self._chain = FallbackChain(builds, settings.model.retry_s, settings.model.retry_max_s)
+        loaded = model or self._load_first_that_runs()
         self.predictor, self.model = loaded.predictor, loaded.ref
         self.model_stats = ModelStats()
         self._swap_lock = threading.Lock()
@@ -223,6 +233,89 @@ class StreamRunner:
         # Completion times of recent frames: fps is read from them, so reading it (health
         # topic, Prometheus scrape) changes nothing.
         self._done_at: deque[float] = deque(maxlen=_FPS_SAMPLES)
+
+    # -- builds: the model, its fallbacks --------------------------------------------
+
+    def _load_first_that_runs(self) -> LoadedModel:
+        """The first build that loads; the first build's error if none does."""
+        try:
+            return self._open_build(self.settings.model)
+        except EdgefleetError as exc:
+            if not self._chain.can_fall_back:
+                raise
+            loaded = self._load_fallback(exc)
+            if loaded is None:
+                raise
+            return loaded
+
+    def _load_fallback(self, exc: EdgefleetError) -> LoadedModel | None:
+        """After the running build failed with ``exc``: the next build that loads, or None."""
+        model = self.settings.model
+        for index in range(self._chain.active + 1, self._chain.builds):
+            try:
+                loaded = self._open_build(model.build(index))
+            except EdgefleetError as failed:
+                log.warning("stream %s: fallback build %d failed too: %s", self.name, index, failed)
+                continue
+            log.warning(
+                "stream %s: %s; running %s (%s) instead",
+                self.name,
+                exc.message,
+                model.build(index).path.name,
+                loaded.predictor.engine.description,
+                extra={"stream": self.name},
+            )
+            self._chain.fell_back(index, exc.message, time.monotonic())
+            return loaded
+        return None
+
+    def _fall_back(self, exc: EdgefleetError) -> bool:  # infer thread
+        """Replace the build that failed with ``exc`` by the next one; False where none is."""
+        if not isinstance(exc, EnvironmentProblem) or not self._chain.can_fall_back:
+            return False
+        loaded = self._load_fallback(exc)
+        if loaded is None:
+            return False
+        self._run_build(loaded)
+        return True
+
+    def _retry_first_build(self) -> None:  # infer thread
+        """Load the first build again and run the latest frame on it; switch back if it runs."""
+        now = time.monotonic()
+        frame = self.capture.last_frame
+        try:
+            loaded = self._open_build(self.settings.model)
+        except EdgefleetError as exc:
+            log.debug("stream %s: first build still cannot load: %s", self.name, exc)
+            self._chain.retry_failed(now)
+            return
+        try:
+            if frame is not None:
+                loaded.predictor.predict(frame.pixels)
+        except EdgefleetError as exc:
+            loaded.predictor.close()
+            log.debug("stream %s: first build loads but does not run: %s", self.name, exc)
+            self._chain.retry_failed(now)
+            return
+        self._chain.restored()
+        log.warning(
+            "stream %s: accelerator back: running %s (%s) again",
+            self.name,
+            self.settings.model.path.name,
+            loaded.predictor.engine.description,
+            extra={"stream": self.name},
+        )
+        self._run_build(loaded)
+
+    def _run_build(self, loaded: LoadedModel) -> None:  # infer thread
+        old = self.predictor
+        self.predictor, self.model = loaded.predictor, loaded.ref
+        old.close()
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """``accelerator lost: ...`` while a fallback build runs; None otherwise."""
+        return self._chain.reason
 
     @property
     def latest_frame(self) -> Frame | None:
@@ -267,6 +360,15 @@ class StreamRunner:
         old = self.predictor
         self.predictor, self.model = model.predictor, model.ref
         self.model_stats = ModelStats(captured_at_start=self.capture.stats.captured)
+        if self._chain.builds > 1:
+            log.info(
+                "stream %s: the configured fallback builds do not apply to %s version %s",
+                self.name,
+                model.ref.id,
+                model.ref.version,
+                extra={"stream": self.name},
+            )
+        self._chain = FallbackChain(1, self._chain.retry_s, self._chain.retry_max_s)
         self._swapped.set()
         old.close()
         log.info(
@@ -327,8 +429,12 @@ class StreamRunner:
         latency, inference = self.latency.percentiles(), self.inference.percentiles()
         tracking = self._filter.status
         interval_s = tracking.frame_interval_s
+        chain = self._chain
+        degraded = chain.reason is not None and stats.state == "running"
         return StreamHealth(
-            state=stats.state,
+            state="degraded" if degraded else stats.state,
+            fallback=chain.reason,
+            build_switches=chain.switches,
             captured=stats.captured,
             processed=c.processed,
             skipped=stats.skipped,
@@ -353,13 +459,15 @@ class StreamRunner:
             fault_point()
             if self._pending is not None:
                 self._take_pending()
+            if self._chain.retry_due(time.monotonic()):
+                self._retry_first_build()
             frame = self._slot.get(_FRAME_WAIT_S)
             if frame is None:
                 continue
             taken_at = time.monotonic()
             stats = self.model_stats
             try:
-                prediction = self.predictor.predict(frame.pixels)
+                prediction = self._predict(frame.pixels)
                 results = self._with_zone_coverage(prediction)
             except EdgefleetError as exc:
                 stats.failed += 1
@@ -380,16 +488,32 @@ class StreamRunner:
                 self.model,
                 latency_ms,
             )
-            while not self._stop.is_set():
-                try:
-                    self._results.put(handed, timeout=_FRAME_WAIT_S)
-                    break
-                except queue.Full:
-                    continue
+            self._hand_over(handed)
             self._counters.processed += 1
             self._done_at.append(time.monotonic())
             if self._on_result is not None:
                 self._on_result()
+
+    def _hand_over(self, handed: _Results) -> None:  # infer thread
+        """Queue a frame's results for the events thread, also while stopping: ``stop`` lets
+        the events thread drain the queue, so no processed frame loses its events."""
+        while True:
+            try:
+                self._results.put(handed, timeout=_FRAME_WAIT_S)
+                return
+            except queue.Full:
+                if self._events_thread is None or not self._events_thread.is_alive():
+                    log.error("stream %s: the events thread is gone; results lost", self.name)
+                    return
+
+    def _predict(self, pixels: Frame) -> Prediction:  # infer thread
+        """Run the frame; where the build fails and a fallback loads, run it there instead."""
+        while True:
+            try:
+                return self.predictor.predict(pixels)
+            except EdgefleetError as exc:
+                if not self._fall_back(exc):
+                    raise
 
     def _with_zone_coverage(self, prediction: Prediction) -> list[Result]:  # infer thread
         """Segments with each zone's share added: the mask is this thread's, until the next

@@ -292,6 +292,14 @@ class StreamHealth(_Frozen):
     inference_p99_ms: float | None = Field(None, description="Invoke time, 99th percentile.")
     source_failures: int = Field(description="Source outages since start.")
     last_error: str | None = Field(None, description="Most recent source or inference error.")
+    fallback: str | None = Field(
+        None,
+        description="Why a fallback build runs ('accelerator lost: ...'; the stream is "
+        "degraded meanwhile); null while the model itself runs.",
+    )
+    build_switches: int = Field(
+        0, description="Switches between the model and its fallback builds, both ways."
+    )
     frame_interval_s: float | None = Field(
         None,
         description="Median time between recent inferred frames (monotonic clock); tracking's "
