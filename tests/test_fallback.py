@@ -1,69 +1,23 @@
 """Accelerators that come and go: a stream falls back to its CPU build and returns.
 
-The accelerator is a real external delegate library built here with the C compiler: it
-loads into the real interpreter (claiming no ops, so the CPU kernels still compute) and
-refuses to load while a control file exists, as libedgetpu does with no Coral attached.
-A Coral pulled out mid-stream makes ``invoke`` fail; a delegate that claims no ops cannot
-do that, so the engine stands in for it at its seam: ``UnpluggableEngine`` runs the real
-interpreter and fails its invoke while the same control file exists.
+The accelerator is ``fakeaccel``'s: a real external delegate library built here, which
+refuses to load while a control file exists, and an engine whose invoke fails meanwhile.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import fakeaccel
 import pytest
 import tflite_builder as tb
 
 from edgefleet.agent.config import ModelSettings, StreamSettings
 from edgefleet.agent.fallback import FallbackChain
-from edgefleet.agent.pipeline import LoadedModel, StreamRunner, load_model, model_ref
+from edgefleet.agent.pipeline import StreamRunner
 from edgefleet.agent.protocol import EventMessage, Topics
-from edgefleet.runtime import Engine, InferenceFailed, Predictor, TaskName, read_model
-from edgefleet.runtime.recognition import make_task
-
-FAKE_ACCELERATOR_C = r"""
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-#include <unistd.h>
-
-/* TfLiteDelegate as tensorflow/lite/core/c/common.h lays it out. */
-typedef struct TfLiteDelegate {
-  void* data_;
-  int (*Prepare)(void* context, struct TfLiteDelegate* delegate);
-  void* CopyFromBufferHandle;
-  void* CopyToBufferHandle;
-  void* FreeBufferHandle;
-  int64_t flags;
-  void* opaque_delegate_builder;
-} TfLiteDelegate;
-
-/* Claims no node: the interpreter keeps its own kernels (kTfLiteOk). */
-static int prepare(void* context, TfLiteDelegate* delegate) {
-  (void)context;
-  (void)delegate;
-  return 0;
-}
-static TfLiteDelegate accelerator = {NULL, prepare, NULL, NULL, NULL, 0, NULL};
-
-TfLiteDelegate* tflite_plugin_create_delegate(char** keys, char** values, size_t n,
-                                              void (*report_error)(const char*)) {
-  for (size_t i = 0; i < n; i++) {
-    if (strcmp(keys[i], "unplugged_if") == 0 && access(values[i], F_OK) == 0) {
-      if (report_error) report_error("fake accelerator: no device attached");
-      return NULL;
-    }
-  }
-  return &accelerator;
-}
-
-void tflite_plugin_destroy_delegate(TfLiteDelegate* delegate) { (void)delegate; }
-"""
 
 
 class _Events:
@@ -74,29 +28,11 @@ class _Events:
         self.messages.extend(EventMessage.model_validate_json(p) for p in payloads)
 
 
-class UnpluggableEngine(Engine):
-    """The real interpreter, whose invoke fails while ``unplugged`` exists: a Coral pulled
-    out mid-stream, which this machine does not have."""
-
-    def __init__(self, *args: object, unplugged: Path, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.unplugged = unplugged
-
-    def invoke(self) -> float:
-        if self.unplugged.exists():
-            raise InferenceFailed("edgetpu: the device stopped answering (unplugged)")
-        return super().invoke()
-
-
 @pytest.fixture
 def accelerator(tmp_path: Path) -> Path:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    library = fakeaccel.build_library(tmp_path)
+    if library is None:
         pytest.skip("no C compiler to build the fake accelerator (apt-get install gcc)")
-    source = tmp_path / "fake_accelerator.c"
-    source.write_text(FAKE_ACCELERATOR_C)
-    library = tmp_path / "libfake_accelerator.so"
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     return library
 
 
@@ -111,11 +47,7 @@ def _settings(tmp_path: Path, library: Path, unplugged: Path) -> StreamSettings:
             "model": {
                 "path": str(accelerated),
                 "task": "raw",
-                "delegate": {
-                    "type": "external",
-                    "library": str(library),
-                    "options": {"unplugged_if": str(unplugged)},
-                },
+                "delegate": fakeaccel.delegate(library, unplugged),
                 "fallbacks": [{"path": str(cpu)}],
                 "retry_s": 0.2,
                 "retry_max_s": 0.4,
@@ -123,19 +55,6 @@ def _settings(tmp_path: Path, library: Path, unplugged: Path) -> StreamSettings:
             "events": {"min_interval_s": 0},
         }
     )
-
-
-def _open_build(unplugged: Path):  # type: ignore[no-untyped-def]
-    def open_build(settings: ModelSettings) -> LoadedModel:
-        if settings.delegate.type != "external":
-            return load_model(settings)
-        engine = UnpluggableEngine(
-            read_model(settings.path), delegate=settings.delegate, unplugged=unplugged
-        )
-        predictor = Predictor(engine, make_task(TaskName.RAW, engine.info))
-        return LoadedModel(predictor, model_ref(settings, predictor))
-
-    return open_build
 
 
 @pytest.fixture
@@ -152,7 +71,7 @@ def stream(
         _settings(tmp_path, accelerator, unplugged),
         topics=Topics("dev-fallback"),
         sink=sink,
-        open_build=_open_build(unplugged),
+        open_build=fakeaccel.open_build(unplugged),
     )
     runner.start()
     try:
