@@ -197,6 +197,12 @@ class ModelSettings(_Section):
         None, ge=0, le=1, description="Minimum result score (default 0.5 detection, else 0)."
     )
     top_k: int = Field(3, ge=1, description="Classes kept per frame for classification.")
+    carry: dict[str, str] = Field(
+        default_factory=dict,
+        description="Recurrent state: input name -> the output name whose values it takes on "
+        "the next frame (zeros on the first); any other non-image input gets zeros, with a "
+        "warning.",
+    )
     fallbacks: list[FallbackSettings] = Field(
         default_factory=list,
         description="Builds to run, in order, when the one before fails to load or fails "
