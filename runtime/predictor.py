@@ -93,23 +93,20 @@ def _fitted(engine: Engine, name: str, array: npt.NDArray[Any]) -> npt.NDArray[A
 
 
 def _input_index(engine: Engine, name: str) -> int:
-    for index, spec in enumerate(engine.inputs):
-        if spec.name == name:
-            return index
-    names = ", ".join(t.name for t in engine.inputs)
-    raise SettingError(
-        f"{engine.model.source} has no input '{name}'", hint=f"its inputs are: {names}"
-    )
+    return _position(engine.inputs, name, "input", engine.model.source)
 
 
 def _output_position(engine: Engine, name: str) -> int:
-    for position, spec in enumerate(engine.outputs):
+    return _position(engine.outputs, name, "output", engine.model.source)
+
+
+def _position(tensors: tuple[TensorInfo, ...], name: str, kind: str, source: str) -> int:
+    """Where the tensor ``name`` is among a model's inputs or outputs; else a named error."""
+    for position, spec in enumerate(tensors):
         if spec.name == name:
             return position
-    names = ", ".join(t.name for t in engine.outputs)
-    raise SettingError(
-        f"{engine.model.source} has no output '{name}'", hint=f"its outputs are: {names}"
-    )
+    names = ", ".join(t.name for t in tensors)
+    raise SettingError(f"{source} has no {kind} '{name}'", hint=f"its {kind}s are: {names}")
 
 
 def planned_inputs(info: ModelInfo, task: Task) -> list[InputFeed]:

@@ -18,6 +18,7 @@ from edgefleet.runtime import (
     Labels,
     ModelCompiledForEdgeTPU,
     Predictor,
+    SettingError,
     UnsupportedModel,
     choose_task,
     inspect_model,
@@ -260,3 +261,20 @@ def test_cpu_fallback_on_an_edge_tpu_model_says_a_cpu_build_is_needed(assets: As
 
     assert "--allow-cpu-fallback cannot run it" in caught.value.message
     assert "'mobilenet_v1_0.25_128_quant.tflite'" in caught.value.hint
+
+
+def test_an_input_or_carried_output_the_model_lacks_is_named_with_the_real_ones(
+    tmp_path: Path,
+) -> None:
+    model = tmp_path / "image_and_state.tflite"
+    model.write_bytes(tb.image_and_state_model())
+    values = tmp_path / "v.npy"
+    np.save(values, np.zeros((1, 4, 4, 3), dtype=np.float32))
+
+    result = edgefleet("model", "run", model, "--input", f"hidden={values}")
+    with pytest.raises(SettingError) as carried:
+        Predictor.open(model, task="raw", carry={"state": "state_out"})
+
+    assert_clean_failure(result, "has no input 'hidden'", "its inputs are: image, state")
+    assert "has no output 'state_out'" in carried.value.message
+    assert carried.value.hint == "its outputs are: sum"
