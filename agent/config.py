@@ -197,6 +197,12 @@ class ModelSettings(_Section):
         None, ge=0, le=1, description="Minimum result score (default 0.5 detection, else 0)."
     )
     top_k: int = Field(3, ge=1, description="Classes kept per frame for classification.")
+    anchors: str | None = Field(
+        None,
+        description="Anchor detectors without a preset: a preset name or STRIDES@PER_LAYER "
+        "(e.g. 8,16,16,16@2, MediaPipe's SsdAnchorsCalculator options); default: the preset "
+        "matching the model's outputs.",
+    )
     carry: dict[str, str] = Field(
         default_factory=dict,
         description="Recurrent state: input name -> the output name whose values it takes on "

@@ -149,6 +149,7 @@ def load_model(
         resize=settings.resize,
         min_score=min_score,
         top_k=top_k,
+        anchors=settings.anchors,
         carry=settings.carry,
     )
     try:

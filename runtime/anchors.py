@@ -191,6 +191,59 @@ def anchor_spec_for(info: ModelInfo) -> AnchorSpec | None:
     return None
 
 
+ANCHORS_SYNTAX = (
+    "a preset (" + ", ".join(ANCHOR_PRESETS) + ") or STRIDES@PER_LAYER, e.g. 8,16,16,16@2"
+)
+
+
+def declared_spec(text: str, info: ModelInfo) -> AnchorSpec:
+    """The anchor spec ``text`` declares for the model ``info``: a preset's name, or strides
+    and anchors per layer (``8,16,16,16@2``), the input size and keypoints then read from
+    the model (offsets in input pixels, [-1, 1] input unless the metadata says otherwise).
+    Refused, with both counts, where it does not give the model's number of anchors."""
+    roles = _output_roles(info.outputs)
+    if roles is None or not info.inputs or len(info.inputs[0].shape) != 4:
+        shapes = [list(t.shape) for t in info.outputs]
+        raise UnsupportedModel(
+            info.source,
+            f"anchors need outputs [1, N, 4+2K] and [1, N, 1]; this model's are {shapes}",
+            hint="leave out the anchor spec, or use --task raw",
+        )
+    _, count, width = info.outputs[roles[0]].shape
+    spec = ANCHOR_PRESETS.get(text) or _strides_spec(text, info, (width - _BOX_VALUES) // 2)
+    if spec.count != count or spec.regressor_width != width:
+        raise SettingError(
+            f"anchor spec {text!r} gives {spec.count} anchors of {spec.regressor_width} "
+            f"values; {info.source} has {count} of {width}",
+            hint="check the strides and anchors per layer against the model's graph "
+            "(MediaPipe's SsdAnchorsCalculator options)",
+        )
+    return spec
+
+
+def _strides_spec(text: str, info: ModelInfo, keypoints: int) -> AnchorSpec:
+    strides_text, _, per_layer_text = text.partition("@")
+    try:
+        strides = tuple(int(s) for s in strides_text.split(","))
+        per_layer = int(per_layer_text) if per_layer_text else 2
+    except ValueError:
+        raise SettingError(f"bad anchor spec {text!r}", hint=f"use {ANCHORS_SYNTAX}") from None
+    height, width = info.inputs[0].shape[1:3]
+    return AnchorSpec(
+        name=text,
+        input_width=width,
+        input_height=height,
+        strides=strides,
+        num_keypoints=keypoints,
+        x_scale=width,
+        y_scale=height,
+        w_scale=width,
+        h_scale=height,
+        label="object",
+        anchors_per_layer=per_layer,
+    )
+
+
 def _output_roles(outputs: Sequence[TensorInfo]) -> tuple[int, int] | None:
     """Positions of the regressors and the scores among two outputs, if they are such a pair."""
     if len(outputs) != 2:

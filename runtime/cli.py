@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .anchors import ANCHORS_SYNTAX
 from .backends import BackendName, select_backend
 from .bench import bench
 from .delegates import DELEGATE_SYNTAX, DelegateSettings, parse_delegate
@@ -110,6 +111,12 @@ def register(subcommands: Any) -> None:
         metavar="DIR",
         help="segmentation: write each image's mask as DIR/<image name>.png, in the image's "
         "size, pixel values the class ids (default: no masks)",
+    )
+    run.add_argument(
+        "--anchors",
+        metavar="SPEC",
+        help=f"anchor detector layout: {ANCHORS_SYNTAX} (default: the preset that matches "
+        "the model's outputs)",
     )
     run.add_argument(
         "--iou",
@@ -314,6 +321,7 @@ def _run(args: argparse.Namespace) -> int:
         min_score=args.threshold,
         top_k=args.top_k,
         iou_threshold=args.iou,
+        anchors=args.anchors,
         feeds=feeds,
     ) as predictor:
         if args.mask_out and not isinstance(predictor.task, SegmentationTask):

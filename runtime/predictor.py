@@ -261,6 +261,7 @@ class Predictor:
         min_score: float | None = None,
         top_k: int = 5,
         iou_threshold: float | None = None,
+        anchors: str | None = None,
         feeds: Mapping[str, npt.NDArray[Any]] | None = None,
         carry: Mapping[str, str] | None = None,
     ) -> Predictor:
@@ -272,6 +273,8 @@ class Predictor:
             if labels is None and info.metadata_labels:
                 labels = Labels.from_lines(info.metadata_labels, f"{info.source} (metadata)")
             name = _task_name(task) if task else detect_task(info)
+            if anchors is not None and not task:
+                name = TaskName.DETECTION
             built = make_task(
                 name,
                 info,
@@ -279,6 +282,7 @@ class Predictor:
                 min_score=min_score,
                 top_k=top_k,
                 iou_threshold=iou_threshold,
+                anchors=anchors,
             )
             return cls(
                 engine,

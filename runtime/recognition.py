@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .anchors import AnchorDetectionTask, anchor_spec_for
-from .errors import UnsupportedModel
+from .anchors import AnchorDetectionTask, anchor_spec_for, declared_spec
+from .errors import SettingError, UnsupportedModel
 from .labels import Labels
 from .modelfile import DETECTION_POSTPROCESS_OP, ModelInfo
 from .segmentation import MaskKind, SegmentationTask, segmentation_output
@@ -113,8 +113,19 @@ def make_task(
     min_score: float | None = None,
     top_k: int = 5,
     iou_threshold: float | None = None,
+    anchors: str | None = None,
 ) -> Task:
-    """Build the task ``name`` for a model, refusing one whose outputs do not fit."""
+    """Build the task ``name`` for a model, refusing one whose outputs do not fit.
+
+    ``anchors`` declares an anchor detector's layout (``declared_spec``) for a model
+    that no preset matches."""
+    if anchors is not None:
+        if name is not TaskName.DETECTION:
+            raise SettingError(
+                f"anchors are for detection; the task is {name.value}",
+                hint="leave out the anchor spec, or use --task detection",
+            )
+        return AnchorDetectionTask(declared_spec(anchors, info), labels, min_score=min_score)
     if name is TaskName.DETECTION:
         return _detection_task(info, labels, min_score, iou_threshold)
     if name is TaskName.SEGMENTATION:

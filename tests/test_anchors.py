@@ -16,6 +16,7 @@ from edgefleet.runtime import (
     Engine,
     Labels,
     Predictor,
+    SettingError,
     UnsupportedModel,
     inspect_model,
     load_image,
@@ -257,3 +258,30 @@ def test_a_preset_made_for_another_model_is_refused_naming_the_shapes(
         pytest.raises(UnsupportedModel, match=r"\[1, 2016, 18\].*\[1, 896, 16\]"),
     ):
         predictor.predict(frame["grace_hopper.bmp"])
+
+
+def test_a_declared_anchor_layout_decodes_as_the_preset(assets: Assets) -> None:
+    model = assets.model("mediapipe_face_detection_short_range.tflite")
+    frame = load_image(assets.image("grace_hopper.bmp"))
+    with (
+        Predictor.open(model, threads=2) as preset,
+        Predictor.open(model, threads=2, anchors="8,16,16,16@2") as declared,
+    ):
+        (by_preset,) = preset.predict(frame).results
+        (by_declaration,) = declared.predict(frame).results
+
+    assert isinstance(by_preset, Detection)
+    assert isinstance(by_declaration, Detection)
+    assert by_declaration.box == by_preset.box
+    assert by_declaration.score == by_preset.score
+    assert by_declaration.label == "object"  # no preset, no label file: nothing more is known
+
+
+def test_a_declared_layout_with_another_anchor_count_is_refused_with_both(assets: Assets) -> None:
+    model = assets.model("mediapipe_face_detection_short_range.tflite")
+
+    with pytest.raises(SettingError) as refused:
+        Predictor.open(model, anchors="16@2")
+
+    assert "gives 128 anchors" in refused.value.message
+    assert "has 896 of 16" in refused.value.message
