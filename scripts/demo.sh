@@ -36,6 +36,10 @@ say "1. the model tools"
 ef model run "$m/ssd_mobilenet_v1_coco_quant_postprocess.tflite" "$i/grace_hopper.bmp" "$i/cat.bmp" \
   --labels "$m/ssd_mobilenet_v1_coco_labels.txt"
 ef model run "$m/mobilenet_v2_1.0_224_quant.tflite" "$i/parrot.jpg" --labels "$m/imagenet_labels.txt" --top-k 3
+ef model run "$m/yolov8n_coco_float.tflite" "$i/kite_and_cold.jpg" --labels "$m/coco80_labels.txt"
+ef model run "$m/deeplabv3_mnv2_pascal_quant.tflite" "$i/dog_segmentation.bmp" \
+  --labels "$m/pascal_voc_segmentation_labels.txt"
+ef model run "$m/mediapipe_face_detection_short_range.tflite" "$i/astronaut.png"
 ef model inspect "$m/mobilenet_v1_0.25_128_quant_edgetpu.tflite"
 ef model bench "$m/ssd_mobilenet_v1_coco_quant_postprocess.tflite" --threads 2 --runs 50
 
