@@ -372,7 +372,13 @@ class Agent:
     ) -> StreamRunner:
         if model is None:
             choose = self.updater.initial_model if initial else self.updater.current_model
-            model = choose(settings)
+            try:
+                model = choose(settings)
+            except EdgefleetError as exc:
+                if not settings.model.fallbacks:
+                    raise
+                # The stream's own chain tries the model again, then its fallback builds.
+                log.warning("stream %s: %s; trying its fallback builds", settings.name, exc)
         return StreamRunner(
             settings, topics=self.topics, sink=self.sink, on_result=self._on_result, model=model
         )

@@ -182,6 +182,15 @@ def model_ref(
     )
 
 
+def _is_config_model(settings: ModelSettings, loaded: LoadedModel) -> bool:
+    """Whether ``loaded`` is the config's own model file (its fallbacks are builds of it),
+    not a release an update installed."""
+    try:
+        return read_model(settings.path).sha256 == loaded.ref.sha256
+    except EdgefleetError:
+        return False
+
+
 class StreamRunner:
     """Owns one stream's capture, model, filter and inference thread."""
 
@@ -210,6 +219,8 @@ class StreamRunner:
         builds = 1 + len(settings.model.fallbacks)
         self._chain = FallbackChain(builds, settings.model.retry_s, settings.model.retry_max_s)
         loaded = model or self._load_first_that_runs()
+        if model is not None and builds > 1 and not _is_config_model(settings.model, model):
+            self._chain = FallbackChain(1, settings.model.retry_s, settings.model.retry_max_s)
         self.predictor, self.model = loaded.predictor, loaded.ref
         self.model_stats = ModelStats()
         self._swap_lock = threading.Lock()

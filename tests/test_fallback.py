@@ -13,6 +13,10 @@ from pathlib import Path
 import fakeaccel
 import pytest
 import tflite_builder as tb
+from agentproc import AgentProcess
+from broker import Mosquitto
+from conftest import Assets
+from test_agent import agent_config, healths, statuses, subscriber
 
 from edgefleet.agent.config import ModelSettings, StreamSettings
 from edgefleet.agent.fallback import FallbackChain
@@ -213,3 +217,35 @@ def test_each_fallback_build_is_checked_with_the_config(tmp_path: Path) -> None:
     )
     problems = check_files(config)
     assert f"streams[0].model.fallbacks[0].path: no such file {tmp_path / 'no'}" in problems
+
+
+def test_the_agent_says_degraded_in_its_status_until_the_accelerator_is_back(
+    tmp_path: Path, accelerator: Path, unplugged: Path, broker: Mosquitto, assets: Assets
+) -> None:
+    unplugged.touch()  # the agent boots without its accelerator
+    config = agent_config(assets, broker.port, tmp_path)
+    stream = _settings(tmp_path, accelerator, unplugged).model_dump(mode="json")
+    stream["model"]["retry_s"] = 0.5
+    config["streams"] = [stream]
+    probe = subscriber(broker)
+    with AgentProcess(tmp_path / "agent", config):
+        probe.wait_until(
+            lambda: any(s.state == "degraded" for s in statuses(probe)), "a degraded status", 60
+        )
+        degraded = next(s for s in statuses(probe) if s.state == "degraded")
+        assert degraded.reason is not None
+        assert degraded.reason.startswith("stream cam: accelerator lost: ")
+        assert "fake accelerator: no device attached" in degraded.reason
+        probe.wait_until(lambda: healths(probe), "a health message", 60)
+        cam = healths(probe)[-1].streams["cam"]
+        assert cam.state == "degraded"
+        assert cam.fallback == degraded.reason.removeprefix("stream cam: ")
+
+        unplugged.unlink()
+        probe.wait_until(
+            lambda: statuses(probe)[-1].state == "online", "the status online again", 60
+        )
+        probe.wait_until(
+            lambda: healths(probe)[-1].streams["cam"].fallback is None, "health without it", 60
+        )
+    assert healths(probe)[-1].streams["cam"].build_switches == 2
