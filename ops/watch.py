@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import queue
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -393,11 +395,16 @@ def _watch(args: argparse.Namespace) -> int:
     watcher = _Watcher(topic_filters(root, args.device, chunks=args.chunks), resolved)
     connect_client(watcher.client, resolved)
     watcher.client.loop_start()
+    # Ctrl-C, the usual way to stop, sets a flag the loop polls. A KeyboardInterrupt could
+    # land inside queue.get just as it takes the queue's lock and leave it held; paho's
+    # thread, putting its disconnect note, would then wait for it forever, and so would
+    # loop_stop (seen once in CI: watch never exited).
+    stopping = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
     try:
-        _print_until_done(watcher, args, root)
-    except KeyboardInterrupt:
-        pass  # the usual way to stop
+        _print_until_done(watcher, args, root, stopping)
     finally:
+        signal.signal(signal.SIGINT, previous)
         watcher.client.disconnect()
         close_client(watcher.client)
     if watcher.refused is not None:
@@ -411,10 +418,12 @@ def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_until_done(watcher: _Watcher, args: argparse.Namespace, root: str) -> None:
-    """Print what arrives until the deadline, the event count, or a refusal."""
+def _print_until_done(
+    watcher: _Watcher, args: argparse.Namespace, root: str, stopping: threading.Event
+) -> None:
+    """Print what arrives until the deadline, the event count, a refusal or Ctrl-C."""
     deadline = time.monotonic() + args.seconds if args.seconds else None
-    while not watcher.done:
+    while not watcher.done and not stopping.is_set():
         wait = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
         if wait <= 0:
             break
