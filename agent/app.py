@@ -29,6 +29,7 @@ from .acceptance import Clock, trusted_now
 from .commands import CommandJournal, Commands
 from .config import DELEGATE_TYPES, SOURCE_TYPES, AgentConfig, StreamSettings, load_config
 from .handlers import handlers
+from .homeassistant import HomeAssistant, state_file
 from .identity import Renewer, device_files, prepare_identity
 from .metrics import SystemMetrics
 from .modelstore import ModelStore
@@ -134,6 +135,12 @@ class Agent:
                 on_connected=self._on_connected,
                 subscriptions=[self.topics.commands, self.topics.desired],
                 on_message=self._on_message,
+            )
+            self.homeassistant = HomeAssistant(
+                self.config,
+                self.link,
+                agent_version=AGENT_VERSION,
+                state_file=state_file(self.config),
             )
             files = device_files(self.config)
             self.renewer = (
@@ -335,6 +342,7 @@ class Agent:
             )
         self._publish_birth()
         self._publish_reported()
+        self.homeassistant.apply(self.config)
         return {
             "restarted": [s.name for s in started],
             "refused": refused,
@@ -380,7 +388,12 @@ class Agent:
                 # The stream's own chain tries the model again, then its fallback builds.
                 log.warning("stream %s: %s; trying its fallback builds", settings.name, exc)
         return StreamRunner(
-            settings, topics=self.topics, sink=self.sink, on_result=self._on_result, model=model
+            settings,
+            topics=self.topics,
+            sink=self.sink,
+            on_result=self._on_result,
+            model=model,
+            on_events=self.homeassistant.stream_events(settings.name),
         )
 
     # -- commands and desired state ------------------------------------------------------
@@ -417,6 +430,7 @@ class Agent:
     def _on_connected(self) -> None:  # mqtt thread
         self._publish_birth()
         self._publish_reported()
+        self.homeassistant.sync()  # after the birth: its availability is the status
         if self.link.problem is not None:
             # The other client may take the connection back before the next health interval.
             self._publish_health()

@@ -53,7 +53,7 @@ from edgefleet.runtime import (
 
 from .events import EventFilterSettings
 from .outbox import OutboxSettings
-from .protocol import TOPIC_LEVEL_PATTERN, TOPIC_ROOT
+from .protocol import HOME_ASSISTANT_PREFIX, TOPIC_LEVEL_PATTERN, TOPIC_ROOT
 from .sources import (
     FileSourceSettings,
     ImageFolderSourceSettings,
@@ -462,6 +462,31 @@ class EnrollmentSettings(_Section):
         return self
 
 
+DISCOVERY_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"
+
+
+class HomeAssistantSettings(_Section):
+    """Home Assistant MQTT discovery: the device and its entities appear in Home Assistant.
+
+    Off by default. On, the agent publishes retained discovery configs under the prefix
+    (occupancy per label and zone, object count, fps, inference latency, CPU temperature;
+    docs/mqtt.md) at every connect, and clears those no longer wanted (off, a stream or
+    zone removed, another prefix), also across restarts.
+    """
+
+    enabled: bool = Field(
+        False,
+        description="Publish Home Assistant discovery configs and occupancy states; false "
+        "clears any published before.",
+    )
+    discovery_prefix: str = Field(
+        HOME_ASSISTANT_PREFIX,
+        pattern=DISCOVERY_PREFIX_PATTERN,
+        description="Home Assistant's discovery prefix (its MQTT integration's setting; "
+        "homeassistant by default there too).",
+    )
+
+
 class AgentConfig(_Section):
     """The whole agent configuration."""
 
@@ -484,6 +509,10 @@ class AgentConfig(_Section):
     enrollment: EnrollmentSettings = Field(
         default_factory=EnrollmentSettings,
         description="Zero-touch enrollment and certificate renewal.",
+    )
+    homeassistant: HomeAssistantSettings = Field(
+        default_factory=HomeAssistantSettings,
+        description="Home Assistant MQTT discovery (opt-in).",
     )
 
     @field_validator("streams")

@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -203,11 +203,14 @@ class StreamRunner:
         on_result: Callable[[], None] | None = None,
         model: LoadedModel | None = None,
         open_build: Callable[[ModelSettings], LoadedModel] | None = None,
+        on_events: Callable[[Sequence[EventDraft]], None] | None = None,
     ) -> None:
         """Set the stream up with ``model``, or the config's model file when None.
 
         ``open_build`` loads one build of the model (default ``load_model``): the seam
-        where a test stands in for an accelerator this machine lacks.
+        where a test stands in for an accelerator this machine lacks. ``on_events`` sees
+        each frame's event drafts as decided, before they are stored (Home Assistant's
+        occupancy follows them); it runs on the events thread and must not block.
         """
         self._open_build = open_build or load_model
         self.settings = settings
@@ -216,6 +219,7 @@ class StreamRunner:
         self._device_id = topics.device_id
         self._sink = sink
         self._on_result = on_result
+        self._on_events = on_events
         builds = 1 + len(settings.model.fallbacks)
         self._chain = FallbackChain(builds, settings.model.retry_s, settings.model.retry_max_s)
         loaded = model or self._load_first_that_runs()
@@ -584,6 +588,8 @@ class StreamRunner:
         model: ModelRef,
         latency_ms: float,
     ) -> None:
+        if self._on_events is not None:
+            self._on_events(drafts)
         synced = kernel_synchronised()  # one adjtimex(2) read per frame with events
         payloads = [
             self._serialize(

@@ -761,6 +761,10 @@ class SignedManifest(_Frozen):
 
 # -- identities and trust ----------------------------------------------------------
 
+HOME_ASSISTANT_PREFIX = "homeassistant"
+"""Home Assistant's default MQTT discovery prefix, where devices announce themselves
+(opt-in): ``homeassistant/<component>/<device_id>/...``."""
+
 RENEW_LEVEL = "renew"
 """Level, under a device's subtree, of certificate renewal (``request`` and ``answer``)."""
 

@@ -33,7 +33,13 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from edgefleet.agent.protocol import ENROLL_LEVEL, MODELS_LEVEL, RENEW_LEVEL, TRUST_LEVEL
+from edgefleet.agent.protocol import (
+    ENROLL_LEVEL,
+    HOME_ASSISTANT_PREFIX,
+    MODELS_LEVEL,
+    RENEW_LEVEL,
+    TRUST_LEVEL,
+)
 from edgefleet.runtime.errors import SettingError
 
 TOPIC_ROOT = "edgefleet/v1"
@@ -538,6 +544,9 @@ def _device_grants(topic_root: str) -> list[str]:
         "# reach every device).",
         f"pattern read {topic_root}/{MODEL_TRANSFER_TOPICS}",
         f"pattern read {topic_root}/{TRUST_TOPICS}",
+        "# Home Assistant discovery (opt-in on the device): its own node's configs and states",
+        "# (a device id is the node id; one with a '.' cannot be, see docs/mqtt.md).",
+        f"pattern write {HOME_ASSISTANT_PREFIX}/+/%u/#",
         "",
     ]
 

@@ -240,3 +240,18 @@ def test_a_revoked_device_is_refused_after_the_broker_reloads(
             assert not dev2.publish(f"{ROOT}/dev2/events/x", b"still fine").is_failure
     finally:
         fleet_pki.write_crl([])
+
+
+def test_a_device_announces_itself_to_home_assistant_only_as_itself(
+    fleet_broker: FleetBroker, fleet_pki: FleetPki
+) -> None:
+    with _device(fleet_broker, fleet_pki, "dev1") as dev1:
+        own = dev1.publish("homeassistant/binary_sensor/dev1/kite_person/config", b"{}", qos=1)
+        state = dev1.publish("homeassistant/binary_sensor/dev1/kite_person/state", b"ON", qos=1)
+        forged = dev1.publish("homeassistant/binary_sensor/dev2/kite_person/config", b"{}", qos=1)
+        elsewhere = dev1.publish("homeassistant/status", b"offline", qos=1)
+
+    assert not own.is_failure
+    assert not state.is_failure
+    assert forged.getName() == "Not authorized"
+    assert elsewhere.getName() == "Not authorized"
