@@ -53,6 +53,7 @@ from edgefleet.runtime import (
 
 from .events import EventFilterSettings
 from .outbox import OutboxSettings
+from .privacy import PrivacySettings
 from .protocol import HOME_ASSISTANT_PREFIX, TOPIC_LEVEL_PATTERN, TOPIC_ROOT
 from .sources import (
     FileSourceSettings,
@@ -250,6 +251,10 @@ class StreamSettings(_Section):
     model: ModelSettings = Field(description="What runs on them.")
     events: EventFilterSettings = Field(
         default_factory=EventFilterSettings, description="Which results become events."
+    )
+    privacy: PrivacySettings = Field(
+        default_factory=PrivacySettings,
+        description="What snapshots hide before they leave the device (events never carry pixels).",
     )
 
 
@@ -675,9 +680,20 @@ def _resolve_paths(config: AgentConfig, base_dir: Path) -> None:
         stream.model.path = resolve(stream.model.path)
         for fallback in stream.model.fallbacks:
             fallback.path = resolve(fallback.path)
+        stream.privacy = _resolved_privacy(stream.privacy, resolve)
         if stream.model.labels is not None:
             stream.model.labels = resolve(stream.model.labels)
         stream.source = _resolved_source(stream.source, resolve)
+
+
+def _resolved_privacy(privacy: PrivacySettings, resolve: _Resolve) -> PrivacySettings:
+    return privacy.model_copy(
+        update={
+            name: resolve(getattr(privacy, name))
+            for name in ("face_model", "people_model")
+            if getattr(privacy, name) is not None
+        }
+    )
 
 
 def check_files(config: AgentConfig) -> list[str]:
@@ -690,6 +706,10 @@ def check_files(config: AgentConfig) -> list[str]:
     for i, stream in enumerate(config.streams):
         problems += _model_problems(f"streams[{i}].model", stream.model)
         problems += _source_problems(f"streams[{i}].source", stream.source)
+        for name in ("face_model", "people_model"):
+            path = getattr(stream.privacy, name)
+            if path is not None:
+                problems += _model_file_problems(f"streams[{i}].privacy.{name}", path)
     if config.broker.tls is not None:
         problems += _tls_problems(config.broker.tls, enrolling=config.enrollment.configured)
     problems += _enrollment_problems(config.enrollment)
@@ -737,17 +757,21 @@ def _model_problems(where: str, model: ModelSettings) -> list[str]:
 
 
 def _build_problems(where: str, model: ModelSettings) -> list[str]:
-    if not model.path.is_file():
-        what = "is not a file" if model.path.exists() else "no such file"
-        return [f"{where}.path: {what} {model.path}"]
-    problems = []
+    return _model_file_problems(f"{where}.path", model.path, cpu=model.delegate.type == "cpu")
+
+
+def _model_file_problems(where: str, path: Path, *, cpu: bool = True) -> list[str]:
+    """A model file that is missing, no TFLite model, or an Edge TPU file meant for the CPU."""
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "no such file"
+        return [f"{where}: {what} {path}"]
     try:
-        info = inspect_model(read_model(model.path))
-        if info.edgetpu_compiled and model.delegate.type == "cpu":
-            raise ModelCompiledForEdgeTPU(model.path)
+        info = inspect_model(read_model(path))
+        if info.edgetpu_compiled and cpu:
+            raise ModelCompiledForEdgeTPU(path)
     except ModelError as exc:
-        problems.append(f"{where}.path: {exc}")
-    return problems
+        return [f"{where}: {exc}"]
+    return []
 
 
 def _source_problems(where: str, source: SourceSettings) -> list[str]:

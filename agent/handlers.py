@@ -25,6 +25,7 @@ from .configfile import ConfigFileError, apply_patch, replace_config
 from .durable import write_atomically
 from .modelstore import NothingToRollBack
 from .pipeline import StreamRunner
+from .privacy import RedactionFailed
 from .protocol import (
     BenchModelArgs,
     CommandName,
@@ -127,7 +128,12 @@ class _Handlers:
                 raise CommandFailed(
                     ErrorCode.FAILED, f"no full-size frame: {exc.message}", hint=exc.hint
                 ) from exc
-        image = Image.fromarray(pixels)
+        try:
+            redacted = runner.redactor.redact(pixels)
+        except RedactionFailed as exc:
+            raise CommandFailed(ErrorCode.FAILED, exc.message, hint=exc.hint) from exc
+        runner.redacted_regions += redacted.regions
+        image = Image.fromarray(redacted.pixels)
         jpeg, quality, scaled = _jpeg_within(image, args.max_bytes)
         if jpeg is None:
             raise CommandFailed(
@@ -145,6 +151,7 @@ class _Handlers:
             "width": scaled.width,
             "height": scaled.height,
             "quality": quality,
+            "redacted": {"mode": redacted.mode.value, "regions": redacted.regions},
             "jpeg_base64": base64.b64encode(jpeg).decode(),
         }
 

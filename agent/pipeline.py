@@ -57,6 +57,7 @@ from .config import ModelSettings, StreamSettings
 from .events import EventDraft, EventFilter
 from .fallback import FallbackChain
 from .metrics import LatencyWindow
+from .privacy import Redactor
 from .protocol import EventMessage, Manifest, ModelRef, StreamHealth, Topics
 from .sources import make_source
 from .sources.capture import Capture, FrameSlot
@@ -222,6 +223,10 @@ class StreamRunner:
         self._on_events = on_events
         builds = 1 + len(settings.model.fallbacks)
         self._chain = FallbackChain(builds, settings.model.retry_s, settings.model.retry_max_s)
+        self.redactor = Redactor(settings.privacy)
+        """Redacts this stream's snapshots (commands thread)."""
+        self.redacted_regions = 0
+        """Faces (or people) hidden in this stream's snapshots so far."""
         loaded = model or self._load_first_that_runs()
         if model is not None and builds > 1 and not _is_config_model(settings.model, model):
             self._chain = FallbackChain(1, settings.model.retry_s, settings.model.retry_max_s)
@@ -433,6 +438,7 @@ class StreamRunner:
                 drafts, inference_ts=time.time(), inference_ms=0.0, model=self.model, latency_ms=0.0
             )
         self.predictor.close()
+        self.redactor.close()
 
     def health(self) -> StreamHealth:
         """Counters and latency percentiles, for the health message."""
@@ -452,6 +458,7 @@ class StreamRunner:
             state="degraded" if degraded else stats.state,
             fallback=chain.reason,
             build_switches=chain.switches,
+            redacted_regions=self.redacted_regions,
             captured=stats.captured,
             processed=c.processed,
             skipped=stats.skipped,

@@ -300,6 +300,9 @@ class StreamHealth(_Frozen):
     build_switches: int = Field(
         0, description="Switches between the model and its fallback builds, both ways."
     )
+    redacted_regions: int = Field(
+        0, description="Faces (or people) hidden in this stream's snapshots so far."
+    )
     frame_interval_s: float | None = Field(
         None,
         description="Median time between recent inferred frames (monotonic clock); tracking's "
