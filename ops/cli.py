@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from importlib import metadata
@@ -41,6 +42,7 @@ from .controller import cli as controller_cli
 from .errors import exit_code
 
 _INTERRUPTED = 130
+_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool the signal ended
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -131,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(exc)
     except KeyboardInterrupt:
         return _INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`edgefleet model run ... | head`): stop quietly, as a tool
+        # killed by SIGPIPE would, and keep Python from complaining while it flushes stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -341,3 +341,18 @@ def test_verbose_goes_before_or_after_the_command() -> None:
     assert parser.parse_args(["keys", "list", "d", "-v"]).verbose is True
     assert parser.parse_args(["keys", "list", "d"]).verbose is False
     assert parser.parse_args(["cmd", "d", "ping", "--verbose"]).verbose is True
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(assets: Assets) -> None:
+    # `| head -1`: the pipe closes after the first line, long before the last image.
+    images = [str(assets.image("cat.bmp"))] * 200
+    command = [str(EDGEFLEET), "model", "run", str(assets.model(SMALL)), *images]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as run:
+        assert run.stdout is not None
+        run.stdout.readline()
+        run.stdout.close()  # the reader is gone
+        _, stderr = run.communicate(timeout=120)
+
+    assert run.returncode == 141
+    assert b"Traceback" not in stderr
+    assert b"BrokenPipeError" not in stderr
