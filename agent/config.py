@@ -181,9 +181,9 @@ class ModelSettings(_Section):
         None, description="Model version in events; default: sha256 prefix."
     )
     labels: Path | None = Field(None, description="Label file; default: labels in the model.")
-    task: Literal["classification", "detection", "pose", "segmentation", "raw"] | None = Field(
-        None, description="Override the task detected from the model."
-    )
+    task: (
+        Literal["classification", "detection", "pose", "segmentation", "landmarks", "raw"] | None
+    ) = Field(None, description="Override the task detected from the model.")
     delegate: DelegateSettings = Field(
         default_factory=CpuDelegate, description="Accelerator: cpu, edgetpu, gpu or external."
     )

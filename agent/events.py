@@ -30,7 +30,8 @@ What becomes an event, per frame:
 - classification: the best class passing the label filter and ``min_score``,
   at most one event per label per ``min_interval_s``;
 - pose: the keypoints, when their mean score reaches ``min_score``, at most
-  one event per ``min_interval_s``;
+  one event per ``min_interval_s``; landmarks (a face mesh, a hand) the same,
+  by their presence score;
 - segmentation: the classes covering at least ``min_coverage`` of the frame or
   of a zone (each class's share of every zone rides along; ``background`` only
   when listed in ``labels``), at most one event per top class per
@@ -55,7 +56,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edgefleet.runtime import Classification, Detection, Keypoint, RawTensor, Segment
+from edgefleet.runtime import (
+    Classification,
+    Detection,
+    Keypoint,
+    Landmarks,
+    RawTensor,
+    Segment,
+)
 from edgefleet.runtime.tasks import Result
 
 log = logging.getLogger(__name__)
@@ -63,7 +71,7 @@ log = logging.getLogger(__name__)
 Point = tuple[float, float]
 Box = tuple[float, float, float, float]
 BACKGROUND = "background"  # the segmentation class no one wants an event about, by default
-EventKind = Literal["detection", "classification", "pose", "segmentation", "raw"]
+EventKind = Literal["detection", "classification", "pose", "segmentation", "landmarks", "raw"]
 Lifecycle = Literal["start", "update", "end"]
 
 # Tolerance for "on an edge" in normalised coordinates (a millionth of a pixel on a 4K frame).
@@ -280,6 +288,7 @@ class _Frame:
     classifications: list[Classification]
     keypoints: list[Keypoint]
     segments: list[Segment]
+    landmarks: list[Landmarks]
     raw: list[RawTensor]
 
 
@@ -326,6 +335,7 @@ class EventFilter:
         events.extend(self._classification_events(frame.classifications, capture_ts, now))
         events.extend(self._pose_events(frame.keypoints, capture_ts, now))
         events.extend(self._segmentation_events(frame.segments, capture_ts, now))
+        events.extend(self._landmark_events(frame.landmarks, capture_ts, now))
         events.extend(self._raw_events(frame.raw, capture_ts, now))
         return events
 
@@ -521,6 +531,12 @@ class EventFilter:
         )
         return [_untracked("segmentation", tuple(passing), ts, label=top.label, zones=zones)]
 
+    def _landmark_events(self, found: list[Landmarks], ts: float, now: float) -> list[EventDraft]:
+        present = [f for f in found if f.score >= self._settings.min_score]
+        if not present or not self._gate("landmarks", None, now):
+            return []
+        return [_untracked("landmarks", tuple(present), ts, score=present[0].score)]
+
     def _segment_wanted(self, label: str) -> bool:
         if self._labels is None:
             return label != BACKGROUND
@@ -588,7 +604,7 @@ def _untracked(
 
 
 def _split(results: Sequence[Result]) -> _Frame:
-    frame = _Frame([], [], [], [], [])
+    frame = _Frame([], [], [], [], [], [])
     for result in results:
         if isinstance(result, Detection):
             frame.detections.append(result)
@@ -598,6 +614,8 @@ def _split(results: Sequence[Result]) -> _Frame:
             frame.keypoints.append(result)
         elif isinstance(result, Segment):
             frame.segments.append(result)
+        elif isinstance(result, Landmarks):
+            frame.landmarks.append(result)
         else:
             frame.raw.append(result)
     return frame

@@ -188,6 +188,15 @@ class SegmentOut(_Frozen):
     )
 
 
+class LandmarksOut(_Frozen):
+    """One object's landmarks (a face mesh's 468 points, a hand's 21)."""
+
+    score: float = Field(description="Presence: how sure the model is the object is there.")
+    points: list[tuple[float, float, float]] = Field(
+        description="(x, y, z): x and y in 0..1 of the frame, z relative, in x's units."
+    )
+
+
 class TensorOut(_Frozen):
     """One raw output tensor, dequantized."""
 
@@ -207,8 +216,8 @@ class EventMessage(_Message):
     seq: int = Field(
         description="Per-stream sequence number, increasing; restarts at 1 with the agent."
     )
-    kind: Literal["detection", "classification", "pose", "segmentation", "raw"] = Field(
-        description="Task kind."
+    kind: Literal["detection", "classification", "pose", "segmentation", "landmarks", "raw"] = (
+        Field(description="Task kind.")
     )
     lifecycle: Literal["start", "update", "end"] | None = Field(
         None, description="For tracked objects: start, update or end; null when untracked."
@@ -243,6 +252,7 @@ class EventMessage(_Message):
     segments: list[SegmentOut] | None = Field(
         None, description="Segmentation: classes and their coverage."
     )
+    landmarks: list[LandmarksOut] | None = Field(None, description="Landmark points.")
     tensors: list[TensorOut] | None = Field(None, description="Raw output tensors.")
 
 
@@ -685,9 +695,9 @@ class TaskSpec(_Frozen):
 
     model_config = ConfigDict(protected_namespaces=())
 
-    task: Literal["classification", "detection", "pose", "segmentation", "raw"] | None = Field(
-        None, description="The task; detected from the outputs when null."
-    )
+    task: (
+        Literal["classification", "detection", "pose", "segmentation", "landmarks", "raw"] | None
+    ) = Field(None, description="The task; detected from the outputs when null.")
     labels: list[str] | None = Field(None, description="Class labels; the model's own if null.")
     min_score: float | None = Field(None, ge=0, le=1, description="Minimum result score.")
     top_k: int | None = Field(None, ge=1, description="Classes kept per frame (classification).")

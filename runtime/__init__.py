@@ -35,13 +35,22 @@ from .errors import (
 )
 from .images import load_image
 from .labels import Labels
+from .landmarks import Crop, LandmarksTask, crop, in_frame
 from .modelfile import ModelBytes, ModelInfo, TensorInfo, inspect_model, read_model
 from .platforms import InterpreterFacts, RuntimeChoice, choose_runtime
 from .predictor import RESULT_KEYS, Prediction, Predictor
 from .preprocess import Preprocessor, ResizeMode, Transform
 from .recognition import TaskChoice, choose_task, detect_task
 from .segmentation import SegmentationTask, mask_image, save_mask_png, with_region_coverage
-from .tasks import Classification, Detection, Keypoint, RawTensor, Segment, TaskName
+from .tasks import (
+    Classification,
+    Detection,
+    Keypoint,
+    Landmarks,
+    RawTensor,
+    Segment,
+    TaskName,
+)
 from .yolo import YoloTask
 
 __all__ = [
@@ -57,6 +66,7 @@ __all__ = [
     "Classification",
     "CorruptModel",
     "CpuDelegate",
+    "Crop",
     "DelegateSettings",
     "DelegateUnavailable",
     "Detection",
@@ -74,6 +84,8 @@ __all__ = [
     "Keypoint",
     "Labels",
     "LabelsError",
+    "Landmarks",
+    "LandmarksTask",
     "ModelBytes",
     "ModelCompiledForEdgeTPU",
     "ModelError",
@@ -101,8 +113,10 @@ __all__ = [
     "bench",
     "choose_runtime",
     "choose_task",
+    "crop",
     "detect_task",
     "explain_import_failure",
+    "in_frame",
     "inspect_model",
     "load_image",
     "mask_image",

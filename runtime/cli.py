@@ -385,6 +385,8 @@ def _prediction_text(image: Path | None, backend: str, delegate: str, p: Predict
         body = [f"  {r['name']:<15} x={r['x']:.3f} y={r['y']:.3f} {r['score']:.2f}" for r in rows]
     elif p.task is TaskName.DETECTION:
         body = [f"  {r['label']:<15} {r['score']:.2f}  box={list(r['box'])}" for r in rows]
+    elif p.task is TaskName.LANDMARKS:
+        body = [f"  {len(r['points'])} points, presence {r['score']:.2f}" for r in rows]
     elif p.task is TaskName.SEGMENTATION:
         body = [f"  {r['label']:<15} {r['coverage']:6.1%} of the frame" for r in rows]
     else:

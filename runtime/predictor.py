@@ -32,6 +32,7 @@ RESULT_KEYS = {
     TaskName.DETECTION: "detections",
     TaskName.POSE: "keypoints",
     TaskName.SEGMENTATION: "segments",
+    TaskName.LANDMARKS: "landmarks",
     TaskName.RAW: "tensors",
 }
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .anchors import AnchorDetectionTask, anchor_spec_for, declared_spec
 from .errors import SettingError, UnsupportedModel
 from .labels import Labels
+from .landmarks import LandmarksTask, landmark_layout
 from .modelfile import DETECTION_POSTPROCESS_OP, ModelInfo
 from .segmentation import MaskKind, SegmentationTask, segmentation_output
 from .tasks import (
@@ -77,6 +78,16 @@ def _anchors(info: ModelInfo) -> TaskChoice | None:
     )
 
 
+def _landmarks(info: ModelInfo) -> TaskChoice | None:
+    layout = landmark_layout(info)
+    if layout is None:
+        return None
+    return TaskChoice(
+        TaskName.LANDMARKS,
+        f"outputs {_shapes(info)}: {layout.count} landmark points and a presence score",
+    )
+
+
 def _pose(info: ModelInfo) -> TaskChoice | None:
     if len(info.outputs) != 1 or info.outputs[0].shape != POSE_SHAPE:
         return None
@@ -97,7 +108,7 @@ def _classification(info: ModelInfo) -> TaskChoice | None:
 
 
 # In this order: an SSD graph or a YOLO output is also "one output" of some shape.
-_RECOGNISERS = (_ssd, _yolo, _anchors, _pose, _segmentation, _classification)
+_RECOGNISERS = (_ssd, _yolo, _anchors, _landmarks, _pose, _segmentation, _classification)
 
 
 def detect_task(info: ModelInfo) -> TaskName:
@@ -129,22 +140,38 @@ def make_task(
     if name is TaskName.DETECTION:
         return _detection_task(info, labels, min_score, iou_threshold)
     if name is TaskName.SEGMENTATION:
-        layout = segmentation_output(info)
-        if layout is None:
-            raise _refused(
-                info,
-                "segmentation needs one mask output: [1, H, W] class ids, [1, H, W, C] class "
-                "scores or [1, H, W, 1] a probability, H and W at least 16",
-            )
-        if layout.kind is not MaskKind.PROBABILITY:  # there, 1 or 2 labels both fit
-            _check_label_count(labels, layout.classes, info.source)
-        return SegmentationTask(layout, labels)
+        return _segmentation_task(info, labels)
     if name is TaskName.CLASSIFICATION:
         classes = _score_vector(info)
         if classes is None:
             raise _refused(info, "classification needs one score vector output [1, N]")
         _check_label_count(labels, classes, info.source)
         return ClassificationTask(labels, top_k=top_k, min_score=min_score or 0.0)
+    return _shape_task(name, info)
+
+
+def _segmentation_task(info: ModelInfo, labels: Labels | None) -> Task:
+    layout = segmentation_output(info)
+    if layout is None:
+        raise _refused(
+            info,
+            "segmentation needs one mask output: [1, H, W] class ids, [1, H, W, C] class "
+            "scores or [1, H, W, 1] a probability, H and W at least 16",
+        )
+    if layout.kind is not MaskKind.PROBABILITY:  # there, 1 or 2 labels both fit
+        _check_label_count(labels, layout.classes, info.source)
+    return SegmentationTask(layout, labels)
+
+
+def _shape_task(name: TaskName, info: ModelInfo) -> Task:
+    """The tasks without labels: landmarks, pose, raw."""
+    if name is TaskName.LANDMARKS:
+        landmarks = landmark_layout(info)
+        if landmarks is None:
+            raise _refused(
+                info, "landmarks need an output of 3K values (x, y, z) and a presence output"
+            )
+        return LandmarksTask(landmarks)
     if name is TaskName.POSE:
         if len(info.outputs) != 1 or info.outputs[0].shape != POSE_SHAPE:
             raise _refused(info, f"pose needs one keypoint output {list(POSE_SHAPE)} (MoveNet)")

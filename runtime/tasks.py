@@ -41,6 +41,7 @@ class TaskName(str, Enum):
     DETECTION = "detection"
     POSE = "pose"
     SEGMENTATION = "segmentation"
+    LANDMARKS = "landmarks"
     RAW = "raw"
 
 
@@ -90,6 +91,21 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Landmarks:
+    """One object's landmarks: ``(x, y, z)`` with x, y normalised to the frame (z relative,
+    in the same units as x), and the model's confidence that the object is there."""
+
+    score: float
+    points: tuple[tuple[float, float, float], ...]
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """``(ymin, xmin, ymax, xmax)`` around the points."""
+        xs, ys = [p[0] for p in self.points], [p[1] for p in self.points]
+        return (min(ys), min(xs), max(ys), max(xs))
+
+
+@dataclass(frozen=True)
 class RawTensor:
     """One output tensor as the model produced it (dequantized when quantized)."""
 
@@ -98,7 +114,7 @@ class RawTensor:
     values: list[Any]
 
 
-Result = Classification | Detection | Keypoint | Segment | RawTensor
+Result = Classification | Detection | Keypoint | Segment | Landmarks | RawTensor
 
 
 def dequantize(values: npt.NDArray[Any], spec: TensorInfo) -> npt.NDArray[np.float32]:
