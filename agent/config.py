@@ -243,6 +243,27 @@ class ModelSettings(_Section):
         )
 
 
+class StageSettings(_Section):
+    """A second model run on crops of the first one's detections (detect, then look closer)."""
+
+    name: str = Field(
+        pattern=TOPIC_LEVEL_PATTERN, description="Key of its results in each detection."
+    )
+    model: ModelSettings = Field(description="The model run on each crop.")
+    on_labels: list[str] | None = Field(
+        None, min_length=1, description="First-stage labels it runs on; unset: every one."
+    )
+    expand: float = Field(
+        1.5, ge=1.0, le=4.0, description="How much larger than the detection's box the crop is."
+    )
+    rotate: bool = Field(
+        True,
+        description="Turn the crop upright from the detection's first two keypoints (a face's "
+        "eyes), as MediaPipe does.",
+    )
+    max_crops: int = Field(4, ge=1, le=32, description="Crops per frame, best detections first.")
+
+
 class StreamSettings(_Section):
     """One camera or stream, its model and its event filter."""
 
@@ -251,6 +272,12 @@ class StreamSettings(_Section):
     model: ModelSettings = Field(description="What runs on them.")
     events: EventFilterSettings = Field(
         default_factory=EventFilterSettings, description="Which results become events."
+    )
+    stages: list[StageSettings] = Field(
+        default_factory=list,
+        description="Second-stage models on crops of the detections (face detection -> face "
+        "landmarks; detection -> a classifier), cut from the full-resolution frame; their "
+        "results ride in each detection's 'stages'.",
     )
     privacy: PrivacySettings = Field(
         default_factory=PrivacySettings,
@@ -678,6 +705,10 @@ def _resolve_paths(config: AgentConfig, base_dir: Path) -> None:
             setattr(enrollment, name, resolve(value))
     for stream in config.streams:
         stream.model.path = resolve(stream.model.path)
+        for stage in stream.stages:
+            stage.model.path = resolve(stage.model.path)
+            if stage.model.labels is not None:
+                stage.model.labels = resolve(stage.model.labels)
         for fallback in stream.model.fallbacks:
             fallback.path = resolve(fallback.path)
         stream.privacy = _resolved_privacy(stream.privacy, resolve)
@@ -705,6 +736,8 @@ def check_files(config: AgentConfig) -> list[str]:
     problems = []
     for i, stream in enumerate(config.streams):
         problems += _model_problems(f"streams[{i}].model", stream.model)
+        for j, stage in enumerate(stream.stages):
+            problems += _model_problems(f"streams[{i}].stages[{j}].model", stage.model)
         problems += _source_problems(f"streams[{i}].source", stream.source)
         for name in ("face_model", "people_model"):
             path = getattr(stream.privacy, name)

@@ -61,6 +61,7 @@ from .privacy import Redactor
 from .protocol import EventMessage, Manifest, ModelRef, StreamHealth, Topics
 from .sources import make_source
 from .sources.capture import Capture, FrameSlot
+from .stages import SecondStages
 from .supervisor import SUPERVISOR, fault_point
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,9 @@ class StreamRunner:
         self._on_events = on_events
         builds = 1 + len(settings.model.fallbacks)
         self._chain = FallbackChain(builds, settings.model.retry_s, settings.model.retry_max_s)
+        self.stages = SecondStages(
+            settings.stages, lambda model: load_model(model).predictor, stream=settings.name
+        )
         self.redactor = Redactor(settings.privacy)
         """Redacts this stream's snapshots (commands thread)."""
         self.redacted_regions = 0
@@ -438,6 +442,7 @@ class StreamRunner:
                 drafts, inference_ts=time.time(), inference_ms=0.0, model=self.model, latency_ms=0.0
             )
         self.predictor.close()
+        self.stages.close()
         self.redactor.close()
 
     def health(self) -> StreamHealth:
@@ -459,6 +464,9 @@ class StreamRunner:
             fallback=chain.reason,
             build_switches=chain.switches,
             redacted_regions=self.redacted_regions,
+            stage_latency_p50_ms={
+                name: window.percentiles()["p50_ms"] for name, window in self.stages.latency.items()
+            },
             captured=stats.captured,
             processed=c.processed,
             skipped=stats.skipped,
@@ -492,7 +500,7 @@ class StreamRunner:
             stats = self.model_stats
             try:
                 prediction = self._predict(frame.pixels)
-                results = self._with_zone_coverage(prediction)
+                results = self.stages.apply(self._with_zone_coverage(prediction), frame)
             except EdgefleetError as exc:
                 stats.failed += 1
                 self._failed(exc)

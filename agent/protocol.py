@@ -158,6 +158,11 @@ class DetectionOut(_Frozen):
         description="(x, y) points in 0..1, for detectors that give them (a face detector's "
         "eyes, nose, mouth and ears); absent otherwise.",
     )
+    stages: dict[str, list[ClassOut | LandmarksOut | KeypointOut]] | None = Field(
+        None,
+        description="What each second-stage model found on this object's crop, by stage name "
+        "(landmarks in frame coordinates, classes); absent without stages.",
+    )
 
 
 class ClassOut(_Frozen):
@@ -312,6 +317,11 @@ class StreamHealth(_Frozen):
     )
     redacted_regions: int = Field(
         0, description="Faces (or people) hidden in this stream's snapshots so far."
+    )
+    stage_latency_p50_ms: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="Each second-stage model's median time per crop (pre-processing, invoke, "
+        "decoding), apart from the first model's inference_p50_ms.",
     )
     frame_interval_s: float | None = Field(
         None,

@@ -60,10 +60,12 @@ class Prediction:
 
 
 def result_dict(result: Result) -> dict[str, Any]:
-    """One result, JSON-ready; a detection's keypoints only where the detector gives them."""
+    """One result, JSON-ready; a detection's keypoints and stages only where it has them."""
     record = asdict(result)
-    if isinstance(result, Detection) and not result.keypoints:
-        del record["keypoints"]
+    if isinstance(result, Detection):
+        for name in ("keypoints", "stages"):
+            if not record[name]:
+                del record[name]
     return record
 
 

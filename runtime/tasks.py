@@ -65,6 +65,9 @@ class Detection:
     keypoints: tuple[tuple[float, float], ...] = ()
     """``(x, y)`` points normalised to the frame, for detectors that give them (BlazeFace's
     eyes, nose, mouth and ears); empty otherwise."""
+    stages: Mapping[str, tuple[Result, ...]] = field(default_factory=dict)
+    """What second-stage models found on this object's crop, by stage name (a face's
+    landmarks, a fine-grained class); empty without them."""
 
 
 @dataclass(frozen=True)
