@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from edgefleet.runtime import Detection, EdgefleetError, Landmarks, Predictor, crop, in_frame
+from edgefleet.runtime import Detection, EdgefleetError, Predictor, crop, in_frame
 from edgefleet.runtime.preprocess import Frame
 from edgefleet.runtime.tasks import Result
 
@@ -103,7 +103,7 @@ class SecondStages:
             self._warn(stage.name, exc.message)
             return None
         self.latency[stage.name].add((time.perf_counter() - started) * 1000.0)
-        return tuple(in_frame(r, cut) if isinstance(r, Landmarks) else r for r in results)
+        return tuple(in_frame(r, cut) for r in results)
 
     def _warn(self, what: str, message: str) -> None:
         if what not in self._warned:  # once: the same failure would fill the log every frame

@@ -10,6 +10,7 @@ a presence logit (an output of one value), recognised from those outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from PIL import Image
 from .engine import Engine
 from .modelfile import ModelInfo
 from .preprocess import Frame, Transform
-from .tasks import Detection, Landmarks, Result, Task, TaskName, dequantize
+from .tasks import Detection, Keypoint, Landmarks, Result, Task, TaskName, dequantize
 
 _MIN_POINTS = 5
 _DIGITS = 6
@@ -130,16 +131,27 @@ def crop(
     return Crop(np.asarray(image), centre, side, angle, (width, height))
 
 
-def in_frame(landmarks: Landmarks, cut: Crop) -> Landmarks:
-    """``landmarks`` found on ``cut`` (normalised to it), normalised to the whole frame."""
-    points = []
-    for x, y, z in landmarks.points:
-        frame_x, frame_y = cut.to_frame(x, y)
-        points.append(
-            (
-                round(frame_x, _DIGITS),
-                round(frame_y, _DIGITS),
-                round(z * cut.side / cut.frame_size[0], _DIGITS),
-            )
+def in_frame(result: Result, cut: Crop) -> Result:
+    """A result found on ``cut`` (coordinates normalised to it) with its coordinates
+    normalised to the whole frame: landmarks, pose keypoints, a detection's box (the
+    box around its turned corners) and keypoints. Others (classes, tensors) have none."""
+    if isinstance(result, Landmarks):
+        points = []
+        for x, y, z in result.points:
+            frame_x, frame_y = cut.to_frame(x, y)
+            depth = z * cut.side / cut.frame_size[0]
+            points.append((round(frame_x, _DIGITS), round(frame_y, _DIGITS), round(depth, _DIGITS)))
+        return Landmarks(result.score, tuple(points))
+    if isinstance(result, Keypoint):
+        x, y = (round(v, _DIGITS) for v in cut.to_frame(result.x, result.y))
+        return dataclasses.replace(result, x=x, y=y)
+    if isinstance(result, Detection):
+        ymin, xmin, ymax, xmax = result.box
+        corners = [cut.to_frame(x, y) for x in (xmin, xmax) for y in (ymin, ymax)]
+        xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+        box = tuple(round(v, _DIGITS) for v in (min(ys), min(xs), max(ys), max(xs)))
+        keypoints = tuple(
+            tuple(round(v, _DIGITS) for v in cut.to_frame(x, y)) for x, y in result.keypoints
         )
-    return Landmarks(landmarks.score, tuple(points))
+        return dataclasses.replace(result, box=box, keypoints=keypoints)  # type: ignore[arg-type]
+    return result

@@ -10,7 +10,10 @@ from conftest import Assets
 from PIL import Image
 
 from edgefleet.runtime import (
+    Classification,
+    Crop,
     Detection,
+    Keypoint,
     Landmarks,
     Predictor,
     TaskName,
@@ -81,3 +84,18 @@ def test_landmark_models_are_recognised_and_others_are_not(assets: Assets) -> No
     assert landmark_layout(hand).count == 21  # type: ignore[union-attr]
     for other in (assets.ssd, assets.mobilenet_v2, assets.movenet, assets.model(FACES)):
         assert landmark_layout(inspect_model(read_model(other))) is None
+
+
+def test_results_found_on_a_turned_crop_map_back_to_the_frame() -> None:
+    # A 100 px crop centred at (300, 200) of a 600x400 frame, turned a quarter turn.
+    cut = Crop(np.zeros((8, 8, 3), np.uint8), (300.0, 200.0), 100.0, math.pi / 2, (600, 400))
+
+    right_edge = in_frame(Keypoint("nose", 1.0, 0.5, 0.9), cut)
+    box = in_frame(Detection(0, "eye", 0.8, (0.4, 0.5, 0.6, 1.0)), cut)
+
+    assert isinstance(right_edge, Keypoint)
+    # The crop's right edge, 50 px from its centre, lies below the centre once turned.
+    assert (right_edge.x, right_edge.y) == pytest.approx((300 / 600, 250 / 400))
+    assert isinstance(box, Detection)
+    assert box.box == pytest.approx((200 / 400, (300 - 10) / 600, 250 / 400, (300 + 10) / 600))
+    assert in_frame(Classification(1, "cat", 0.7), cut) == Classification(1, "cat", 0.7)
