@@ -224,16 +224,20 @@ class StreamRunner:
         self._on_events = on_events
         builds = 1 + len(settings.model.fallbacks)
         self._chain = FallbackChain(builds, settings.model.retry_s, settings.model.retry_max_s)
-        self.stages = SecondStages(
-            settings.stages, lambda model: load_model(model).predictor, stream=settings.name
-        )
+        loaded = model or self._load_first_that_runs()
+        if model is not None and builds > 1 and not _is_config_model(settings.model, model):
+            self._chain = FallbackChain(1, settings.model.retry_s, settings.model.retry_max_s)
+        try:
+            self.stages = SecondStages(
+                settings.stages, lambda stage: load_model(stage).predictor, stream=settings.name
+            )
+        except BaseException:
+            loaded.predictor.close()  # the stream is not made: nothing else would release it
+            raise
         self.redactor = Redactor(settings.privacy)
         """Redacts this stream's snapshots (commands thread)."""
         self.redacted_regions = 0
         """Faces (or people) hidden in this stream's snapshots so far."""
-        loaded = model or self._load_first_that_runs()
-        if model is not None and builds > 1 and not _is_config_model(settings.model, model):
-            self._chain = FallbackChain(1, settings.model.retry_s, settings.model.retry_max_s)
         self.predictor, self.model = loaded.predictor, loaded.ref
         self.model_stats = ModelStats()
         self._swap_lock = threading.Lock()

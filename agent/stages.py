@@ -42,7 +42,13 @@ class SecondStages:
         stream: str,
     ) -> None:
         self._stream = stream
-        self._stages = [(stage, open_model(stage.model)) for stage in settings]
+        self._stages: list[tuple[StageSettings, Predictor]] = []
+        try:
+            for stage in settings:
+                self._stages.append((stage, open_model(stage.model)))
+        except BaseException:
+            self.close()  # the ones loaded before the one that failed
+            raise
         self.latency = {stage.name: LatencyWindow() for stage in settings}
         """Milliseconds per crop (pre-processing, invoke, decoding), per stage."""
         self._warned: set[str] = set()
