@@ -55,12 +55,13 @@ class SecondStages:
 
     def apply(self, results: list[Result], frame: CapturedFrame) -> list[Result]:
         """``results`` with each chosen detection's stage results attached."""
-        if not self._stages or not any(isinstance(r, Detection) for r in results):
-            return results
+        chosen = [(stage, model, self._chosen(stage, results)) for stage, model in self._stages]
+        if not any(indices for _, _, indices in chosen):
+            return results  # no crop to cut: the full-size frame is not made (a hot path)
         pixels = self._full(frame)
         found: dict[int, dict[str, tuple[Result, ...]]] = {}
-        for stage, predictor in self._stages:
-            for index in self._chosen(stage, results):
+        for stage, predictor, indices in chosen:
+            for index in indices:
                 detection = results[index]
                 assert isinstance(detection, Detection)
                 seen = self._look(stage, predictor, pixels, detection)
