@@ -166,7 +166,7 @@ def test_a_stream_whose_accelerator_is_missing_at_start_runs_its_fallback(
     assert runner.health().failed == 0
 
 
-def test_build_0_is_the_model_itself_and_there_is_no_build_past_the_fallbacks(tmp_path: Path) -> None:
+def test_build_0_is_the_model_and_there_is_none_past_the_fallbacks(tmp_path: Path) -> None:
     settings = ModelSettings.model_validate({"path": str(tmp_path / "m.tflite")})
     assert settings.build(0) is settings
     with pytest.raises(IndexError):
