@@ -38,17 +38,20 @@ from .outbox import Outbox
 from .pipeline import LoadedModel, StreamRunner
 from .protocol import (
     Capabilities,
+    ErrorCode,
     HealthMessage,
     MqttHealth,
     OutboxHealth,
     PartHealth,
     RemoteHealth,
     ReportedState,
+    SnapshotMessage,
     StatusMessage,
     SystemHealth,
     Topics,
     key_set_topic,
 )
+from .snapshots import Snapshot, SnapshotFailed, Trigger, snapshot_fields
 from .supervisor import SUPERVISOR, fault_point
 from .systemd import Notifier, Watchdog
 from .trust import KeySetTrust, device_trust
@@ -394,7 +397,30 @@ class Agent:
             on_result=self._on_result,
             model=model,
             on_events=self.homeassistant.stream_events(settings.name),
+            publish_snapshot=self._publish_snapshot,
         )
+
+    def _publish_snapshot(self, stream: str, shot: Snapshot, why: Trigger) -> None:
+        """A stream rule's snapshot to its topic and Home Assistant (its snapshots thread).
+
+        Sent now or not at all: paho would keep a snapshot handed over while the broker is
+        away in memory, a few hundred kB each, until it is back."""
+        if not self.link.connected:
+            raise SnapshotFailed(
+                ErrorCode.REFUSED,
+                "not sent: the broker is not connected",
+                hint="the next track start while connected takes another",
+            )
+        message = SnapshotMessage(
+            device_id=self.config.device_id,
+            stream=stream,
+            capture_ts=shot.capture_ts,
+            track_id=why.track_id,
+            label=why.label,
+            **snapshot_fields(shot),
+        )
+        self.link.publish(self.topics.snapshots(stream), message.model_dump_json().encode(), qos=1)
+        self.homeassistant.snapshot(stream, shot.jpeg)
 
     # -- commands and desired state ------------------------------------------------------
 

@@ -39,6 +39,7 @@ from .protocol import (
     HealthMessage,
     Manifest,
     ReportedState,
+    SnapshotMessage,
     StatusMessage,
     key_set_topic,
     model_meta_topic,
@@ -81,6 +82,9 @@ _TOPICS = (
     _Topic("events", "events/{stream}", EventMessage, "send", 1, False,
            "Inference events from the durable outbox; QoS 1 can deliver twice, so consumers "
            "drop duplicates by id."),
+    _Topic("snapshots", "snapshots/{stream}", SnapshotMessage, "send", 1, False,
+           "Redacted snapshots a stream takes by itself (streams[].snapshots: when a tracked "
+           "object starts), sent only while connected: none is stored for later."),
     _Topic("health", "health", HealthMessage, "send", 0, False,
            "Periodic metrics while connected."),
     _Topic("desired", "desired", DesiredState, "receive", 1, True,

@@ -264,6 +264,29 @@ class StageSettings(_Section):
     max_crops: int = Field(4, ge=1, le=32, description="Crops per frame, best detections first.")
 
 
+class SnapshotRuleSettings(_Section):
+    """When a stream takes a snapshot by itself: at the start of a tracked object."""
+
+    on_track_start: bool = Field(
+        False,
+        description="Publish a redacted snapshot (the stream's privacy) when a tracked object "
+        "starts, on the stream's snapshots topic (and Home Assistant's image entity).",
+    )
+    labels: list[str] | None = Field(
+        None, min_length=1, description="Labels whose start takes one; unset: every label."
+    )
+    min_interval_s: float = Field(
+        30.0, ge=1.0, description="At most one snapshot per this many seconds per stream."
+    )
+    max_bytes: int = Field(
+        200_000,
+        ge=1_000,
+        le=500_000,
+        description="Largest JPEG: quality drops to fit, then the size halves (at most 500000, "
+        "so the message stays under the broker's 1 MiB packet limit).",
+    )
+
+
 class StreamSettings(_Section):
     """One camera or stream, its model and its event filter."""
 
@@ -283,6 +306,19 @@ class StreamSettings(_Section):
         default_factory=PrivacySettings,
         description="What snapshots hide before they leave the device (events never carry pixels).",
     )
+    snapshots: SnapshotRuleSettings = Field(
+        default_factory=SnapshotRuleSettings,
+        description="Snapshots the stream takes by itself (off by default: only on request).",
+    )
+
+    @model_validator(mode="after")
+    def _snapshots_follow_tracks(self) -> StreamSettings:
+        if self.snapshots.on_track_start and not self.events.tracking.enabled:
+            raise ValueError(
+                "snapshots.on_track_start needs events.tracking.enabled: true (a snapshot is "
+                "taken when a tracked object starts)"
+            )
+        return self
 
 
 class HealthSettings(_Section):

@@ -7,15 +7,12 @@ Each handler takes the command's typed arguments (already validated against
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from PIL import Image
 
 from edgefleet.runtime import EdgefleetError
 
@@ -25,7 +22,6 @@ from .configfile import ConfigFileError, apply_patch, replace_config
 from .durable import write_atomically
 from .modelstore import NothingToRollBack
 from .pipeline import StreamRunner
-from .privacy import RedactionFailed
 from .protocol import (
     BenchModelArgs,
     CommandName,
@@ -34,20 +30,14 @@ from .protocol import (
     RollbackModelArgs,
     SetConfigArgs,
     SnapshotArgs,
-    SnapshotSize,
     StreamArgs,
 )
-from .sources import SourceError
+from .snapshots import SnapshotFailed, snapshot_fields
 from .updates import UpdateBusy, UpdateRefused
 from .validation import ValidationRefused, validate_model
 
 if TYPE_CHECKING:
     from .app import Agent
-
-_JPEG_QUALITIES = (90, 75, 60, 45, 30, 15)
-# A snapshot too large at the lowest quality is halved, at most this often, never below this.
-_MAX_HALVINGS = 3
-_MIN_SIDE = 64
 
 
 def handlers(agent: Agent) -> dict[CommandName, Handler]:
@@ -117,42 +107,17 @@ class _Handlers:
 
     def snapshot(self, args: SnapshotArgs) -> dict[str, Any]:
         runner = self._stream(args.stream)
-        frame = runner.capture.last_frame
-        if frame is None:
-            raise CommandFailed(ErrorCode.REFUSED, f"stream {args.stream} has no frame yet")
-        pixels = frame.pixels
-        if args.size is SnapshotSize.FRAME and frame.full is not None:
-            try:
-                pixels = frame.full()
-            except SourceError as exc:
-                raise CommandFailed(
-                    ErrorCode.FAILED, f"no full-size frame: {exc.message}", hint=exc.hint
-                ) from exc
         try:
-            redacted = runner.redactor.redact(pixels)
-        except RedactionFailed as exc:
-            raise CommandFailed(ErrorCode.FAILED, exc.message, hint=exc.hint) from exc
-        runner.redacted_regions += redacted.regions
-        image = Image.fromarray(redacted.pixels)
-        jpeg, quality, scaled = _jpeg_within(image, args.max_bytes)
-        if jpeg is None:
+            shot = runner.snapshot(size=args.size, max_bytes=args.max_bytes)
+        except SnapshotFailed as exc:
             raise CommandFailed(
-                ErrorCode.REFUSED,
-                f"the frame does not fit in {args.max_bytes} bytes even at quality "
-                f"{_JPEG_QUALITIES[-1]} and {scaled.width}x{scaled.height}",
-                hint="ask with a larger max_bytes",
-            )
+                exc.code, f"stream {args.stream}: {exc.message}", hint=exc.hint
+            ) from exc
         return {
             "stream": args.stream,
-            "capture_ts": frame.capture_ts,
+            "capture_ts": shot.capture_ts,
             "size": args.size.value,
-            "frame_width": image.width,
-            "frame_height": image.height,
-            "width": scaled.width,
-            "height": scaled.height,
-            "quality": quality,
-            "redacted": {"mode": redacted.mode.value, "regions": redacted.regions},
-            "jpeg_base64": base64.b64encode(jpeg).decode(),
+            **snapshot_fields(shot),
         }
 
     def restart_stream(self, args: StreamArgs) -> dict[str, Any]:
@@ -254,21 +219,3 @@ def _validated(text: str, *, base_dir: Path) -> AgentConfig:
             hint=exc.hint,
         ) from exc
     return new
-
-
-def _jpeg_within(image: Image.Image, max_bytes: int) -> tuple[bytes | None, int, Image.Image]:
-    """The best JPEG of ``image`` within ``max_bytes``: quality drops first, then size halves.
-
-    Returns the JPEG (None when even the smallest try is too large), its quality, and the
-    image it encodes.
-    """
-    for _ in range(_MAX_HALVINGS + 1):
-        for quality in _JPEG_QUALITIES:
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=quality)
-            if buffer.tell() <= max_bytes:
-                return buffer.getvalue(), quality, image
-        if min(image.size) < 2 * _MIN_SIDE:
-            break
-        image = image.reduce(2)
-    return None, _JPEG_QUALITIES[-1], image

@@ -20,15 +20,19 @@ What a device announces, one retained config per entity (single-component discov
 - per stream, ``sensor``s of its fps and inference latency, and for the device one of the
   CPU temperature: their state is the agent's ``health`` topic, read with a value template;
   they expire after three health intervals without one;
+- per stream whose snapshot rule is on (``snapshots.on_track_start``), an ``image`` of its
+  latest snapshot (https://www.home-assistant.io/integrations/image.mqtt/: the JPEG itself
+  on ``image_topic``, no encoding), retained, published as the rule takes each one, so
+  only redacted pixels reach it;
 - availability from the retained ``status`` topic: ``online`` and ``degraded`` are
   available, ``offline`` (last will, shutdown) is not.
 
 Every topic a device publishes here lies under ``<prefix>/<component>/<node_id>/``, the
 node id being the device id (made topic-safe), so one broker ACL pattern can grant each
-device its own (docs/mqtt.md). Another entity (an ``image`` of the latest snapshot) is one
-more ``Component`` name, one more payload model beside ``SensorConfig`` and one more
-``_Builder`` method that ``discovery_plan`` calls; ``Entity.state`` None says its state topic
-is published elsewhere.
+device its own (docs/mqtt.md). Another kind of entity is one more ``Component`` name, one
+more payload model and one more ``_Builder`` method that ``discovery_plan`` calls;
+``Entity.own_topic`` is the retained topic the agent publishes for it itself, None when
+its state is another topic (health).
 
 Decisions are pure: ``discovery_plan`` (config -> entities), ``OpenTracks`` (events ->
 which objects are open), ``reconcile`` (what to publish and what to clear, given what was
@@ -39,11 +43,12 @@ discovery disabled, a stream removed or another prefix clears what is no longer 
 
 Threads (``HomeAssistant``): ``sync`` runs on the mqtt thread at every connect and on the
 thread that applies a new config (main: SIGHUP; commands: set_config); ``stream_events``
-on whichever thread makes a stream; the callback it returns on that stream's events
-thread (and on the thread stopping the stream, for the end events of a flush);
-``_cleared`` on the mqtt thread, inside paho's acknowledgement callback, so it takes only
-``_record_lock``, which nobody holds while publishing. Lock order: ``_sync_lock``, then
-``_state_lock`` or ``_record_lock``, never both.
+on whichever thread makes a stream; ``snapshot`` on a stream's snapshots thread; the
+callback ``stream_events`` returns on that stream's events thread (and on the thread
+stopping the stream, for the end events of a flush); ``_cleared`` on the mqtt thread,
+inside paho's acknowledgement callback, so it takes only ``_record_lock``, which nobody
+holds while publishing. Lock order: ``_sync_lock``, then ``_state_lock`` or
+``_record_lock``, never both.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ _NOT_AN_ID = re.compile(r"[^A-Za-z0-9_-]+")
 _HASH_SUFFIX_DIGITS = 6
 _TOPICS_FILE_VERSION = 1
 
-Component = Literal["binary_sensor", "sensor"]
+Component = Literal["binary_sensor", "sensor", "image"]
 EventsHook = Callable[[Sequence[EventDraft]], None]
 """What a stream calls with each frame's event drafts (``StreamRunner(on_events=...)``)."""
 
@@ -125,17 +130,29 @@ class EntityConfig(_Payload):
 
     name: str = Field(description="Entity name; Home Assistant prefixes the device's.")
     unique_id: str = Field(pattern=OBJECT_ID_PATTERN, description="Unique across devices.")
-    state_topic: str = Field(description="Where the entity's state is published.")
-    value_template: str | None = Field(None, description="Extracts the state from JSON.")
     qos: int = Field(1, description="QoS Home Assistant subscribes with.")
     availability: list[Availability] = Field(description="When the entity is available.")
-    expire_after: int | None = Field(None, gt=0, description="Seconds before a state expires.")
     entity_category: Literal["diagnostic"] | None = Field(None, description="Diagnostics.")
     device: DeviceInfo = Field(description="The device it belongs to.")
     origin: Origin = Field(description="Who announced it.")
 
 
-class BinarySensorConfig(EntityConfig):
+class StateConfig(EntityConfig):
+    """The options of an entity with a state (the sensors)."""
+
+    state_topic: str = Field(description="Where the entity's state is published.")
+    value_template: str | None = Field(None, description="Extracts the state from JSON.")
+    expire_after: int | None = Field(None, gt=0, description="Seconds before a state expires.")
+
+
+class ImageConfig(EntityConfig):
+    """An ``image``: a stream's latest snapshot."""
+
+    image_topic: str = Field(description="Where the JPEG is published, as it is (no encoding).")
+    content_type: Literal["image/jpeg"] = Field("image/jpeg", description="Its MIME type.")
+
+
+class BinarySensorConfig(StateConfig):
     """A ``binary_sensor``: occupancy of a label (and zone) on a stream."""
 
     device_class: Literal["occupancy"] = Field("occupancy", description="Occupancy.")
@@ -143,7 +160,7 @@ class BinarySensorConfig(EntityConfig):
     payload_off: str = Field(PAYLOAD_OFF.decode(), description="The state while not.")
 
 
-class SensorConfig(EntityConfig):
+class SensorConfig(StateConfig):
     """A ``sensor``: a number (objects open, fps, latency, temperature)."""
 
     device_class: Literal["duration", "temperature"] | None = Field(None, description="Kind.")
@@ -220,8 +237,13 @@ class Entity:
     component: Component
     object_id: str
     config: EntityConfig
-    state: TrackState | None
-    """None: the state topic is another one the agent publishes (health)."""
+    state: TrackState | None = None
+    """How the agent derives the state it publishes on ``own_topic`` from the tracks."""
+    own_topic: str | None = None
+    """The retained topic the agent publishes for this entity itself (its state, its
+    image); None: its state is another topic the agent publishes (health)."""
+    snapshots_of: str | None = None
+    """The stream whose rule's snapshots go to ``own_topic`` (an image)."""
 
     @property
     def payload(self) -> bytes:
@@ -254,9 +276,10 @@ class DiscoveryPlan:
 
     @property
     def retained_topics(self) -> frozenset[str]:
-        """Every retained topic the plan publishes: the configs and the agent's own states."""
-        states = {e.config.state_topic for e in self.entities if e.state is not None}
-        return frozenset(self.configs) | states
+        """Every retained topic the plan publishes: the configs and the agent's own states
+        and images."""
+        own = {e.own_topic for e in self.entities if e.own_topic is not None}
+        return frozenset(self.configs) | own
 
     @property
     def streams(self) -> list[str]:
@@ -267,10 +290,14 @@ class DiscoveryPlan:
     def states(self, stream: str, tracks: OpenTracks) -> dict[str, bytes]:
         """State topic -> payload, for the entities that follow ``stream``'s tracks."""
         return {
-            e.config.state_topic: e.state.payload(tracks)
+            e.own_topic: e.state.payload(tracks)
             for e in self.entities
-            if e.state is not None and e.state.stream == stream
+            if e.state is not None and e.own_topic is not None and e.state.stream == stream
         }
+
+    def image_topic(self, stream: str) -> str | None:
+        """Where ``stream``'s snapshots go for Home Assistant, if anywhere."""
+        return next((e.own_topic for e in self.entities if e.snapshots_of == stream), None)
 
 
 def topic_id(text: str) -> str:
@@ -317,37 +344,55 @@ class _Builder:
     def unique_id(self, object_id: str) -> str:
         return f"edgefleet_{self.node_id}_{object_id}"
 
-    def own_state_topic(self, component: Component, object_id: str) -> str:
-        return f"{entity_topic(self.prefix, component, self.node_id, object_id)}/state"
+    def own_topic(self, component: Component, object_id: str, what: str) -> str:
+        return f"{entity_topic(self.prefix, component, self.node_id, object_id)}/{what}"
 
     def add_occupancy(self, state: TrackState) -> None:
         what = state.label or "occupancy"
         name = f"{state.stream} {what}" + (f" in {state.zone}" if state.zone else "")
         where = f"_in_{state.zone}" if state.zone is not None else ""
         object_id = self.object_id(f"{state.stream}_{state.label or 'any'}{where}_occupancy", name)
+        topic = self.own_topic("binary_sensor", object_id, "state")
         config = BinarySensorConfig(
             name=name,
             unique_id=self.unique_id(object_id),
-            state_topic=self.own_state_topic("binary_sensor", object_id),
+            state_topic=topic,
             availability=self.availability,
             device=self.device,
             origin=self.origin,
         )
-        self.entities.append(Entity("binary_sensor", object_id, config, state))
+        self.entities.append(Entity("binary_sensor", object_id, config, state, topic))
 
     def add_object_count(self, stream: str) -> None:
         name = f"{stream} objects"
         object_id = self.object_id(f"{stream}_objects", name)
+        topic = self.own_topic("sensor", object_id, "state")
         config = SensorConfig(
             name=name,
             unique_id=self.unique_id(object_id),
-            state_topic=self.own_state_topic("sensor", object_id),
+            state_topic=topic,
             availability=self.availability,
             device=self.device,
             origin=self.origin,
             suggested_display_precision=0,
         )
-        self.entities.append(Entity("sensor", object_id, config, TrackState(stream, count=True)))
+        count = TrackState(stream, count=True)
+        self.entities.append(Entity("sensor", object_id, config, count, topic))
+
+    def add_snapshot_image(self, stream: str) -> None:
+        name = f"{stream} snapshot"
+        object_id = self.object_id(f"{stream}_snapshot", name)
+        topic = self.own_topic("image", object_id, "image")
+        config = ImageConfig(
+            name=name,
+            unique_id=self.unique_id(object_id),
+            image_topic=topic,
+            availability=self.availability,
+            device=self.device,
+            origin=self.origin,
+        )
+        image = Entity("image", object_id, config, own_topic=topic, snapshots_of=stream)
+        self.entities.append(image)
 
     def add_health_sensor(
         self,
@@ -375,7 +420,7 @@ class _Builder:
             unit_of_measurement=unit,
             suggested_display_precision=1,
         )
-        self.entities.append(Entity("sensor", object_id, config, None))
+        self.entities.append(Entity("sensor", object_id, config))
 
     def add_stream(self, stream: StreamSettings) -> None:
         name = stream.name
@@ -383,6 +428,8 @@ class _Builder:
             for state in _occupancy_states(stream):
                 self.add_occupancy(state)
             self.add_object_count(name)
+        if stream.snapshots.on_track_start:
+            self.add_snapshot_image(name)
         in_health = f"(value_json.streams['{name}'] | default({{}}))"
         self.add_health_sensor(f"{name}_fps", f"{name} fps", f"{in_health}.fps", unit="fps")
         self.add_health_sensor(
@@ -622,6 +669,14 @@ class HomeAssistant:
                 self._publish_states(stream)
 
         return on_events
+
+    def snapshot(self, stream: str, jpeg: bytes) -> None:
+        """Show ``jpeg`` (redacted) as ``stream``'s latest snapshot, if discovery has an image
+        entity for it. The stream's snapshots thread."""
+        with self._state_lock:
+            topic = self._plan.image_topic(stream)
+            if topic is not None and self._link.connected:
+                self._link.publish(topic, jpeg, qos=1, retain=True)
 
     def _publish_states(self, stream: str) -> None:  # under _state_lock
         if not self._link.connected:

@@ -58,7 +58,8 @@ from .events import EventDraft, EventFilter
 from .fallback import FallbackChain
 from .metrics import LatencyWindow
 from .privacy import Redactor
-from .protocol import EventMessage, Manifest, ModelRef, StreamHealth, Topics
+from .protocol import EventMessage, Manifest, ModelRef, SnapshotSize, StreamHealth, Topics
+from .snapshots import Snapshot, SnapshotRule, Trigger, take
 from .sources import make_source
 from .sources.capture import Capture, FrameSlot
 from .stages import SecondStages
@@ -206,6 +207,7 @@ class StreamRunner:
         model: LoadedModel | None = None,
         open_build: Callable[[ModelSettings], LoadedModel] | None = None,
         on_events: Callable[[Sequence[EventDraft]], None] | None = None,
+        publish_snapshot: Callable[[str, Snapshot, Trigger], None] | None = None,
     ) -> None:
         """Set the stream up with ``model``, or the config's model file when None.
 
@@ -213,6 +215,8 @@ class StreamRunner:
         where a test stands in for an accelerator this machine lacks. ``on_events`` sees
         each frame's event drafts as decided, before they are stored (Home Assistant's
         occupancy follows them); it runs on the events thread and must not block.
+        ``publish_snapshot`` sends the snapshots of the stream's rule (``snapshots``), on
+        the rule's own thread; without it the stream takes none by itself.
         """
         self._open_build = open_build or load_model
         self.settings = settings
@@ -238,6 +242,18 @@ class StreamRunner:
         """Redacts this stream's snapshots (commands thread)."""
         self.redacted_regions = 0
         """Faces (or people) hidden in this stream's snapshots so far."""
+        self._snapshot_lock = threading.Lock()
+        rule = settings.snapshots
+        self._snapshots = (
+            SnapshotRule(
+                self.name,
+                rule,
+                take=lambda max_bytes: self.snapshot(max_bytes=max_bytes),
+                publish=lambda shot, why: publish_snapshot(self.name, shot, why),
+            )
+            if rule.on_track_start and publish_snapshot is not None
+            else None
+        )
         self.predictor, self.model = loaded.predictor, loaded.ref
         self.model_stats = ModelStats()
         self._swap_lock = threading.Lock()
@@ -410,12 +426,22 @@ class StreamRunner:
             extra={"stream": self.name, "model": model.ref.id},
         )
 
+    def snapshot(self, *, size: SnapshotSize = SnapshotSize.FRAME, max_bytes: int) -> Snapshot:
+        """The latest frame, redacted, as a JPEG within ``max_bytes`` (any thread);
+        ``SnapshotFailed`` when there is none or it cannot be redacted."""
+        shot = take(self.capture.last_frame, self.redactor, size=size, max_bytes=max_bytes)
+        with self._snapshot_lock:
+            self.redacted_regions += shot.regions
+        return shot
+
     def start(self) -> None:
         """Start capture and inference."""
         self._stop.clear()
         self._events_thread = SUPERVISOR.start(f"events-{self.name}", self._events, self._stop)
         self.capture.start()
         self._infer_thread = SUPERVISOR.start(f"infer-{self.name}", self._infer, self._stop)
+        if self._snapshots is not None:
+            self._snapshots.start()
         log.info(
             "stream %s: %s on %s (%s)",
             self.name,
@@ -445,6 +471,8 @@ class StreamRunner:
             self._emit(
                 drafts, inference_ts=time.time(), inference_ms=0.0, model=self.model, latency_ms=0.0
             )
+        if self._snapshots is not None:
+            self._snapshots.stop(timeout_s)
         self.predictor.close()
         self.stages.close()
         self.redactor.close()
@@ -462,12 +490,15 @@ class StreamRunner:
         tracking = self._filter.status
         interval_s = tracking.frame_interval_s
         chain = self._chain
+        shots = self._snapshots
         degraded = chain.reason is not None and stats.state == "running"
         return StreamHealth(
             state="degraded" if degraded else stats.state,
             fallback=chain.reason,
             build_switches=chain.switches,
             redacted_regions=self.redacted_regions,
+            snapshots_published=shots.published if shots else 0,
+            snapshots_failed=shots.failed if shots else 0,
             stage_latency_p50_ms={
                 name: window.percentiles()["p50_ms"] for name, window in self.stages.latency.items()
             },
@@ -609,6 +640,8 @@ class StreamRunner:
     ) -> None:
         if self._on_events is not None:
             self._on_events(drafts)
+        if self._snapshots is not None:
+            self._snapshots.offer(drafts)
         synced = kernel_synchronised()  # one adjtimex(2) read per frame with events
         payloads = [
             self._serialize(

@@ -90,6 +90,10 @@ class Topics:
         """Inference events of one stream."""
         return f"{self.base}/events/{stream}"
 
+    def snapshots(self, stream: str) -> str:
+        """Redacted snapshots a stream takes by itself (its per-event rule)."""
+        return f"{self.base}/snapshots/{stream}"
+
     def command(self, name: str) -> str:
         """Requests for one command."""
         return f"{self.base}/cmd/{name}"
@@ -210,6 +214,31 @@ class TensorOut(_Frozen):
     values: list[object] = Field(description="Nested lists of values.")
 
 
+class Redaction(_Frozen):
+    """What a snapshot hid (the stream's ``privacy.redact``)."""
+
+    mode: Literal["faces", "people", "none"] = Field(description="What was looked for.")
+    regions: int = Field(description="Faces (or people, as one region) hidden.")
+
+
+class SnapshotMessage(_Message):
+    """A redacted snapshot a stream's rule took (``snapshots/<stream>``, QoS 1, not
+    retained); the ``snapshot`` command's reply carries the same fields."""
+
+    device_id: str = Field(description="Device that took it.")
+    stream: str = Field(description="Stream (camera) name.")
+    capture_ts: float = Field(description="Capture time of the frame, Unix seconds.")
+    track_id: int = Field(description="The tracked object whose start asked for it.")
+    label: str = Field(description="That object's label.")
+    frame_width: int = Field(description="Width of the frame it was cut from.")
+    frame_height: int = Field(description="Height of that frame.")
+    width: int = Field(description="Width of the JPEG (halved from the frame's to fit).")
+    height: int = Field(description="Height of the JPEG.")
+    quality: int = Field(description="JPEG quality it fitted at.")
+    redacted: Redaction = Field(description="What was hidden before it left the device.")
+    jpeg_base64: str = Field(description="The JPEG, base64.")
+
+
 class EventMessage(_Message):
     """One inference event (``events/<stream>``, QoS 1). ``id`` lets consumers drop duplicates."""
 
@@ -317,6 +346,14 @@ class StreamHealth(_Frozen):
     )
     redacted_regions: int = Field(
         0, description="Faces (or people) hidden in this stream's snapshots so far."
+    )
+    snapshots_published: int = Field(
+        0, description="Snapshots the stream's rule published (snapshots.on_track_start)."
+    )
+    snapshots_failed: int = Field(
+        0,
+        description="Snapshots the rule asked for and did not send (redaction failed, the "
+        "broker was down); the reason is in the log.",
     )
     stage_latency_p50_ms: dict[str, float | None] = Field(
         default_factory=dict,

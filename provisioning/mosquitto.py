@@ -63,6 +63,7 @@ writes ``edgefleet/v1/dev2/cmd/status``. The CA must issue only identities that 
 DEVICE_WRITE_TOPICS: tuple[str, ...] = (
     "status",
     "events/+",
+    "snapshots/+",
     "health",
     "reported",
     "reply/#",

@@ -4,8 +4,9 @@ The schema models below are Home Assistant's documented options for what the age
 announces, from its documentation pages:
 https://www.home-assistant.io/integrations/mqtt/#discovery-messages (the discovery topic,
 ``device``, ``origin``, empty retained payloads remove an entity),
-https://www.home-assistant.io/integrations/binary_sensor.mqtt/ and
-https://www.home-assistant.io/integrations/sensor.mqtt/ (their "Configuration Variables").
+https://www.home-assistant.io/integrations/binary_sensor.mqtt/,
+https://www.home-assistant.io/integrations/sensor.mqtt/ and
+https://www.home-assistant.io/integrations/image.mqtt/ (their "Configuration Variables").
 Unknown keys are refused here although Home Assistant ignores them: a misspelt option would
 be silently ignored there.
 """
@@ -34,6 +35,7 @@ from edgefleet.agent.homeassistant import (
     DiscoveryPlan,
     OpenTracks,
     PublishedTopics,
+    StateConfig,
     discovery_plan,
     reconcile,
 )
@@ -49,7 +51,7 @@ from edgefleet.agent.protocol import (
 PREFIX = "homeassistant"
 VERSION = "1.2.3"
 CONFIG_TOPIC = re.compile(
-    rf"^{PREFIX}/(binary_sensor|sensor)/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+/config$"
+    rf"^{PREFIX}/(binary_sensor|sensor|image)/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+/config$"
 )
 LEFT_HALF = {"name": "left", "polygon": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]}
 END_MARKER = f"{PREFIX}/zz-test/end-of-retained"
@@ -96,7 +98,7 @@ class HaOrigin(_Documented):
 
 
 class HaEntity(_Documented):
-    """The options binary_sensor and sensor share; ``state_topic`` is the required one."""
+    """The options every entity the agent announces shares."""
 
     availability: list[HaAvailability] | None = None
     availability_mode: Literal["all", "any", "latest"] | None = None
@@ -107,8 +109,6 @@ class HaEntity(_Documented):
     encoding: str | None = None
     entity_category: Literal["diagnostic", "config"] | None = None
     entity_picture: str | None = None
-    expire_after: int | None = Field(None, ge=0)
-    force_update: bool | None = None
     icon: str | None = None
     json_attributes_template: str | None = None
     json_attributes_topic: str | None = None
@@ -118,24 +118,40 @@ class HaEntity(_Documented):
     payload_available: str | None = None
     payload_not_available: str | None = None
     qos: Literal[0, 1, 2] | None = None
-    state_topic: str
     unique_id: str | None = None
-    value_template: str | None = None
 
     @model_validator(mode="after")
     def _one_way_to_availability(self) -> HaEntity:
         assert self.availability is None or self.availability_topic is None
         return self
 
+    @property
+    def topic(self) -> str:
+        """The topic the entity's state (or image) comes on."""
+        raise NotImplementedError
 
-class HaBinarySensor(HaEntity):
+
+class HaStateEntity(HaEntity):
+    """binary_sensor and sensor: ``state_topic`` is the required option."""
+
+    expire_after: int | None = Field(None, ge=0)
+    force_update: bool | None = None
+    state_topic: str
+    value_template: str | None = None
+
+    @property
+    def topic(self) -> str:
+        return self.state_topic
+
+
+class HaBinarySensor(HaStateEntity):
     device_class: str | None = None
     off_delay: int | None = None
     payload_off: str = "OFF"
     payload_on: str = "ON"
 
 
-class HaSensor(HaEntity):
+class HaSensor(HaStateEntity):
     device_class: str | None = None
     last_reset_value_template: str | None = None
     options: list[str] | None = None
@@ -144,7 +160,31 @@ class HaSensor(HaEntity):
     unit_of_measurement: str | None = None
 
 
-SCHEMAS: dict[str, type[HaEntity]] = {"binary_sensor": HaBinarySensor, "sensor": HaSensor}
+class HaImage(HaEntity):
+    """image: the picture on ``image_topic`` (raw bytes, or base64 with ``image_encoding``),
+    or a URL on ``url_topic``; exactly one of the two."""
+
+    content_type: str = "image/jpeg"
+    image_encoding: Literal["b64"] | None = None
+    image_topic: str | None = None
+    url_template: str | None = None
+    url_topic: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HaImage:
+        assert (self.image_topic is None) != (self.url_topic is None), "image_topic or url_topic"
+        return self
+
+    @property
+    def topic(self) -> str:
+        return self.image_topic or self.url_topic or ""
+
+
+SCHEMAS: dict[str, type[HaEntity]] = {
+    "binary_sensor": HaBinarySensor,
+    "sensor": HaSensor,
+    "image": HaImage,
+}
 
 
 def check_discovery_payload(topic: str, payload: bytes) -> HaEntity:
@@ -271,6 +311,28 @@ def test_an_untracked_stream_announces_only_its_fps_and_latency() -> None:
     ]
 
 
+def test_a_stream_whose_rule_takes_snapshots_has_an_image_of_the_latest_one() -> None:
+    announced = plan({**stream(labels=["person"]), "snapshots": {"on_track_start": True}})
+
+    (image,) = [e for e in announced.entities if e.component == "image"]
+    assert image.config.name == "door snapshot"
+    entity = check_discovery_payload(announced.config_topic(image), image.payload)
+    assert isinstance(entity, HaImage)
+    assert entity.image_topic == image.own_topic == announced.image_topic("door")
+    assert (entity.content_type, entity.image_encoding) == ("image/jpeg", None)  # raw JPEG
+    assert image.own_topic in announced.retained_topics
+    assert plan(stream(labels=["person"])).image_topic("door") is None
+
+
+def test_turning_the_rule_off_clears_the_image_and_the_picture_it_kept() -> None:
+    before = plan({**stream(labels=["person"]), "snapshots": {"on_track_start": True}})
+    (image,) = [e for e in before.entities if e.component == "image"]
+
+    step = reconcile(plan(stream(labels=["person"])), before.retained_topics)
+
+    assert step.clear == {before.config_topic(image), image.own_topic}
+
+
 def test_discovery_off_announces_nothing() -> None:
     announced = plan(enabled=False)
 
@@ -327,12 +389,13 @@ def test_health_sensors_read_fields_the_health_message_has() -> None:
     from_health = {
         e.config.name: lookup(document, json_path(e.config.value_template or ""))
         for e in plan().entities
-        if e.config.state_topic == "edgefleet/v1/shop-7/health"
+        if isinstance(e.config, StateConfig)
+        and e.config.state_topic == "edgefleet/v1/shop-7/health"
     }
 
     assert from_health == {"door fps": 9.5, "door inference latency": 8.2, "CPU temperature": 51.5}
     for entity in plan().entities:
-        if entity.config.state_topic.endswith("/health"):
+        if isinstance(entity.config, StateConfig) and entity.config.state_topic.endswith("/health"):
             assert entity.config.expire_after == 3 * 30  # three health intervals
 
 
@@ -344,7 +407,7 @@ def test_ids_are_home_assistant_characters_and_ids_that_come_out_equal_stay_dist
     assert all(CONFIG_TOPIC.match(t) for t in topics)
     assert all("/shop_7/" in t for t in topics)
     assert len({e.config.unique_id for e in announced.entities}) == len(topics)
-    states = [e.config.state_topic for e in announced.entities if e.state is not None]
+    states = [e.own_topic for e in announced.entities if e.own_topic is not None]
     assert len(set(states)) == len(states)
 
 
@@ -589,7 +652,7 @@ def test_every_discovery_payload_follows_the_schema_and_names_topics_the_agent_p
         payloads = {
             t: check_discovery_payload(t, m.payload) for t, m in configs_received(probe).items()
         }
-        referenced = {e.state_topic for e in payloads.values()} | {
+        referenced = {e.topic for e in payloads.values()} | {
             a.topic for e in payloads.values() for a in e.availability or []
         }
         probe.wait_until(
@@ -614,9 +677,10 @@ def test_every_discovery_payload_follows_the_schema_and_names_topics_the_agent_p
         (availability,) = entity.availability or []
         assert availability.topic == f"{ROOT}/status"
         assert status.state in available_states(availability.value_template or "")
-        if entity.state_topic == f"{ROOT}/health" and "cpu_temperature" not in topic:
+        if entity.topic == f"{ROOT}/health" and "cpu_temperature" not in topic:
+            assert isinstance(entity, HaStateEntity)
             assert isinstance(lookup(document, json_path(entity.value_template or "")), float)
-    own = {t: e.state_topic for t, e in payloads.items() if e.state_topic.startswith(PREFIX)}
+    own = {t: e.topic for t, e in payloads.items() if e.topic.startswith(PREFIX)}
     for topic, state_topic in own.items():  # the agent's own states, retained
         state = retained[state_topic].payload
         if "/binary_sensor/" in topic:
@@ -634,9 +698,9 @@ def test_occupancy_turns_on_when_a_person_enters_and_off_after_the_track_ends_in
     # start, each loop. min_hits 1: a slow machine still starts a track per sighting.
     config["streams"][0]["events"]["tracking"] = {"end_after_s": 0.5, "min_hits": 1}
     person = next(
-        e.config.state_topic
+        e.own_topic
         for e in expected_plan(config).entities
-        if e.config.name == "kite person"
+        if e.config.name == "kite person" and e.own_topic is not None
     )
     probe = subscriber(broker)
     probe.subscribe(f"{PREFIX}/#", qos=1)
