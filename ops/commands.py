@@ -538,9 +538,16 @@ def _snapshot(result: dict[str, Any]) -> str:
 
 def _image(result: dict[str, Any]) -> str:
     size = len(str(result.get("jpeg_base64", ""))) * 3 // 4
+    redacted = result.get("redacted")
+    hidden = ""
+    if isinstance(redacted, dict) and "mode" in redacted:
+        mode = redacted["mode"]
+        hidden = (
+            ", not redacted" if mode == "none" else f", {mode} hidden: {redacted.get('regions')}"
+        )
     return (
         f"{result['stream']} {result['width']}x{result['height']} JPEG, {size / KIB:.0f} KiB "
-        f"(quality {result['quality']})"
+        f"(quality {result['quality']}{hidden})"
     )
 
 

@@ -48,6 +48,7 @@ from edgefleet.agent.protocol import (
     TensorSpec,
     Topics,
 )
+from edgefleet.ops.commands import describe
 from edgefleet.ops.deploy import DeviceRecord, judge_deploy, next_revision
 from edgefleet.provisioning import TrustedKeys, sign_manifest
 
@@ -827,6 +828,20 @@ def test_cmd_snapshot_out_saves_the_image_the_reply_carries(device: Device) -> N
         assert image.format == "JPEG"
         assert image.size == (reply.result["width"], reply.result["height"])
     assert f"saved {len(out.read_bytes()) / 1024:.0f} KiB to {out}" in result.stderr
+
+
+def test_the_snapshot_line_says_what_the_device_hid() -> None:
+    shot = {"stream": "cam", "width": 64, "height": 48, "quality": 90, "jpeg_base64": "AAAA"}
+
+    faces = describe("snapshot", {**shot, "redacted": {"mode": "faces", "regions": 2}}, "")
+    plain = describe("snapshot", {**shot, "redacted": {"mode": "none", "regions": 0}}, "")
+    older = describe("snapshot", shot, "")  # an agent from before redaction
+
+    assert (
+        faces == "cam 64x48 JPEG, 0 KiB (quality 90, faces hidden: 2); save it with --out FILE.jpg"
+    )
+    assert "(quality 90, not redacted)" in plain
+    assert "(quality 90)" in older
 
 
 def test_cmd_set_config_set_changes_the_one_setting_in_the_devices_file(device: Device) -> None:
