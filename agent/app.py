@@ -419,7 +419,15 @@ class Agent:
             label=why.label,
             **snapshot_fields(shot),
         )
-        self.link.publish(self.topics.snapshots(stream), message.model_dump_json().encode(), qos=1)
+        topic, payload = self.topics.snapshots(stream), message.model_dump_json().encode()
+        if not self.link.fits(topic, payload):
+            raise SnapshotFailed(
+                ErrorCode.REFUSED,
+                f"not sent: {len(payload)} bytes, more than the broker accepts in one packet "
+                f"({self.link.max_packet_size})",
+                hint="lower the stream's snapshots.max_bytes",
+            )
+        self.link.publish(topic, payload, qos=1)
         self.homeassistant.snapshot(stream, shot.jpeg)
 
     # -- commands and desired state ------------------------------------------------------
@@ -528,6 +536,7 @@ class Agent:
                 not_stored=self.outbox.not_stored,
                 salvaged=self.outbox.salvaged,
                 lost=self.outbox.lost,
+                undeliverable=self.publisher.undeliverable,
                 problem=self.outbox.problem or self.publisher.ack_problem,
             ),
             mqtt=MqttHealth(

@@ -32,7 +32,7 @@ from .protocol import (
     SnapshotArgs,
     StreamArgs,
 )
-from .snapshots import SnapshotFailed, snapshot_fields
+from .snapshots import SnapshotFailed, SnapshotTooLarge, jpeg_budget, snapshot_fields
 from .updates import UpdateBusy, UpdateRefused
 from .validation import ValidationRefused, validate_model
 
@@ -107,16 +107,24 @@ class _Handlers:
 
     def snapshot(self, args: SnapshotArgs) -> dict[str, Any]:
         runner = self._stream(args.stream)
+        limit = self.agent.link.max_packet_size
+        budget = jpeg_budget(args.max_bytes, limit)
         try:
-            shot = runner.snapshot(size=args.size, max_bytes=args.max_bytes)
+            shot = runner.snapshot(size=args.size, max_bytes=budget)
         except SnapshotFailed as exc:
-            raise CommandFailed(
-                exc.code, f"stream {args.stream}: {exc.message}", hint=exc.hint
-            ) from exc
+            message, hint = exc.message, exc.hint
+            if isinstance(exc, SnapshotTooLarge) and budget < args.max_bytes:
+                message += (
+                    f": the broker accepts packets of at most {limit} bytes, which leaves "
+                    f"{budget} for the JPEG"
+                )
+                hint = "ask with size=model, or raise the broker's max_packet_size"
+            raise CommandFailed(exc.code, f"stream {args.stream}: {message}", hint=hint) from exc
         return {
             "stream": args.stream,
             "capture_ts": shot.capture_ts,
             "size": args.size.value,
+            "max_bytes": budget,
             **snapshot_fields(shot),
         }
 

@@ -50,7 +50,7 @@ from paho.mqtt.properties import Properties
 from edgefleet.runtime import EdgefleetError
 
 from .config import BrokerSettings
-from .outbox import Outbox, OutboxError
+from .outbox import Outbox, OutboxError, OutboxItem
 from .supervisor import SUPERVISOR, fault_point
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 _LOOP_TIMEOUT_S = 0.2
 # How often acknowledgements the outbox could not apply (disk full) are tried again.
 _ACK_RETRY_S = 1.0
+# A PUBLISH packet's bytes besides its topic, payload and correlation data, at most: fixed
+# header (1), remaining length (4), topic length (2), packet id (2), properties length (4).
+_PUBLISH_OVERHEAD = 13
 SESSION_TAKEN_OVER = 142
 """MQTT 5 DISCONNECT reason code 0x8E: another connection with this client id took over."""
 # A connection the broker closes this soon after accepting it is "short"; this many short
@@ -230,6 +233,10 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self._connects = 0
         self._connack = False  # set by _on_connect, acted on by _run after paho's resend
+        self.max_packet_size: int | None = None
+        """The largest packet the broker accepts: its MQTT 5 CONNACK's Maximum Packet Size,
+        None when it names none (MQTT 3.1.1 never does). A broker disconnects a client that
+        sends a larger one, and paho would send it again on every reconnect."""
         self._ever_connected = False
         self._watch = ClientIdWatch(
             settings.client_id or "",
@@ -327,6 +334,14 @@ class MqttLink:
             close_client(self.client)
         self._connected.clear()
 
+    def fits(self, topic: str, payload: bytes, correlation_data: bytes | None = None) -> bool:
+        """Whether the broker accepts ``payload`` on ``topic`` in one packet."""
+        limit = self.max_packet_size
+        if limit is None:
+            return True
+        extra = 0 if correlation_data is None else 3 + len(correlation_data)
+        return _PUBLISH_OVERHEAD + len(topic.encode()) + extra + len(payload) <= limit
+
     def publish(
         self,
         topic: str,
@@ -339,10 +354,20 @@ class MqttLink:
     ) -> bool:
         """Hand a message to paho; ``on_ack`` runs (mqtt thread) once the broker has it.
 
-        Returns False when paho refused the message outright. A message handed over
-        while the connection is down stays with paho, which sends it after reconnecting.
+        Returns False when paho refused the message outright, or when it is larger than
+        the broker accepts (logged). A message handed over while the connection is down
+        stays with paho, which sends it after reconnecting.
         ``correlation_data`` (MQTT 5) goes back with a command's reply.
         """
+        if not self.fits(topic, payload, correlation_data):
+            log.error(
+                "not published to %s: %d bytes, more than the broker accepts in one packet "
+                "(its maximum packet size, %s bytes)",
+                topic,
+                len(payload),
+                self.max_packet_size,
+            )
+            return False
         properties = None
         if correlation_data is not None and self.settings.protocol == "mqtt5":
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -493,6 +518,7 @@ class MqttLink:
         if self._connected.is_set():
             return
         self._connects += 1
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         log.info(
             "connected to %s:%s (session %s)",
             self.settings.host,
@@ -574,9 +600,12 @@ class OutboxPublisher:
         self.link = link
         self.window = window
         self.published = 0
+        self.undeliverable = 0
+        """Events larger than the broker accepts, removed unsent (each logged)."""
         self._lock = threading.Lock()
         self._inflight = 0
         self._acked: list[int] = []
+        self._removed: list[int] = []  # undeliverable rows, deleted with the next acks
         self._handed_seq = 0
         self._ack_problem: str | None = None
         self._ack_retry_at = 0.0
@@ -632,13 +661,15 @@ class OutboxPublisher:
             return
         with self._lock:
             acked, self._acked = self._acked, []
-        if not acked:
+            removed, self._removed = self._removed, []
+        if not acked and not removed:
             return
         try:
-            self.outbox.ack(acked)
+            self.outbox.ack(acked + removed)
         except OutboxError as exc:
             with self._lock:
                 self._acked[:0] = acked
+                self._removed[:0] = removed
             self._ack_retry_at = time.monotonic() + _ACK_RETRY_S
             if self._ack_problem != exc.message:
                 log.error(
@@ -653,6 +684,22 @@ class OutboxPublisher:
             log.warning("outbox writable again: applied %d kept acknowledgement(s)", len(acked))
             self._ack_problem = None
         self.published += len(acked)
+
+    def _remove_undeliverable(self, item: OutboxItem) -> None:
+        """An event the broker would disconnect us for, again at every try: it goes, so the
+        ones after it do not wait behind it forever."""
+        log.error(
+            "event %d on %s removed unsent: %d bytes, more than the broker accepts in one "
+            "packet (%s bytes); raise the broker's max_packet_size to keep such events",
+            item.seq,
+            item.topic,
+            len(item.payload),
+            self.link.max_packet_size,
+        )
+        with self._lock:
+            self._removed.append(item.seq)
+        self.undeliverable += 1
+        self._handed_seq = item.seq
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -670,6 +717,9 @@ class OutboxPublisher:
                 self._wake.wait(0.05)
                 continue
             for item in items:
+                if not self.link.fits(item.topic, item.payload):
+                    self._remove_undeliverable(item)
+                    continue
                 with self._lock:
                     self._inflight += 1
                 if not self.link.publish(

@@ -23,6 +23,7 @@ nearly empty.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -50,7 +51,7 @@ from edgefleet.runtime import (
 from edgefleet.runtime.delegates import LoadedDelegate
 from edgefleet.runtime.predictor import result_dict
 from edgefleet.runtime.preprocess import Frame
-from edgefleet.runtime.tasks import Result
+from edgefleet.runtime.tasks import RawTensor, Result
 
 from .clock import kernel_synchronised
 from .config import ModelSettings, StreamSettings
@@ -58,7 +59,15 @@ from .events import EventDraft, EventFilter
 from .fallback import FallbackChain
 from .metrics import LatencyWindow
 from .privacy import Redactor
-from .protocol import EventMessage, Manifest, ModelRef, SnapshotSize, StreamHealth, Topics
+from .protocol import (
+    EVENT_MAX_BYTES,
+    EventMessage,
+    Manifest,
+    ModelRef,
+    SnapshotSize,
+    StreamHealth,
+    Topics,
+)
 from .snapshots import Snapshot, SnapshotRule, Trigger, take
 from .sources import make_source
 from .sources.capture import Capture, FrameSlot
@@ -261,6 +270,7 @@ class StreamRunner:
         self._swapped = threading.Event()
         self._filter = EventFilter(settings.events)
         self._warned: str | None = None  # the tracking warning last logged (events thread)
+        self._warned_large = False  # a raw event over EVENT_MAX_BYTES was logged (events thread)
         self._slot = FrameSlot()
         self._source = make_source(settings.source)
         pre = self.predictor.preprocess
@@ -672,7 +682,7 @@ class StreamRunner:
         synced: bool | None,
     ) -> bytes:
         self._seq += 1
-        message = EventMessage(
+        fields: dict[str, Any] = dict(
             id=uuid.uuid4().hex,
             device_id=self._device_id,
             stream=self.name,
@@ -691,13 +701,44 @@ class StreamRunner:
             inference_ms=round(inference_ms, 3),
             first_seen_ts=draft.first_seen_ts,
             last_seen_ts=draft.last_seen_ts,
-            **_results_fields(draft),
         )
-        return message.model_dump_json(exclude_none=True).encode()
+        # A value takes two bytes or more in JSON: a raw event of more values than that
+        # allows is over the bound without serialising it first.
+        if draft.kind != "raw" or 2 * _raw_values(draft) <= EVENT_MAX_BYTES:
+            message = EventMessage(**fields, **_results_fields(draft))
+            payload = message.model_dump_json(exclude_none=True).encode()
+            if len(payload) <= EVENT_MAX_BYTES or draft.kind != "raw":
+                return payload
+        if not self._warned_large:
+            log.warning(
+                "stream %s: raw events would be over %d bytes: their tensors' values are left "
+                "out (omitted_values says how many); see them with `edgefleet model run --json` "
+                "on a saved frame",
+                self.name,
+                EVENT_MAX_BYTES,
+                extra={"stream": self.name},
+            )
+            self._warned_large = True
+        fewer = EventMessage(**fields, **_results_fields(draft, values=False))
+        return fewer.model_dump_json(exclude_none=True).encode()
 
 
-def _results_fields(draft: EventDraft) -> dict[str, Any]:
-    """The event's results under the same key ``edgefleet model run --json`` uses."""
+def _results_fields(draft: EventDraft, *, values: bool = True) -> dict[str, Any]:
+    """The event's results under the same key ``edgefleet model run --json`` uses; raw
+    tensors without their values when ``values`` is False."""
     if not draft.results:
         return {}
-    return {RESULT_KEYS[TaskName(draft.kind)]: [result_dict(r) for r in draft.results]}
+    results = [
+        _without_values(r) if not values and isinstance(r, RawTensor) else result_dict(r)
+        for r in draft.results
+    ]
+    return {RESULT_KEYS[TaskName(draft.kind)]: results}
+
+
+def _raw_values(draft: EventDraft) -> int:
+    return sum(math.prod(r.shape) for r in draft.results if isinstance(r, RawTensor))
+
+
+def _without_values(tensor: RawTensor) -> dict[str, Any]:
+    shape = list(tensor.shape)
+    return {"name": tensor.name, "shape": shape, "values": [], "omitted_values": math.prod(shape)}

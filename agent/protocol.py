@@ -43,6 +43,9 @@ from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgefleet/v1"
+EVENT_MAX_BYTES = 256 * 1024
+"""The largest event a device publishes: a raw event over it leaves its tensors' values out
+(``TensorOut.omitted_values``), well under the generated broker's 1 MiB packet limit."""
 # A device id or stream name becomes one topic level: no wildcards, separators or spaces.
 TOPIC_LEVEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -212,6 +215,12 @@ class TensorOut(_Frozen):
     name: str = Field(description="Tensor name.")
     shape: tuple[int, ...] = Field(description="Tensor shape.")
     values: list[object] = Field(description="Nested lists of values.")
+    omitted_values: int | None = Field(
+        None,
+        description="How many values were left out (values is then empty): with them the "
+        "event would exceed EVENT_MAX_BYTES (256 KiB). `edgefleet model run --json` on a "
+        "saved frame prints them all.",
+    )
 
 
 class Redaction(_Frozen):
@@ -393,6 +402,12 @@ class OutboxHealth(_Frozen):
         description="Stored events lost to damage since the agent started: rows of a damaged "
         "file that could not be read, or events missing against the depth recorded before "
         "the last stop (a WAL cut by a power loss).",
+    )
+    undeliverable: int = Field(
+        0,
+        description="Stored events larger than the broker accepts in one packet (its MQTT 5 "
+        "maximum packet size), removed unsent since the agent started so the ones after them "
+        "go on; each is logged with its size and the limit.",
     )
     problem: str | None = Field(
         None,

@@ -46,6 +46,9 @@ JPEG_QUALITIES = (90, 75, 60, 45, 30, 15)
 _MAX_HALVINGS = 3
 _MIN_SIDE = 64
 _WAIT_S = 0.5  # how often the rule's thread looks at its stop flag while idle
+# What a snapshot's reply or message holds besides the JPEG's base64, at most: its other
+# fields, the topic, the MQTT 5 properties.
+_MESSAGE_SPACE = 4096
 
 
 class SnapshotFailed(EdgefleetError):
@@ -55,6 +58,18 @@ class SnapshotFailed(EdgefleetError):
     def __init__(self, code: ErrorCode, message: str, *, hint: str = "") -> None:
         super().__init__(message, hint=hint)
         self.code = code
+
+
+class SnapshotTooLarge(SnapshotFailed):
+    """Even the smallest JPEG tried is over the budget."""
+
+
+def jpeg_budget(max_bytes: int, max_packet_size: int | None) -> int:
+    """The largest JPEG, up to ``max_bytes``, whose base64 message still fits in one packet
+    of a broker that accepts ``max_packet_size`` bytes (None: no limit)."""
+    if max_packet_size is None:
+        return max_bytes
+    return max(0, min(max_bytes, (max_packet_size - _MESSAGE_SPACE) * 3 // 4))
 
 
 @dataclass(frozen=True)
@@ -99,7 +114,7 @@ def take(
     image = Image.fromarray(redacted.pixels)
     jpeg, quality, scaled = _jpeg_within(image, max_bytes)
     if jpeg is None:
-        raise SnapshotFailed(
+        raise SnapshotTooLarge(
             ErrorCode.REFUSED,
             f"the frame does not fit in {max_bytes} bytes even at quality "
             f"{JPEG_QUALITIES[-1]} and {scaled.width}x{scaled.height}",
