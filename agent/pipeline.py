@@ -248,7 +248,7 @@ class StreamRunner:
             loaded.predictor.close()  # the stream is not made: nothing else would release it
             raise
         self.redactor = Redactor(settings.privacy)
-        """Redacts this stream's snapshots (commands thread)."""
+        """Redacts this stream's snapshots (commands thread, snapshots thread)."""
         self.redacted_regions = 0
         """Faces (or people) hidden in this stream's snapshots so far."""
         self._snapshot_lock = threading.Lock()

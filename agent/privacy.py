@@ -15,8 +15,8 @@ one way pixels leave the device, and it is redacted here first, per stream
 
 A snapshot that cannot be redacted (the model fails to load or to run) is not sent:
 ``RedactionFailed`` says why, and the command's reply carries it. The redaction model
-has its own interpreter, loaded on first use and kept; one lock serialises its use,
-since snapshots come from the commands thread one at a time anyway.
+has its own interpreter, loaded on first use and kept; one lock serialises its use
+between the two threads that take snapshots (commands, and the stream's snapshot rule).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ fits ``max_bytes``, halved in size when even the lowest does not.
 ``SnapshotRule`` runs the per-event rule on a thread of its own (``snapshots-<stream>``),
 so redaction and encoding never hold up a stream's events: ``offer`` (the events thread)
 decides and leaves at most one request waiting, the thread takes and publishes it. A
-snapshot that cannot be taken or sent is counted and its reason kept for health; nothing
+snapshot that cannot be taken or sent is counted (health) and its reason logged; nothing
 is queued for later, since a snapshot is a picture of the moment the track started.
 """
 
