@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -344,6 +344,16 @@ class _Builder:
     def unique_id(self, object_id: str) -> str:
         return f"edgefleet_{self.node_id}_{object_id}"
 
+    def shared(self, name: str, object_id: str) -> dict[str, Any]:
+        """The options every entity's config carries besides its own."""
+        return {
+            "name": name,
+            "unique_id": self.unique_id(object_id),
+            "availability": self.availability,
+            "device": self.device,
+            "origin": self.origin,
+        }
+
     def own_topic(self, component: Component, object_id: str, what: str) -> str:
         return f"{entity_topic(self.prefix, component, self.node_id, object_id)}/{what}"
 
@@ -354,12 +364,8 @@ class _Builder:
         object_id = self.object_id(f"{state.stream}_{state.label or 'any'}{where}_occupancy", name)
         topic = self.own_topic("binary_sensor", object_id, "state")
         config = BinarySensorConfig(
-            name=name,
-            unique_id=self.unique_id(object_id),
+            **self.shared(name, object_id),
             state_topic=topic,
-            availability=self.availability,
-            device=self.device,
-            origin=self.origin,
         )
         self.entities.append(Entity("binary_sensor", object_id, config, state, topic))
 
@@ -368,12 +374,8 @@ class _Builder:
         object_id = self.object_id(f"{stream}_objects", name)
         topic = self.own_topic("sensor", object_id, "state")
         config = SensorConfig(
-            name=name,
-            unique_id=self.unique_id(object_id),
+            **self.shared(name, object_id),
             state_topic=topic,
-            availability=self.availability,
-            device=self.device,
-            origin=self.origin,
             suggested_display_precision=0,
         )
         count = TrackState(stream, count=True)
@@ -384,12 +386,8 @@ class _Builder:
         object_id = self.object_id(f"{stream}_snapshot", name)
         topic = self.own_topic("image", object_id, "image")
         config = ImageConfig(
-            name=name,
-            unique_id=self.unique_id(object_id),
+            **self.shared(name, object_id),
             image_topic=topic,
-            availability=self.availability,
-            device=self.device,
-            origin=self.origin,
         )
         image = Entity("image", object_id, config, own_topic=topic, snapshots_of=stream)
         self.entities.append(image)
@@ -407,15 +405,11 @@ class _Builder:
         ``value_json``); a value the message leaves out renders None, which is unknown."""
         object_id = self.object_id(wanted_id, name)
         config = SensorConfig(
-            name=name,
-            unique_id=self.unique_id(object_id),
+            **self.shared(name, object_id),
             state_topic=self.topics.health,
             value_template=f"{{{{ {path} | default(None) }}}}",
             expire_after=math.ceil(HEALTH_INTERVALS_BEFORE_EXPIRY * self.config.health.interval_s),
             entity_category="diagnostic",
-            availability=self.availability,
-            device=self.device,
-            origin=self.origin,
             device_class=device_class,
             unit_of_measurement=unit,
             suggested_display_precision=1,
