@@ -232,7 +232,9 @@ def names(p: DiscoveryPlan) -> list[tuple[str, str]]:
     return [(e.component, e.config.name) for e in p.entities]
 
 
-def track(lifecycle: str, track_id: int, label: str = "person", *zones: str) -> EventDraft:
+def track(
+    lifecycle: str | None, track_id: int | None, label: str = "person", *zones: str
+) -> EventDraft:
     return EventDraft(
         kind="detection",
         lifecycle=lifecycle,  # type: ignore[arg-type]

@@ -28,31 +28,17 @@ from test_homeassistant import (
     check_discovery_payload,
     expected_plan,
     retained_under,
+    track,
 )
 from test_privacy import FACES, _face_box
 
 from edgefleet.agent.config import ConfigError, SnapshotRuleSettings, parse_config
-from edgefleet.agent.events import EventDraft
 from edgefleet.agent.privacy import Redact
 from edgefleet.agent.protocol import ErrorCode, SnapshotMessage
 from edgefleet.agent.snapshots import Snapshot, SnapshotFailed, SnapshotRule, Trigger, trigger
 from edgefleet.runtime import load_image
 
 RULE = SnapshotRuleSettings(on_track_start=True, labels=["person"], min_interval_s=10)
-
-
-def draft(lifecycle: str | None, track_id: int | None = 1, label: str = "person") -> EventDraft:
-    return EventDraft(
-        kind="detection",
-        lifecycle=lifecycle,  # type: ignore[arg-type]
-        track_id=track_id,
-        label=label,
-        score=0.9,
-        zones=(),
-        results=(),
-        first_seen_ts=1.0,
-        capture_ts=1.0,
-    )
 
 
 SHOT = Snapshot(
@@ -72,14 +58,14 @@ SHOT = Snapshot(
 
 
 def test_the_start_of_a_wanted_label_takes_a_snapshot_and_nothing_else_does() -> None:
-    assert trigger(RULE, [draft("update"), draft("start", 4)]) == Trigger(4, "person")
-    assert trigger(RULE, [draft("start", 5, "car"), draft("start", 6)]) == Trigger(6, "person")
-    assert trigger(RULE, [draft("update"), draft("end")]) is None
-    assert trigger(RULE, [draft(None, None)]) is None  # untracked
-    assert trigger(RULE, [draft("start", 5, "car")]) is None
+    assert trigger(RULE, [track("update", 1), track("start", 4)]) == Trigger(4, "person")
+    assert trigger(RULE, [track("start", 5, "car"), track("start", 6)]) == Trigger(6, "person")
+    assert trigger(RULE, [track("update", 1), track("end", 1)]) is None
+    assert trigger(RULE, [track(None, None)]) is None  # untracked
+    assert trigger(RULE, [track("start", 5, "car")]) is None
     any_label = SnapshotRuleSettings(on_track_start=True)
-    assert trigger(any_label, [draft("start", 5, "car")]) == Trigger(5, "car")
-    assert trigger(SnapshotRuleSettings(), [draft("start")]) is None  # off by default
+    assert trigger(any_label, [track("start", 5, "car")]) == Trigger(5, "car")
+    assert trigger(SnapshotRuleSettings(), [track("start", 1)]) is None  # off by default
 
 
 def test_a_rule_on_a_stream_without_tracking_is_refused_with_the_fix() -> None:
@@ -135,12 +121,12 @@ def test_one_snapshot_per_interval_however_many_objects_start() -> None:
     recorder, now = Recorder(), [100.0]
     rule = rule_with(recorder, now)
     try:
-        rule.offer([draft("start", 1)])
+        rule.offer([track("start", 1)])
         wait_until(lambda: rule.published == 1, "the first snapshot", 30)
         now[0] += RULE.min_interval_s - 1
-        rule.offer([draft("start", 2)])  # within the interval: none
+        rule.offer([track("start", 2)])  # within the interval: none
         now[0] += 1
-        rule.offer([draft("start", 3)])
+        rule.offer([track("start", 3)])
         wait_until(lambda: rule.published == 2, "the next interval's snapshot", 30)
     finally:
         rule.stop()
@@ -154,12 +140,12 @@ def test_a_snapshot_that_cannot_be_taken_is_counted_and_the_rule_goes_on() -> No
     recorder.failure = SnapshotFailed(ErrorCode.FAILED, "the faces model could not run")
     rule = rule_with(recorder, now)
     try:
-        rule.offer([draft("start", 1)])
+        rule.offer([track("start", 1)])
         wait_until(lambda: rule.failed == 1, "the failure counted", 30)
         assert rule.last_error == "the faces model could not run"
         recorder.failure = None
         now[0] += RULE.min_interval_s
-        rule.offer([draft("start", 2)])
+        rule.offer([track("start", 2)])
         wait_until(lambda: rule.published == 1, "a snapshot once it can be taken", 30)
     finally:
         rule.stop()
